@@ -1,0 +1,65 @@
+"""Service settings: one pydantic-settings class, read from ``SD_*`` environment variables and ``.env``."""
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_USER = "default"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the environment variable is the field name upper-cased, ``SD_`` first."""
+
+    model_config = SettingsConfigDict(env_prefix="SD_", env_file=".env", extra="ignore")
+
+    default_model: str = Field(
+        "Zhurah/sd15-dreambooth-photoai",
+        description="Model of the `default` user: a Hugging Face hub id, or a folder (absolute, or under SD_MODELS_DIR).",
+    )
+    user_models: dict[str, str] = Field(
+        default_factory=dict,
+        description='User -> model mapping as JSON, e.g. {"alice": "models/alice-dreambooth"}.',
+    )
+    user_models_file: Path | None = Field(
+        None, description="A JSON file with more of the user -> model mapping (SD_USER_MODELS wins on conflicts)."
+    )
+    models_dir: Path = Field(Path("models"), description="Where local model folders are looked up by name.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 elsewhere."
+    )
+    max_loaded_models: int = Field(2, ge=1, description="Pipelines kept in memory (least recently used goes first).")
+    output_dir: Path = Field(Path("output"), description="Where generated PNGs are saved.")
+    save_images: bool = True
+    cors_origins: list[str] = Field(
+        ["http://localhost:3000", "http://localhost:5173"], description="Origins allowed by CORS, as a JSON list."
+    )
+    enable_xformers: bool = Field(True, description="Use xformers attention on CUDA when it is installed.")
+    attention_slicing: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on for MPS only (PyTorch SDPA already bounds attention memory on CUDA and CPU)."
+    )
+    safety_checker: bool = Field(False, description="Run the model's NSFW safety checker when it ships one.")
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+    @cached_property
+    def user_model_map(self) -> dict[str, str]:
+        """The user -> model mapping: the default user, then the JSON file, then ``SD_USER_MODELS``."""
+        mapping = {DEFAULT_USER: self.default_model}
+        if self.user_models_file is not None:
+            mapping.update(json.loads(self.user_models_file.read_text()))
+        mapping.update(self.user_models)
+        return mapping
+
+    def model_for_user(self, user_id: str) -> str | None:
+        """The model id that serves ``user_id``, or None when the user has no model."""
+        return self.user_model_map.get(user_id)
+
+    def model_source(self, model_id: str) -> str:
+        """What ``from_pretrained`` gets: a folder under SD_MODELS_DIR when one has that name, else ``model_id``."""
+        local = self.models_dir / model_id
+        return str(local) if local.is_dir() else model_id

@@ -1,0 +1,50 @@
+"""PNG encoding with A1111-style generation parameters, and saving under unique names."""
+
+import io
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    sampler: str,
+    guidance_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_id: str,
+) -> str:
+    """The ``parameters`` text that AUTOMATIC1111's web UI writes, so image tools can read it back."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model: {model_id}"
+    )
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, parameters: str) -> bytes:
+    """The image as PNG bytes, with ``parameters`` in a PNG text chunk of that name."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(png: bytes, output_dir: Path, seed: int) -> Path:
+    """Write ``png`` under ``output_dir`` with a new unique name; never overwrites a file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = output_dir / f"{stamp}_{seed}_{uuid.uuid4().hex}.png"
+    with open(path, "xb") as file:
+        file.write(png)
+    return path

@@ -1,0 +1,307 @@
+"""Loads, caches and runs Stable Diffusion pipelines on one worker thread that owns the device."""
+
+import asyncio
+import gc
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+
+from config import Settings
+from images import a1111_parameters, encode_png, save_png
+from schemas import MAX_SEED, GenerateRequest, GenerationParameters, SchedulerName
+
+logger = logging.getLogger(__name__)
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """A diffusers scheduler class, the options that make it this sampler, and A1111's name for it."""
+
+    scheduler_class: type[SchedulerMixin]
+    options: dict
+    label: str
+
+
+SCHEDULERS: dict[SchedulerName, SchedulerSpec] = {
+    SchedulerName.pndm: SchedulerSpec(PNDMScheduler, {}, "PNDM"),
+    SchedulerName.ddim: SchedulerSpec(DDIMScheduler, {}, "DDIM"),
+    SchedulerName.euler: SchedulerSpec(EulerDiscreteScheduler, {}, "Euler"),
+    SchedulerName.euler_a: SchedulerSpec(EulerAncestralDiscreteScheduler, {}, "Euler a"),
+    SchedulerName.heun: SchedulerSpec(HeunDiscreteScheduler, {}, "Heun"),
+    SchedulerName.dpmpp_2m: SchedulerSpec(DPMSolverMultistepScheduler, {}, "DPM++ 2M"),
+    SchedulerName.dpmpp_2m_karras: SchedulerSpec(DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    SchedulerName.unipc: SchedulerSpec(UniPCMultistepScheduler, {}, "UniPC"),
+}
+
+
+class UnknownUserError(LookupError):
+    """The user has no model: answered with 404."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded: answered with 503, and not cached, so the next request tries again."""
+
+
+class GenerationError(RuntimeError):
+    """A pipeline call failed for another reason: answered with 500; the worker goes on."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory during a generation: answered with 503."""
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline on the device, and the scheduler it shipped with (each request gets a fresh copy)."""
+
+    pipeline: StableDiffusionPipeline
+    scheduler_class: type[SchedulerMixin]
+    scheduler_config: dict
+
+
+@dataclass
+class GeneratedPng:
+    """One encoded image and where it was saved."""
+
+    png: bytes
+    seed: int
+    path: Path | None
+
+
+@dataclass
+class Generation:
+    """The outcome of one request: its images, the effective parameters, and the time it took."""
+
+    model_id: str
+    parameters: GenerationParameters
+    images: list[GeneratedPng]
+    seconds: float
+
+
+def choose_device(preference: str, cuda_available: bool, mps_available: bool) -> str:
+    """The device to run on: the configured one, or with ``auto`` CUDA, then MPS, then CPU."""
+    if preference != "auto":
+        return preference
+    if cuda_available:
+        return "cuda"
+    return "mps" if mps_available else "cpu"
+
+
+def choose_dtype(preference: str, device: str) -> torch.dtype:
+    """The configured dtype, or with ``auto`` float16 on CUDA and float32 elsewhere."""
+    if preference == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return getattr(torch, preference)
+
+
+def scheduler_name(scheduler_class: type[SchedulerMixin]) -> str:
+    """The API's name for a model's own scheduler class (``pndm`` for PNDMScheduler), else the class name."""
+    for name, spec in SCHEDULERS.items():
+        if spec.scheduler_class is scheduler_class and not spec.options:
+            return name.value
+    return scheduler_class.__name__
+
+
+def sampler_label(name: str) -> str:
+    """A1111's sampler name for an API scheduler name."""
+    try:
+        return SCHEDULERS[SchedulerName(name)].label
+    except ValueError:  # the model's own scheduler, outside the API's set
+        return name
+
+
+class ModelService:
+    """Resolves users to models, keeps an LRU cache of pipelines, and runs them on one device worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = choose_device(settings.device, torch.cuda.is_available(), torch.backends.mps.is_available())
+        self.dtype = choose_dtype(settings.dtype, self.device)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._models_lock = threading.Lock()
+        # One thread owns the device: diffusers pipelines are not thread-safe, and it keeps model code off
+        # the event loop. Loads run on it too, so two first requests for one model load it once.
+        self._device_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-device")
+
+    def loaded_models(self) -> list[str]:
+        """Ids of the models in memory, least recently used first."""
+        with self._models_lock:
+            return list(self._models)
+
+    def model_for_user(self, user_id: str) -> str:
+        """The model id that serves ``user_id``; raises UnknownUserError when there is none."""
+        model_id = self.settings.model_for_user(user_id)
+        if model_id is None:
+            raise UnknownUserError(
+                f"user '{user_id}' has no model; map it in SD_USER_MODELS or SD_USER_MODELS_FILE (see GET /models)"
+            )
+        return model_id
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        """Generate the request's images on the device worker, then encode and save them off the event loop."""
+        model_id = self.model_for_user(request.user_id)
+        seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        images, scheduler = await loop.run_in_executor(self._device_worker, self._run, model_id, request, seed)
+        seconds = time.perf_counter() - started
+        parameters = GenerationParameters(**request.model_dump(exclude={"seed", "scheduler"}), seed=seed, scheduler=scheduler)
+        pngs = await asyncio.to_thread(self._encode_and_save, model_id, parameters, images)
+        return Generation(model_id=model_id, parameters=parameters, images=pngs, seconds=seconds)
+
+    async def unload(self, model_id: str | None = None) -> list[str]:
+        """Drop one cached pipeline (or all) and free their memory; returns the ids dropped."""
+        return await asyncio.to_thread(self._unload, model_id)
+
+    def close(self) -> None:
+        """Stop the device worker after the work it has, and free every pipeline."""
+        self._device_worker.shutdown(wait=True, cancel_futures=True)
+        self._unload(None)
+
+    def _run(self, model_id: str, request: GenerateRequest, seed: int) -> tuple[list[Image.Image], str]:
+        """Device worker: run the pipeline for one request; returns the images and the scheduler's name."""
+        loaded = self._pipeline(model_id)
+        pipeline = loaded.pipeline
+        if request.scheduler is None:
+            pipeline.scheduler = loaded.scheduler_class.from_config(loaded.scheduler_config)
+            scheduler = scheduler_name(loaded.scheduler_class)
+        else:
+            spec = SCHEDULERS[request.scheduler]
+            pipeline.scheduler = spec.scheduler_class.from_config(loaded.scheduler_config, **spec.options)
+            scheduler = request.scheduler.value
+        # One CPU generator per image: image i is the same whether it runs alone or with others, on any device.
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
+        try:
+            output = pipeline(
+                prompt=[request.prompt] * request.num_images,
+                negative_prompt=[request.negative_prompt or ""] * request.num_images,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                generator=generators,
+            )
+        except torch.OutOfMemoryError as error:
+            self._free_memory()
+            raise DeviceOutOfMemoryError(
+                f"{self.device} ran out of memory for {request.num_images} image(s) of "
+                f"{request.width}x{request.height}; ask for fewer or smaller images, or lower SD_MAX_LOADED_MODELS"
+            ) from error
+        except Exception as error:
+            logger.exception("generation with model %s failed", model_id)
+            raise GenerationError(f"generation with model '{model_id}' failed: {type(error).__name__}: {error}") from error
+        return output.images, scheduler
+
+    def _pipeline(self, model_id: str) -> LoadedModel:
+        """Device worker: the cached pipeline of ``model_id``; on a miss, evict LRU ones to make room, then load."""
+        with self._models_lock:
+            if model_id in self._models:
+                self._models.move_to_end(model_id)
+                return self._models[model_id]
+            room = self.settings.max_loaded_models - 1
+            evicted = [self._models.popitem(last=False)[0] for _ in range(len(self._models) - room)]
+        if evicted:
+            logger.info("evicted %s to load %s (SD_MAX_LOADED_MODELS=%d)", evicted, model_id, room + 1)
+            self._free_memory()
+        loaded = self._load(model_id)
+        with self._models_lock:
+            self._models[model_id] = loaded
+        return loaded
+
+    def _load(self, model_id: str) -> LoadedModel:
+        """Device worker: ``from_pretrained`` a hub id or a local folder, and move it to the device."""
+        source = self.settings.model_source(model_id)
+        started = time.perf_counter()
+        options = {} if self.settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(source, dtype=self.dtype, **options)
+        except Exception as error:
+            raise ModelLoadError(self._load_error_message(model_id, source, error)) from error
+        pipeline = pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        self._configure_attention(pipeline)
+        logger.info("loaded model %s from %s in %.2fs", model_id, source, time.perf_counter() - started)
+        return LoadedModel(pipeline, type(pipeline.scheduler), dict(pipeline.scheduler.config))
+
+    def _load_error_message(self, model_id: str, source: str, error: Exception) -> str:
+        """Say which model failed, why, and which setting would fix it."""
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        if Path(source).is_dir():
+            return f"could not load model '{model_id}' from folder {source} ({reason}); it must be a diffusers pipeline folder"
+        return (
+            f"could not download model '{model_id}' from the Hugging Face hub ({reason}); without network, "
+            f"put the model under {self.settings.models_dir}/ and set SD_DEFAULT_MODEL or SD_USER_MODELS to its folder"
+        )
+
+    def _configure_attention(self, pipeline: StableDiffusionPipeline) -> None:
+        """xformers on CUDA when installed and enabled (else PyTorch SDPA); attention slicing per setting."""
+        if self.device == "cuda" and self.settings.enable_xformers:
+            try:
+                pipeline.enable_xformers_memory_efficient_attention()
+            except Exception as error:  # xformers missing or built for another torch: SDPA stays.
+                logger.info("xformers not used (%s); PyTorch SDPA attention runs", error)
+        slicing = self.settings.attention_slicing
+        if slicing == "on" or (slicing == "auto" and self.device == "mps"):
+            pipeline.enable_attention_slicing()
+
+    def _unload(self, model_id: str | None) -> list[str]:
+        """Remove ``model_id`` (or every model) from the cache and free memory."""
+        with self._models_lock:
+            if model_id is None:
+                unloaded = list(self._models)
+            else:
+                unloaded = [model_id] if model_id in self._models else []
+            for unloaded_id in unloaded:
+                del self._models[unloaded_id]
+        self._free_memory()
+        return unloaded
+
+    def _encode_and_save(self, model_id: str, parameters: GenerationParameters, images: list[Image.Image]) -> list[GeneratedPng]:
+        """PNG-encode each image with its A1111 parameters, and save it when SD_SAVE_IMAGES is on."""
+        results = []
+        for index, image in enumerate(images):
+            seed = parameters.seed + index
+            text = a1111_parameters(
+                parameters.prompt,
+                parameters.negative_prompt,
+                parameters.num_inference_steps,
+                sampler_label(parameters.scheduler),
+                parameters.guidance_scale,
+                seed,
+                parameters.width,
+                parameters.height,
+                model_id,
+            )
+            png = encode_png(image, text)
+            path = save_png(png, self.settings.output_dir, seed) if self.settings.save_images else None
+            results.append(GeneratedPng(png=png, seed=seed, path=path))
+        return results
+
+    def _free_memory(self) -> None:
+        """Collect garbage, and return cached blocks to the driver on CUDA."""
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Start the service, or run its tests, in a virtual environment that this script creates and fills.
+#   ./start.sh          serve the configured model (SD_DEFAULT_MODEL, SD_USER_MODELS, ...)
+#   ./start.sh --demo   serve the bundled tiny demo model (built on first use; it draws noise)
+#   ./start.sh --test   run the test suite; further arguments go to pytest
+# Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
+# from this index first, e.g. https://download.pytorch.org/whl/cu128 or .../whl/cpu).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${SD_VENV:-.venv}
+
+install_requirements() {  # $1: a requirements file; skipped when the same files were installed before
+  local stamp
+  stamp="$VENV/.installed-$(cat requirements*.txt | sha256sum | cut -c1-16)-$(basename "$1")"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  [ -f "$stamp" ] && return
+  if [ -n "${SD_TORCH_INDEX_URL:-}" ]; then
+    "$VENV/bin/python" -m pip install -q "$(grep '^torch==' requirements.txt)" --index-url "$SD_TORCH_INDEX_URL"
+  fi
+  echo "installing $1 into $VENV ..."
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$1"
+  touch "$stamp"
+}
+
+case "${1:-}" in
+  --test)
+    shift
+    install_requirements requirements-dev.txt
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  --demo)
+    install_requirements requirements.txt
+    models_dir=${SD_MODELS_DIR:-models}
+    [ -f "$models_dir/demo/model_index.json" ] || "$VENV/bin/python" demo_model.py "$models_dir/demo"
+    export SD_DEFAULT_MODEL=demo
+    exec "$VENV/bin/python" main.py
+    ;;
+  "")
+    install_requirements requirements.txt
+    exec "$VENV/bin/python" main.py
+    ;;
+  *)
+    echo "usage: ./start.sh [--demo | --test [pytest arguments]]" >&2
+    exit 2
+    ;;
+esac

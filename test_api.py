@@ -1,0 +1,62 @@
+"""Smoke client for a running server: calls every endpoint and writes the images to ``test_output/``.
+
+Usage: ``python test_api.py --url http://localhost:8000 [--steps 30 --size 512 --out test_output]``.
+Exits non-zero on the first endpoint that answers wrongly.
+"""
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+
+import httpx
+
+
+def check(response: httpx.Response, status: int = 200) -> httpx.Response:
+    """Print one line for the call; stop with its body when the status is not ``status``."""
+    print(f"{response.request.method} {response.request.url.path} -> {response.status_code}")
+    if response.status_code != status:
+        sys.exit(f"expected {status}, got {response.status_code}: {response.text[:500]}")
+    return response
+
+
+def run(url: str, out: Path, steps: int, size: int) -> None:
+    """Call each endpoint once and save the PNGs it returns under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    request = {"prompt": "a portrait photo of sks person", "num_inference_steps": steps, "width": size, "height": size}
+    with httpx.Client(base_url=url, timeout=600) as client:
+        check(client.get("/"))
+        health = check(client.get("/health")).json()
+        print(f"  device={health['device']} dtype={health['dtype']} version={health['version']}")
+        check(client.get("/models"))
+
+        result = check(client.post("/generate", json={**request, "seed": 42, "num_images": 2})).json()
+        for image in result["images"]:
+            path = out / f"generate_seed{image['seed']}.png"
+            path.write_bytes(base64.b64decode(image["image_base64"]))
+            print(f"  wrote {path} ({result['generation_time']}s for {len(result['images'])} images)")
+
+        response = check(client.post("/generate/image", json={**request, "seed": 7, "scheduler": "euler_a"}))
+        path = out / f"generate_image_seed{response.headers['X-Seed']}.png"
+        path.write_bytes(response.content)
+        print(f"  wrote {path} ({response.headers['X-Generation-Time']}s)")
+
+        check(client.post("/generate", json={"prompt": ""}), status=422)
+        check(client.post("/generate", json={**request, "user_id": "nobody-has-this-user"}), status=404)
+        check(client.delete("/cache"))
+    print("all endpoints answered as expected")
+
+
+def main() -> None:
+    """Parse the command line and run the smoke test."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://localhost:8000")
+    parser.add_argument("--out", type=Path, default=Path("test_output"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=512)
+    arguments = parser.parse_args()
+    run(arguments.url, arguments.out, arguments.steps, arguments.size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Shared fixtures: the tiny demo pipeline saved to disk, settings pointing at it, and app clients."""
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fails fast instead of hanging
+
+import model_service  # noqa: E402
+from config import Settings  # noqa: E402
+from demo_model import save_demo_model  # noqa: E402
+from main import create_app  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with two tiny SD1.5-shaped pipelines: `demo` (seed 0) and `demo2` (seed 1)."""
+    folder = tmp_path_factory.mktemp("models")
+    save_demo_model(folder / "demo", seed=0)
+    save_demo_model(folder / "demo2", seed=1)
+    return folder
+
+
+@pytest.fixture
+def settings(models_dir: Path, tmp_path: Path) -> Settings:
+    """Settings for one test: `default` and `alice` on demo, `bob` on demo2, output in a fresh folder."""
+    return Settings(
+        _env_file=None,
+        default_model="demo",
+        user_models={"alice": "demo", "bob": "demo2"},
+        models_dir=models_dir,
+        output_dir=tmp_path / "output",
+        cors_origins=["http://localhost:3000"],
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """A client of the app, its lifespan (and so its model service) running."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[str]:
+    """The app served by a real uvicorn on a free port in this process; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the source of every real `from_pretrained` call the model service makes."""
+    calls: list[str] = []
+    original = model_service.StableDiffusionPipeline.from_pretrained
+
+    def counting_from_pretrained(source, **options):
+        calls.append(str(source))
+        return original(source, **options)
+
+    monkeypatch.setattr(model_service.StableDiffusionPipeline, "from_pretrained", counting_from_pretrained)
+    return calls
+
+
+@pytest.fixture
+def small_request() -> Callable[..., dict]:
+    """A request body that runs fast on the tiny pipeline; keyword arguments override its fields."""
+
+    def make(**fields) -> dict:
+        return {"prompt": "a photo of sks person", "num_inference_steps": 2, "width": 256, "height": 256, "seed": 1, **fields}
+
+    return make
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def pixels(image_base64: str) -> np.ndarray:
+    """The RGB pixels of a base64 PNG, as signed integers (so differences do not wrap)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_base64))).convert("RGB")).astype(np.int16)

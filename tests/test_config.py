@@ -1,0 +1,86 @@
+"""Settings from the environment, the user -> model mapping, and device/dtype choice."""
+
+import json
+
+import pytest
+import torch
+
+from config import Settings
+from model_service import choose_device, choose_dtype, sampler_label, scheduler_name
+from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+
+
+def test_settings_are_read_from_sd_environment_variables(monkeypatch):
+    monkeypatch.setenv("SD_DEFAULT_MODEL", "runwayml/stable-diffusion-v1-5")
+    monkeypatch.setenv("SD_USER_MODELS", '{"alice": "alice-dreambooth"}')
+    monkeypatch.setenv("SD_MAX_LOADED_MODELS", "5")
+    monkeypatch.setenv("SD_CORS_ORIGINS", '["https://app.example"]')
+    monkeypatch.setenv("SD_SAVE_IMAGES", "false")
+
+    settings = Settings(_env_file=None)
+
+    assert settings.default_model == "runwayml/stable-diffusion-v1-5"
+    assert settings.user_model_map == {"default": "runwayml/stable-diffusion-v1-5", "alice": "alice-dreambooth"}
+    assert settings.max_loaded_models == 5
+    assert settings.cors_origins == ["https://app.example"]
+    assert settings.save_images is False
+
+
+def test_defaults_serve_the_photoai_dreambooth_model_on_port_8000():
+    settings = Settings(_env_file=None)
+
+    assert settings.default_model == "Zhurah/sd15-dreambooth-photoai"
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    assert settings.safety_checker is False
+
+
+def test_user_models_file_is_merged_and_the_environment_wins(tmp_path):
+    mapping_file = tmp_path / "users.json"
+    mapping_file.write_text(json.dumps({"alice": "from-file", "bob": "bob-model"}))
+
+    settings = Settings(_env_file=None, user_models_file=mapping_file, user_models={"alice": "from-env"})
+
+    assert settings.model_for_user("alice") == "from-env"
+    assert settings.model_for_user("bob") == "bob-model"
+    assert settings.model_for_user("default") == "Zhurah/sd15-dreambooth-photoai"
+    assert settings.model_for_user("nobody") is None
+
+
+def test_model_source_is_a_folder_under_models_dir_when_one_has_that_name(tmp_path):
+    (tmp_path / "alice-dreambooth").mkdir()
+    settings = Settings(_env_file=None, models_dir=tmp_path)
+
+    assert settings.model_source("alice-dreambooth") == str(tmp_path / "alice-dreambooth")
+    assert settings.model_source("Zhurah/sd15-dreambooth-photoai") == "Zhurah/sd15-dreambooth-photoai"
+
+
+def test_invalid_setting_fails_at_start_naming_it(monkeypatch):
+    monkeypatch.setenv("SD_DEVICE", "tpu")
+
+    with pytest.raises(ValueError, match="device"):
+        Settings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("preference", "cuda", "mps", "expected"),
+    [("auto", True, True, "cuda"), ("auto", False, True, "mps"), ("auto", False, False, "cpu"), ("cpu", True, False, "cpu")],
+)
+def test_device_is_chosen_automatically_unless_configured(preference, cuda, mps, expected):
+    assert choose_device(preference, cuda_available=cuda, mps_available=mps) == expected
+
+
+@pytest.mark.parametrize(
+    ("preference", "device", "expected"),
+    [("auto", "cuda", torch.float16), ("auto", "cpu", torch.float32), ("auto", "mps", torch.float32), ("bfloat16", "cuda", torch.bfloat16)],
+)
+def test_dtype_is_float16_on_cuda_and_float32_elsewhere_unless_configured(preference, device, expected):
+    assert choose_dtype(preference, device) is expected
+
+
+def test_scheduler_names_map_to_the_api_and_a1111_names():
+    assert scheduler_name(PNDMScheduler) == "pndm"
+    assert scheduler_name(DDIMScheduler) == "ddim"
+    assert scheduler_name(LMSDiscreteScheduler) == "LMSDiscreteScheduler"
+    assert sampler_label("euler_a") == "Euler a"
+    assert sampler_label("dpmpp_2m_karras") == "DPM++ 2M Karras"
+    assert sampler_label("LMSDiscreteScheduler") == "LMSDiscreteScheduler"

@@ -1,0 +1,79 @@
+"""The real server in a subprocess, driven by the smoke client; and the Postman collection's coverage."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import PROJECT_DIR, free_port
+from main import app
+
+
+@pytest.fixture
+def server_process(models_dir, tmp_path):
+    """`python main.py` serving the demo model on a free port, as start.sh runs it; yields its URL."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "SD_DEFAULT_MODEL": "demo",
+        "SD_MODELS_DIR": str(models_dir),
+        "SD_OUTPUT_DIR": str(tmp_path / "output"),
+        "SD_HOST": "127.0.0.1",
+        "SD_PORT": str(port),
+    }
+    process = subprocess.Popen([sys.executable, "main.py"], cwd=PROJECT_DIR, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Poll /health until it answers; fail if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    pytest.fail("server did not become healthy")
+
+
+def test_smoke_client_runs_against_the_real_server_and_writes_pngs(server_process, tmp_path):
+    out = tmp_path / "test_output"
+
+    result = subprocess.run(
+        [sys.executable, "test_api.py", "--url", server_process, "--out", str(out), "--steps", "2", "--size", "256"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all endpoints answered as expected" in result.stdout
+    written = sorted(path.name for path in out.glob("*.png"))
+    assert written == ["generate_image_seed7.png", "generate_seed42.png", "generate_seed43.png"]
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in out.glob("*.png"))
+
+
+def test_every_route_in_the_openapi_schema_is_in_the_postman_collection():
+    collection = json.loads((PROJECT_DIR / "postman_collection.json").read_text())
+    requests = {
+        (item["request"]["method"], "/" + "/".join(item["request"]["url"]["path"]))
+        for folder in collection["item"]
+        for item in folder["item"]
+    }
+
+    routes = {(method.upper(), path) for path, methods in app.openapi()["paths"].items() for method in methods}
+
+    assert routes - requests == set()
