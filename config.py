@@ -43,6 +43,16 @@ class Settings(BaseSettings):
         "auto", description="auto: on for MPS only (PyTorch SDPA already bounds attention memory on CUDA and CPU)."
     )
     safety_checker: bool = Field(False, description="Run the model's NSFW safety checker when it ships one.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most images in one pipeline call; unset: 8 on CUDA, 4 elsewhere (see README)."
+    )
+    batch_wait_ms: float = Field(10, ge=0, description="How long a job waits for companions to batch with.")
+    max_queue: int = Field(64, ge=1, description="Queued jobs past which new ones get 429.")
+    job_timeout_s: float = Field(600, gt=0, description="A job not finished this long after submission fails.")
+    job_ttl_s: float = Field(3600, gt=0, description="Finished jobs are kept this long (their images stay on disk).")
+    webhook_retries: int = Field(3, ge=0, description="Retries of a failed webhook delivery.")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each time.")
+    webhook_timeout_s: float = Field(10, gt=0, description="Timeout of one webhook delivery.")
     host: str = "0.0.0.0"
     port: int = 8000
 

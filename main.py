@@ -1,26 +1,23 @@
 """The HTTP API: thin routes that validate, call the model service, and shape the response."""
 
+import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 
-import anyio
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from config import Settings
-from model_service import (
-    DeviceOutOfMemoryError,
-    Generation,
-    GenerationError,
-    ModelLoadError,
-    ModelService,
-    UnknownUserError,
-)
+from dependencies import QueueDep, ServiceDep
+from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, QueueFullError
+from job_routes import images_router, job_response, jobs_router
+from jobs import InMemoryJobStore, Job
+from model_service import ModelService, UnknownUserError
 from schemas import (
     CacheClearResponse,
     ErrorResponse,
@@ -28,53 +25,73 @@ from schemas import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
+    JobStatus,
     ModelsResponse,
+    QueueStats,
     RootResponse,
 )
+from webhooks import WebhookSender
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 logger = logging.getLogger(__name__)
-
-
-def get_model_service(request: Request) -> ModelService:
-    """The one ModelService, created in the lifespan."""
-    return request.app.state.model_service
-
-
-ServiceDep = Annotated[ModelService, Depends(get_model_service)]
 
 ERRORS = {
     404: {"model": ErrorResponse, "description": "The user has no model."},
+    429: {"model": ErrorResponse, "description": "The queue is full; retry after Retry-After seconds."},
     500: {"model": ErrorResponse, "description": "The pipeline failed; the detail says how."},
     503: {"model": ErrorResponse, "description": "The model could not be loaded, or the device ran out of memory."},
+    504: {"model": ErrorResponse, "description": "The job did not finish within SD_JOB_TIMEOUT_S."},
 }
+
+
+class ClientDisconnectedError(Exception):
+    """The client of a synchronous request went away; its job was cancelled."""
+
 
 generation_router = APIRouter(tags=["generation"])
 models_router = APIRouter(tags=["models"])
 service_router = APIRouter(tags=["service"])
 
 
+async def run_job(request: GenerateRequest, queue: JobQueue, http_request: Request) -> Job:
+    """Queue ``request`` as a job and wait for it; a client that disconnects cancels it."""
+    job, _ = queue.submit(request, synchronous=True)
+    while not job.finished.is_set():
+        with suppress(TimeoutError):
+            await asyncio.wait_for(job.finished.wait(), timeout=0.25)
+        if not job.finished.is_set() and await http_request.is_disconnected():
+            with suppress(JobFinishedError):
+                queue.cancel(job)
+            raise ClientDisconnectedError(job.id)
+    if job.status is JobStatus.failed:
+        raise HTTPException(job.error_status or 500, job.error)
+    if job.status is JobStatus.cancelled:
+        raise HTTPException(409, f"job {job.id} was cancelled (POST /jobs/{job.id}/cancel)")
+    return job
+
+
 @generation_router.post("/generate", responses=ERRORS)
-async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateResponse:
+async def generate(request: GenerateRequest, queue: QueueDep, http_request: Request) -> GenerateResponse:
     """Generate images with the user's model; they come back as base64 PNGs with their seeds."""
-    generation = await service.generate(request)
+    job = await run_job(request, queue, http_request)
+    pngs = job.take_pngs()
     images = [
         GeneratedImage(
-            image_base64=base64.b64encode(image.png).decode("ascii"),
+            image_base64=base64.b64encode(png).decode("ascii"),
             seed=image.seed,
             image_path=str(image.path) if image.path else None,
         )
-        for image in generation.images
+        for png, image in zip(pngs, job.images)
     ]
     return GenerateResponse(
         image_base64=images[0].image_base64,
         images=images,
-        seed=images[0].seed,
-        model_id=generation.model_id,
+        seed=job.seed,
+        model_id=job.model_id,
         user_id=request.user_id,
-        generation_time=round(generation.seconds, 3),
+        generation_time=round(job.generation_seconds or 0.0, 3),
         image_path=images[0].image_path,
-        parameters=generation.parameters,
+        parameters=job.parameters,
     )
 
 
@@ -83,23 +100,15 @@ async def generate(request: GenerateRequest, service: ServiceDep) -> GenerateRes
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "The PNG, seed and model in headers."}, **ERRORS},
 )
-async def generate_image(request: GenerateRequest, service: ServiceDep) -> Response:
+async def generate_image(request: GenerateRequest, queue: QueueDep, http_request: Request) -> Response:
     """Generate one image and answer with the PNG itself (headers X-Seed, X-Model-Id, X-Generation-Time)."""
     if request.num_images != 1:
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", "num_images"), "msg": "must be 1 for /generate/image; use /generate for more", "input": request.num_images}]
         )
-    generation = await service.generate(request)
-    return Response(content=generation.images[0].png, media_type="image/png", headers=image_headers(generation))
-
-
-def image_headers(generation: Generation) -> dict[str, str]:
-    """The headers that describe a PNG answered alone."""
-    return {
-        "X-Seed": str(generation.images[0].seed),
-        "X-Model-Id": generation.model_id,
-        "X-Generation-Time": f"{generation.seconds:.3f}",
-    }
+    job = await run_job(request, queue, http_request)
+    headers = {"X-Seed": str(job.seed), "X-Model-Id": job.model_id, "X-Generation-Time": f"{job.generation_seconds:.3f}"}
+    return Response(content=job.take_pngs()[0], media_type="image/png", headers=headers)
 
 
 @models_router.get("/models")
@@ -120,11 +129,11 @@ async def clear_cache(
     model_id: Annotated[str | None, Query(description="Unload only this model; left out, every model.")] = None,
 ) -> CacheClearResponse:
     """Unload cached pipelines and free their memory; a later request loads them again."""
-    return CacheClearResponse(unloaded=await service.unload(model_id))
+    return CacheClearResponse(unloaded=await asyncio.to_thread(service.unload, model_id))
 
 
 @service_router.get("/health")
-async def health(service: ServiceDep) -> HealthResponse:
+async def health(service: ServiceDep, queue: QueueDep) -> HealthResponse:
     """Answers at once, also while a generation runs."""
     return HealthResponse(
         status="ok",
@@ -132,6 +141,7 @@ async def health(service: ServiceDep) -> HealthResponse:
         dtype=str(service.dtype).removeprefix("torch."),
         loaded_models=service.loaded_models(),
         version=VERSION,
+        queue=QueueStats(**queue.stats()),
     )
 
 
@@ -148,6 +158,8 @@ async def root() -> RootResponse:
             "health": "GET /health",
             "models": "GET /models",
             "clear_cache": "DELETE /cache",
+            "jobs": "POST /jobs, GET /jobs, GET /jobs/{job_id}, GET /jobs/{job_id}/events, POST /jobs/{job_id}/cancel, DELETE /jobs/{job_id}",
+            "images": "GET /images/{name}",
             "openapi": "GET /openapi.json",
         },
     )
@@ -161,6 +173,17 @@ def error_handler(status_code: int):
         return JSONResponse({"detail": str(error)}, status_code=status_code)
 
     return handle
+
+
+async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:
+    """429 with Retry-After: the queue is full."""
+    return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after_s)})
+
+
+async def client_disconnected(request: Request, error: ClientDisconnectedError) -> Response:
+    """Nobody reads this answer: the client left and its job was cancelled."""
+    logger.info("client of %s %s left; job %s cancelled", request.method, request.url.path, error)
+    return Response(status_code=499)
 
 
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -177,10 +200,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         service = ModelService(settings)
-        app.state.model_service = service
+        queue = JobQueue(settings, service, InMemoryJobStore(settings.job_ttl_s))
+        webhooks = WebhookSender(settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s)
+
+        def send_webhook(job: Job) -> None:
+            if job.webhook_url:
+                webhooks.send(job.webhook_url, job_response(job, None).model_dump(mode="json"))
+
+        queue.on_terminal(send_webhook)
+        queue.start()
+        app.state.model_service, app.state.job_queue = service, queue
         logger.info("serving on %s (%s); default model %s", service.device, service.dtype, settings.default_model)
         yield
-        await anyio.to_thread.run_sync(service.close)
+        await queue.stop()
+        await webhooks.close()
+        await asyncio.to_thread(service.unload)
 
     app = FastAPI(
         title="Personalized Stable Diffusion API",
@@ -196,11 +230,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["X-Seed", "X-Model-Id", "X-Generation-Time"],
     )
     app.add_exception_handler(UnknownUserError, error_handler(404))
-    app.add_exception_handler(ModelLoadError, error_handler(503))
-    app.add_exception_handler(DeviceOutOfMemoryError, error_handler(503))
-    app.add_exception_handler(GenerationError, error_handler(500))
+    app.add_exception_handler(JobFinishedError, error_handler(409))
+    app.add_exception_handler(IdempotencyConflictError, error_handler(409))
+    app.add_exception_handler(QueueFullError, queue_full)
+    app.add_exception_handler(ClientDisconnectedError, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)
-    for router in (generation_router, models_router, service_router):
+    for router in (generation_router, jobs_router, images_router, models_router, service_router):
         app.include_router(router)
     return app
 

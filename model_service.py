@@ -1,13 +1,11 @@
-"""Loads, caches and runs Stable Diffusion pipelines on one worker thread that owns the device."""
+"""Loads, caches and runs Stable Diffusion pipelines; the job queue's worker thread is their only caller."""
 
-import asyncio
 import gc
 import logging
-import random
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from PIL import Image
 
 from config import Settings
 from images import a1111_parameters, encode_png, save_png
-from schemas import MAX_SEED, GenerateRequest, GenerationParameters, SchedulerName
+from schemas import GenerationParameters, SchedulerName
 
 logger = logging.getLogger(__name__)
 diffusers.utils.logging.disable_progress_bar()
@@ -65,10 +63,6 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded: answered with 503, and not cached, so the next request tries again."""
 
 
-class GenerationError(RuntimeError):
-    """A pipeline call failed for another reason: answered with 500; the worker goes on."""
-
-
 class DeviceOutOfMemoryError(RuntimeError):
     """The device ran out of memory during a generation: answered with 503."""
 
@@ -91,14 +85,26 @@ class GeneratedPng:
     path: Path | None
 
 
-@dataclass
-class Generation:
-    """The outcome of one request: its images, the effective parameters, and the time it took."""
+@dataclass(frozen=True)
+class BatchKey:
+    """What jobs must share to run in one pipeline call."""
 
     model_id: str
-    parameters: GenerationParameters
-    images: list[GeneratedPng]
-    seconds: float
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: SchedulerName | None
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job's share of a batch: its prompts, and the seed of its first image."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    num_images: int
 
 
 def choose_device(preference: str, cuda_available: bool, mps_available: bool) -> str:
@@ -134,7 +140,7 @@ def sampler_label(name: str) -> str:
 
 
 class ModelService:
-    """Resolves users to models, keeps an LRU cache of pipelines, and runs them on one device worker."""
+    """Resolves users to models, keeps an LRU cache of pipelines on the device, and runs batches on them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -142,9 +148,6 @@ class ModelService:
         self.dtype = choose_dtype(settings.dtype, self.device)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._models_lock = threading.Lock()
-        # One thread owns the device: diffusers pipelines are not thread-safe, and it keeps model code off
-        # the event loop. Loads run on it too, so two first requests for one model load it once.
-        self._device_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-device")
 
     def loaded_models(self) -> list[str]:
         """Ids of the models in memory, least recently used first."""
@@ -160,63 +163,60 @@ class ModelService:
             )
         return model_id
 
-    async def generate(self, request: GenerateRequest) -> Generation:
-        """Generate the request's images on the device worker, then encode and save them off the event loop."""
-        model_id = self.model_for_user(request.user_id)
-        seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        images, scheduler = await loop.run_in_executor(self._device_worker, self._run, model_id, request, seed)
-        seconds = time.perf_counter() - started
-        parameters = GenerationParameters(**request.model_dump(exclude={"seed", "scheduler"}), seed=seed, scheduler=scheduler)
-        pngs = await asyncio.to_thread(self._encode_and_save, model_id, parameters, images)
-        return Generation(model_id=model_id, parameters=parameters, images=pngs, seconds=seconds)
+    def run_batch(
+        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None]
+    ) -> tuple[list[list[Image.Image]], str]:
+        """One pipeline call for all items (loading the model on a miss): each item's images, and the scheduler's name.
 
-    async def unload(self, model_id: str | None = None) -> list[str]:
-        """Drop one cached pipeline (or all) and free their memory; returns the ids dropped."""
-        return await asyncio.to_thread(self._unload, model_id)
-
-    def close(self) -> None:
-        """Stop the device worker after the work it has, and free every pipeline."""
-        self._device_worker.shutdown(wait=True, cancel_futures=True)
-        self._unload(None)
-
-    def _run(self, model_id: str, request: GenerateRequest, seed: int) -> tuple[list[Image.Image], str]:
-        """Device worker: run the pipeline for one request; returns the images and the scheduler's name."""
-        loaded = self._pipeline(model_id)
+        ``on_step(step, total)`` runs after each denoising step; an exception it raises aborts the call.
+        """
+        loaded = self._pipeline(key.model_id)
         pipeline = loaded.pipeline
-        if request.scheduler is None:
-            pipeline.scheduler = loaded.scheduler_class.from_config(loaded.scheduler_config)
-            scheduler = scheduler_name(loaded.scheduler_class)
-        else:
-            spec = SCHEDULERS[request.scheduler]
-            pipeline.scheduler = spec.scheduler_class.from_config(loaded.scheduler_config, **spec.options)
-            scheduler = request.scheduler.value
-        # One CPU generator per image: image i is the same whether it runs alone or with others, on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
+        pipeline.scheduler, scheduler = self._fresh_scheduler(loaded, key.scheduler)
+        # One CPU generator per image: an image is the same alone or in any batch, on any device.
+        generators = [torch.Generator("cpu").manual_seed(item.seed + i) for item in items for i in range(item.num_images)]
         try:
             output = pipeline(
-                prompt=[request.prompt] * request.num_images,
-                negative_prompt=[request.negative_prompt or ""] * request.num_images,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
+                prompt=[item.prompt for item in items for _ in range(item.num_images)],
+                negative_prompt=[item.negative_prompt or "" for item in items for _ in range(item.num_images)],
+                num_inference_steps=key.num_inference_steps,
+                guidance_scale=key.guidance_scale,
+                width=key.width,
+                height=key.height,
                 generator=generators,
+                callback_on_step_end=lambda pipe, index, timestep, tensors: on_step(index + 1, pipe.num_timesteps) or tensors,
             )
         except torch.OutOfMemoryError as error:
-            self._free_memory()
+            self.free_memory()
             raise DeviceOutOfMemoryError(
-                f"{self.device} ran out of memory for {request.num_images} image(s) of "
-                f"{request.width}x{request.height}; ask for fewer or smaller images, or lower SD_MAX_LOADED_MODELS"
+                f"{self.device} ran out of memory for {len(generators)} image(s) of {key.width}x{key.height}; "
+                "ask for fewer or smaller images, or lower SD_MAX_BATCH_SIZE or SD_MAX_LOADED_MODELS"
             ) from error
-        except Exception as error:
-            logger.exception("generation with model %s failed", model_id)
-            raise GenerationError(f"generation with model '{model_id}' failed: {type(error).__name__}: {error}") from error
-        return output.images, scheduler
+        images = iter(output.images)
+        return [[next(images) for _ in range(item.num_images)] for item in items], scheduler
+
+    def unload(self, model_id: str | None = None) -> list[str]:
+        """Drop one cached pipeline (or all) and free their memory; returns the ids dropped."""
+        with self._models_lock:
+            if model_id is None:
+                unloaded = list(self._models)
+            else:
+                unloaded = [model_id] if model_id in self._models else []
+            for unloaded_id in unloaded:
+                del self._models[unloaded_id]
+        self.free_memory()
+        return unloaded
+
+    @staticmethod
+    def _fresh_scheduler(loaded: LoadedModel, name: SchedulerName | None) -> tuple[SchedulerMixin, str]:
+        """A new scheduler for one call (no state carried over): the named one or the model's own; and its name."""
+        if name is None:
+            return loaded.scheduler_class.from_config(loaded.scheduler_config), scheduler_name(loaded.scheduler_class)
+        spec = SCHEDULERS[name]
+        return spec.scheduler_class.from_config(loaded.scheduler_config, **spec.options), name.value
 
     def _pipeline(self, model_id: str) -> LoadedModel:
-        """Device worker: the cached pipeline of ``model_id``; on a miss, evict LRU ones to make room, then load."""
+        """The cached pipeline of ``model_id``; on a miss, evict LRU ones to make room, then load."""
         with self._models_lock:
             if model_id in self._models:
                 self._models.move_to_end(model_id)
@@ -225,7 +225,7 @@ class ModelService:
             evicted = [self._models.popitem(last=False)[0] for _ in range(len(self._models) - room)]
         if evicted:
             logger.info("evicted %s to load %s (SD_MAX_LOADED_MODELS=%d)", evicted, model_id, room + 1)
-            self._free_memory()
+            self.free_memory()
         loaded = self._load(model_id)
         with self._models_lock:
             self._models[model_id] = loaded
@@ -267,20 +267,10 @@ class ModelService:
         if slicing == "on" or (slicing == "auto" and self.device == "mps"):
             pipeline.enable_attention_slicing()
 
-    def _unload(self, model_id: str | None) -> list[str]:
-        """Remove ``model_id`` (or every model) from the cache and free memory."""
-        with self._models_lock:
-            if model_id is None:
-                unloaded = list(self._models)
-            else:
-                unloaded = [model_id] if model_id in self._models else []
-            for unloaded_id in unloaded:
-                del self._models[unloaded_id]
-        self._free_memory()
-        return unloaded
-
-    def _encode_and_save(self, model_id: str, parameters: GenerationParameters, images: list[Image.Image]) -> list[GeneratedPng]:
-        """PNG-encode each image with its A1111 parameters, and save it when SD_SAVE_IMAGES is on."""
+    def encode_and_save(
+        self, model_id: str, parameters: GenerationParameters, images: list[Image.Image], save: bool
+    ) -> list[GeneratedPng]:
+        """PNG-encode each image with its A1111 parameters; save it under SD_OUTPUT_DIR when ``save``."""
         results = []
         for index, image in enumerate(images):
             seed = parameters.seed + index
@@ -296,11 +286,11 @@ class ModelService:
                 model_id,
             )
             png = encode_png(image, text)
-            path = save_png(png, self.settings.output_dir, seed) if self.settings.save_images else None
+            path = save_png(png, self.settings.output_dir, seed) if save else None
             results.append(GeneratedPng(png=png, seed=seed, path=path))
         return results
 
-    def _free_memory(self) -> None:
+    def free_memory(self) -> None:
         """Collect garbage, and return cached blocks to the driver on CUDA."""
         gc.collect()
         if self.device == "cuda":

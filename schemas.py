@@ -1,8 +1,9 @@
 """Request and response models of the HTTP API."""
 
+from datetime import datetime
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 MAX_SEED = 2**32 - 1
 
@@ -20,28 +21,24 @@ class SchedulerName(str, Enum):
     unipc = "unipc"
 
 
+GENERATE_EXAMPLE = {
+    "prompt": "a portrait photo of sks person, studio lighting, 85mm",
+    "negative_prompt": "blurry, lowres",
+    "user_id": "default",
+    "num_inference_steps": 30,
+    "guidance_scale": 7.5,
+    "width": 512,
+    "height": 512,
+    "seed": 42,
+    "num_images": 1,
+    "scheduler": "dpmpp_2m",
+}
+
+
 class GenerateRequest(BaseModel):
     """What to generate, and for whom."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "prompt": "a portrait photo of sks person, studio lighting, 85mm",
-                    "negative_prompt": "blurry, lowres",
-                    "user_id": "default",
-                    "num_inference_steps": 30,
-                    "guidance_scale": 7.5,
-                    "width": 512,
-                    "height": 512,
-                    "seed": 42,
-                    "num_images": 1,
-                    "scheduler": "dpmpp_2m",
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [GENERATE_EXAMPLE]})
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What the image shows.")
     negative_prompt: str | None = Field(None, max_length=2000, description="What the image must not show.")
@@ -99,6 +96,17 @@ class GenerateResponse(BaseModel):
     parameters: GenerationParameters
 
 
+class QueueStats(BaseModel):
+    """The job queue now, and the batches it has run."""
+
+    queued: int
+    running: int
+    max_queue: int
+    max_batch_size: int
+    batches_run: int
+    mean_batch_size: float = Field(..., description="Images per pipeline call, over every batch run so far.")
+
+
 class HealthResponse(BaseModel):
     """Liveness and what the service runs on."""
 
@@ -107,6 +115,7 @@ class HealthResponse(BaseModel):
     dtype: str = Field(..., examples=["float16"])
     loaded_models: list[str]
     version: str
+    queue: QueueStats
 
 
 class CacheClearResponse(BaseModel):
@@ -137,3 +146,100 @@ class ErrorResponse(BaseModel):
     """The body of every 4xx/5xx answer but 422."""
 
     detail: str
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life; the last three are terminal."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job can change no more."""
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobRequest(GenerateRequest):
+    """A generation to run in the background; the same fields as POST /generate, plus a webhook."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**GENERATE_EXAMPLE, "webhook_url": "https://example.com/hooks/sd-jobs"}]}
+    )
+
+    webhook_url: HttpUrl | None = Field(None, description="POSTed the job JSON once the job ends.")
+
+
+class JobLinks(BaseModel):
+    """Where to follow a job."""
+
+    self: str
+    events: str
+    cancel: str
+
+
+class JobCreated(BaseModel):
+    """The answer to POST /jobs."""
+
+    job_id: str
+    status: JobStatus
+    position: int | None = Field(..., description="1 = next to run; null once it runs.")
+    links: JobLinks
+
+
+class JobProgress(BaseModel):
+    """Denoising steps done, of how many."""
+
+    step: int
+    total: int
+
+
+class JobImage(BaseModel):
+    """One image of a finished job."""
+
+    url: str | None = Field(..., description="GET this for the PNG (null when the image was not stored).")
+    seed: int
+    image_path: str | None
+
+
+class JobResult(BaseModel):
+    """What POST /generate answers, with URLs instead of base64."""
+
+    image_url: str | None
+    images: list[JobImage]
+    seed: int
+    model_id: str
+    user_id: str
+    generation_time: float
+    image_path: str | None
+    parameters: GenerationParameters
+
+
+class JobResponse(BaseModel):
+    """A job's state, progress and, once it ends, its result or error."""
+
+    job_id: str
+    status: JobStatus
+    user_id: str
+    model_id: str
+    position: int | None
+    progress: JobProgress
+    batch_size: int | None = Field(..., description="Images in the pipeline call this job ran in.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: JobResult | None
+    error: str | None
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobResponse]
+    total: int
+    limit: int
+    offset: int

@@ -7,6 +7,7 @@ Exits non-zero on the first endpoint that answers wrongly.
 import argparse
 import base64
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -41,10 +42,29 @@ def run(url: str, out: Path, steps: int, size: int) -> None:
         path.write_bytes(response.content)
         print(f"  wrote {path} ({response.headers['X-Generation-Time']}s)")
 
+        job = run_job(client, {**request, "seed": 9})
+        path = out / f"job_seed{job['result']['seed']}.png"
+        path.write_bytes(check(client.get(job["result"]["image_url"])).content)
+        print(f"  wrote {path} (job {job['job_id']}, batch of {job['batch_size']})")
+        events = check(client.get(job["links"]["events"])).text
+        print(f"  events: {events.splitlines()[0]}")
+        check(client.get("/jobs", params={"limit": 5}))
+        check(client.delete(f"/jobs/{job['job_id']}"), status=204)
+
         check(client.post("/generate", json={"prompt": ""}), status=422)
         check(client.post("/generate", json={**request, "user_id": "nobody-has-this-user"}), status=404)
         check(client.delete("/cache"))
     print("all endpoints answered as expected")
+
+
+def run_job(client: httpx.Client, request: dict) -> dict:
+    """POST /jobs, then poll the job until it ends; stop unless it succeeded."""
+    created = check(client.post("/jobs", json=request), status=202).json()
+    while (job := check(client.get(created["links"]["self"])).json())["status"] in ("queued", "running"):
+        time.sleep(0.2)
+    if job["status"] != "succeeded":
+        sys.exit(f"job {job['job_id']} {job['status']}: {job['error']}")
+    return job
 
 
 def main() -> None:

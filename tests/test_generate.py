@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastapi.testclient import TestClient
+
 from conftest import pixels
+from main import create_app
 from schemas import MAX_SEED, SchedulerName
 
 
@@ -149,16 +152,14 @@ def test_every_image_is_saved_under_a_unique_name_with_its_parameters_chunk(clie
 
 
 def test_images_are_not_saved_when_saving_is_off(settings, small_request):
-    from fastapi.testclient import TestClient
-
-    from main import create_app
-
     settings.save_images = False
     with TestClient(create_app(settings)) as client:
         body = client.post("/generate", json=small_request()).json()
 
     assert body["image_path"] is None and body["image_base64"]
     assert not settings.output_dir.exists()
+    job = client.app.state.job_queue.store.page(1, 0)[0][0]
+    assert job.images[0].png == b""  # handed to the response, not kept
 
 
 def test_users_get_their_own_model(client, small_request):

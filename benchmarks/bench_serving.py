@@ -1,0 +1,209 @@
+"""Serving benchmark: N requests from C concurrent clients against the real server, batching on and off.
+
+Prints images/s, latency p50/p95/p99, /health p99 under the load and the mean batch size for each mode,
+and the raw pipeline loop without HTTP as the ceiling. Examples:
+
+    .venv/bin/python benchmarks/bench_serving.py                       # demo model, CPU-sized defaults
+    .venv/bin/python benchmarks/bench_serving.py --sd15 --size 512 --steps 30 --requests 64 --concurrency 16
+    .venv/bin/python benchmarks/bench_serving.py --model models/my-dreambooth --json figures.json
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import Settings  # noqa: E402
+from demo_model import DEMO_MODEL_DIR, save_demo_model  # noqa: E402
+from model_service import BatchItem, BatchKey, ModelService  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def request_body(index: int, arguments: argparse.Namespace) -> dict:
+    """Request ``index`` of the run: same shape for all, so they can be batched; its own prompt and seed."""
+    return {
+        "prompt": f"a photo of sks person, variation {index}",
+        "seed": index,
+        "num_inference_steps": arguments.steps,
+        "width": arguments.size,
+        "height": arguments.size,
+    }
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """``python main.py`` serving ``model`` with SD_MAX_BATCH_SIZE; returns the process and its URL once healthy."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "SD_DEFAULT_MODEL": model,
+        "SD_HOST": "127.0.0.1",
+        "SD_PORT": str(port),
+        "SD_SAVE_IMAGES": "false",
+        "SD_MAX_QUEUE": str(max(64, arguments.requests * 2)),
+        "SD_MAX_BATCH_SIZE": str(max_batch_size),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "main.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit("the server did not start")
+
+
+async def run_load(url: str, arguments: argparse.Namespace) -> dict:
+    """Send the requests from C clients while polling /health; returns the figures of this run."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+        (await client.post("/generate/image", json=request_body(arguments.requests, arguments))).raise_for_status()  # loads the model
+        before = (await client.get("/health")).json()
+        indexes = iter(range(arguments.requests))
+        latencies: list[float] = []
+        health_latencies: list[float] = []
+        loading = asyncio.Event()
+
+        async def client_loop() -> None:
+            for index in indexes:
+                started = time.perf_counter()
+                (await client.post("/generate/image", json=request_body(index, arguments))).raise_for_status()
+                latencies.append(time.perf_counter() - started)
+
+        async def poll_health() -> None:
+            while not loading.is_set():
+                started = time.perf_counter()
+                (await client.get("/health")).raise_for_status()
+                health_latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+
+        poller = asyncio.create_task(poll_health())
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(arguments.concurrency)))
+        elapsed = time.perf_counter() - started
+        loading.set()
+        await poller
+        after = (await client.get("/health")).json()
+    batches = after["queue"]["batches_run"] - before["queue"]["batches_run"]
+    images = after["queue"]["mean_batch_size"] * after["queue"]["batches_run"] - before["queue"]["mean_batch_size"] * before["queue"]["batches_run"]
+    return {
+        "images_per_s": round(arguments.requests / elapsed, 3),
+        "latency_p50_s": round(percentile(latencies, 50), 3),
+        "latency_p95_s": round(percentile(latencies, 95), 3),
+        "latency_p99_s": round(percentile(latencies, 99), 3),
+        "health_p99_s": round(percentile(health_latencies, 99), 4),
+        "mean_batch_size": round(images / batches, 2) if batches else 0.0,
+        "device": after["device"],
+    }
+
+
+def serve_and_measure(model: str, max_batch_size: int, arguments: argparse.Namespace) -> dict:
+    """One mode: start the server, load it, stop it."""
+    process, url = start_server(model, max_batch_size, arguments)
+    try:
+        return asyncio.run(run_load(url, arguments))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def raw_images_per_s(model: str, batch_size: int, arguments: argparse.Namespace) -> float:
+    """The pipeline alone, in this process, no HTTP and no queue: images/s over the same requests."""
+    service = ModelService(Settings(_env_file=None, default_model=model))
+    key = BatchKey(model, arguments.size, arguments.size, arguments.steps, 7.5, None)
+    service.run_batch(key, [BatchItem("warm-up", None, 0, 1)], lambda step, total: None)  # load and warm up
+    started = time.perf_counter()
+    for first in range(0, arguments.requests, batch_size):
+        indexes = range(first, min(first + batch_size, arguments.requests))
+        items = [BatchItem(request_body(index, arguments)["prompt"], None, index, 1) for index in indexes]
+        service.run_batch(key, items, lambda step, total: None)
+    elapsed = time.perf_counter() - started
+    service.unload()
+    return round(arguments.requests / elapsed, 3)
+
+
+def resolve_model(arguments: argparse.Namespace) -> str:
+    """The model to serve: --model, the SD1.5-sized random pipeline (--sd15), or the demo model; built if missing."""
+    if arguments.model:
+        return arguments.model
+    if arguments.sd15:
+        from sd15_random import DEFAULT_DIR, save_sd15_random
+
+        if not (DEFAULT_DIR / "model_index.json").exists():
+            save_sd15_random(DEFAULT_DIR)
+        return str(DEFAULT_DIR)
+    if not (DEMO_MODEL_DIR / "model_index.json").exists():
+        save_demo_model(DEMO_MODEL_DIR)
+    return str(DEMO_MODEL_DIR)
+
+
+def print_table(figures: dict) -> None:
+    """The figures as one table."""
+    print(f"\nmodel={figures['model']} device={figures['device']} requests={figures['requests']} concurrency={figures['concurrency']}")
+    print(f"{'mode':<14}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'health p99 ms':>15}{'mean batch':>12}")
+    for mode in ("no_batching", "batching"):
+        row = figures[mode]
+        print(
+            f"{mode:<14}{row['images_per_s']:>10.3f}{row['latency_p50_s']:>9.3f}{row['latency_p95_s']:>9.3f}"
+            f"{row['latency_p99_s']:>9.3f}{row['health_p99_s'] * 1000:>15.1f}{row['mean_batch_size']:>12.2f}"
+        )
+    raw = figures["raw_images_per_s"]
+    print(f"{'raw pipeline':<14}{raw:>10.3f}   (batch {figures['max_batch_size']}, no HTTP, no queue: the ceiling)")
+    print(f"server / raw: batching {figures['batching']['images_per_s'] / raw:.0%}, no batching {figures['no_batching']['images_per_s'] / raw:.0%}")
+
+
+def main() -> None:
+    """Parse arguments, run the raw loop and both serving modes, print (and optionally save) the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="hub id or folder; default: the demo model")
+    parser.add_argument("--sd15", action="store_true", help="serve a full-size SD1.5 with random weights")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=None, help="for the batching mode; default: the server's")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    arguments = parser.parse_args()
+
+    model = resolve_model(arguments)
+    device = ModelService(Settings(_env_file=None)).device
+    max_batch_size = arguments.max_batch_size or Settings(_env_file=None).max_batch_size or (8 if device == "cuda" else 4)
+    figures = {"model": model, "requests": arguments.requests, "concurrency": arguments.concurrency, "max_batch_size": max_batch_size}
+    figures["raw_images_per_s"] = raw_images_per_s(model, max_batch_size, arguments)
+    figures["no_batching"] = serve_and_measure(model, 1, arguments)
+    figures["batching"] = serve_and_measure(model, max_batch_size, arguments)
+    figures["device"] = figures["batching"].pop("device")
+    figures["no_batching"].pop("device")
+    print_table(figures)
+    if arguments.json:
+        arguments.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
