@@ -49,10 +49,23 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(10, ge=0, description="How long a job waits for companions to batch with.")
     max_queue: int = Field(64, ge=1, description="Queued jobs past which new ones get 429.")
     job_timeout_s: float = Field(600, gt=0, description="A job not finished this long after submission fails.")
-    job_ttl_s: float = Field(3600, gt=0, description="Finished jobs are kept this long (their images stay on disk).")
     webhook_retries: int = Field(3, ge=0, description="Retries of a failed webhook delivery.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each time.")
     webhook_timeout_s: float = Field(10, gt=0, description="Timeout of one webhook delivery.")
+    data_dir: Path = Field(Path("data"), description="Where the embedded SQLite database lives.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; unset: SQLite in SD_DATA_DIR."
+    )
+    storage: Literal["local", "s3"] = Field("local", description="Where images go: SD_OUTPUT_DIR, or an S3 bucket.")
+    s3_bucket: str | None = None
+    s3_prefix: str = Field("", description="Key prefix inside the bucket, e.g. images/.")
+    s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, R2, ...); unset: AWS.")
+    s3_region: str | None = None
+    s3_url_expiry_s: int = Field(3600, ge=1, description="Lifetime of presigned image URLs.")
+    retention_days: float | None = Field(
+        None, gt=0, description="Delete finished jobs and their images older than this; unset: keep forever."
+    )
+    retention_interval_s: float = Field(3600, gt=0, description="How often the retention task runs.")
     host: str = "0.0.0.0"
     port: int = 8000
 
@@ -68,6 +81,11 @@ class Settings(BaseSettings):
     def model_for_user(self, user_id: str) -> str | None:
         """The model id that serves ``user_id``, or None when the user has no model."""
         return self.user_model_map.get(user_id)
+
+    @property
+    def effective_database_url(self) -> str:
+        """SD_DATABASE_URL, or the embedded SQLite file under SD_DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'sd-api.db'}"
 
     def model_source(self, model_id: str) -> str:
         """What ``from_pretrained`` gets: a folder under SD_MODELS_DIR when one has that name, else ``model_id``."""

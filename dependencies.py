@@ -24,10 +24,10 @@ QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
 def get_job(job_id: Annotated[str, Path(description="The id POST /jobs answered.")], queue: QueueDep) -> Job:
-    """The job with that id; 404 when there is none (finished jobs are kept SD_JOB_TTL_S seconds)."""
+    """The job with that id; 404 when there is none."""
     job = queue.store.get(job_id)
     if job is None:
-        raise HTTPException(404, f"no job '{job_id}' (finished jobs are kept for SD_JOB_TTL_S seconds)")
+        raise HTTPException(404, f"no job '{job_id}' (deleted, or removed by SD_RETENTION_DAYS)")
     return job
 
 

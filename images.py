@@ -1,9 +1,8 @@
-"""PNG encoding with A1111-style generation parameters, and saving under unique names."""
+"""PNG encoding with A1111-style generation parameters, and unique image names."""
 
 import io
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -40,11 +39,7 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(png: bytes, output_dir: Path, seed: int) -> Path:
-    """Write ``png`` under ``output_dir`` with a new unique name; never overwrites a file."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def image_name(seed: int) -> str:
+    """A new unique file name for an image: time, seed, and 128 random bits."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = output_dir / f"{stamp}_{seed}_{uuid.uuid4().hex}.png"
-    with open(path, "xb") as file:
-        file.write(png)
-    return path
+    return f"{stamp}_{seed}_{uuid.uuid4().hex}.png"

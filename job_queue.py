@@ -1,6 +1,7 @@
 """The job queue: one worker thread owns the device and runs queued jobs, batching those that can share a call."""
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -10,13 +11,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from PIL import Image
 
 from config import Settings
-from jobs import Job, JobStore, utc_now
+from images import image_name
+from jobs import Job, JobStore, StoredImage, utc_now
 from model_service import BatchItem, BatchKey, DeviceOutOfMemoryError, ModelLoadError, ModelService
-from schemas import MAX_SEED, GenerateRequest, GenerationParameters, JobStatus
+from schemas import MAX_SEED, GenerateRequest, JobStatus
+from storage import ImageStorage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +61,11 @@ def batch_key(job: Job) -> BatchKey:
 class JobQueue:
     """A bounded FIFO of jobs, served by the one thread that owns the device; events go out on the event loop."""
 
-    def __init__(self, settings: Settings, model_service: ModelService, store: JobStore) -> None:
+    def __init__(self, settings: Settings, model_service: ModelService, store: JobStore, storage: ImageStorage) -> None:
         self.settings = settings
         self.model_service = model_service
         self.store = store
+        self.storage = storage
         default_batch = CUDA_MAX_BATCH_SIZE if model_service.device == "cuda" else CPU_MAX_BATCH_SIZE
         self.max_batch_size = settings.max_batch_size or default_batch
         self.batches_run = 0
@@ -75,29 +80,42 @@ class JobQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = threading.Thread(target=self._work, name="sd-device", daemon=True)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sd-encode")
-        self._sweeper: asyncio.Task | None = None
+        self._retention: asyncio.Task | None = None
 
     # --- event loop side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the device worker and the sweeper of expired jobs; call from the event loop."""
+        """Re-queue the jobs the last run left unfinished, start the device worker and retention; on the loop."""
         self._loop = asyncio.get_running_loop()
+        self._recover()
         self._worker.start()
-        self._sweeper = asyncio.create_task(self._sweep_expired())
+        if self.settings.retention_days:
+            self._retention = asyncio.create_task(self._apply_retention_periodically())
 
     async def stop(self) -> None:
-        """Let the running batch finish, stop the worker, and finish encoding what was generated."""
+        """Let the running batch finish and its images be stored; queued jobs stay queued in the database."""
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        if self._sweeper:
-            self._sweeper.cancel()
+        if self._retention:
+            self._retention.cancel()
         await asyncio.to_thread(self._worker.join)
         await asyncio.to_thread(self._encoder.shutdown, wait=True)
-        with self._condition:
-            for job in list(self._queue):
-                self._queue.remove(job)
-                self._end(job, JobStatus.failed, "the server shut down before the job ran; submit it again", 503)
+
+    def _recover(self) -> None:
+        """Queue again what was queued; a job that was running is re-queued once, then failed."""
+        for job in self.store.unfinished():
+            if job.status is JobStatus.running and job.attempts >= 1:
+                with self._condition:
+                    self._end(job, JobStatus.failed, "the server stopped twice while this job ran; submit it again", 500)
+                continue
+            if job.status is JobStatus.running:
+                job.attempts += 1
+                job.status, job.started_at, job.step = JobStatus.queued, None, 0
+                self.store.save(job)
+            self._queue.append(job)
+        if self._queue:
+            logger.info("re-queued %d unfinished jobs from the last run", len(self._queue))
 
     def on_terminal(self, listener: Callable[[Job], None]) -> None:
         """Call ``listener(job)`` on the event loop whenever a job ends."""
@@ -120,7 +138,6 @@ class JobQueue:
             return existing, False
         seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
         job = Job(request, model_id, seed, synchronous, webhook_url, scoped_key, fingerprint)
-        job.deadline = time.monotonic() + self.settings.job_timeout_s
         with self._condition:
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFullError(
@@ -182,11 +199,31 @@ class JobQueue:
             for listener in self._terminal_listeners:
                 listener(job)
 
-    async def _sweep_expired(self) -> None:
-        """Forget finished jobs past SD_JOB_TTL_S, once a minute (or per TTL when shorter)."""
+    async def _apply_retention_periodically(self) -> None:
+        """Run the retention every SD_RETENTION_INTERVAL_S."""
         while True:
-            await asyncio.sleep(min(60.0, self.settings.job_ttl_s))
-            self.store.expire()
+            await asyncio.to_thread(self.apply_retention)
+            await asyncio.sleep(self.settings.retention_interval_s)
+
+    def apply_retention(self) -> int:
+        """Delete the jobs that ended over SD_RETENTION_DAYS ago, and their images; returns how many."""
+        cutoff = utc_now() - timedelta(days=self.settings.retention_days or 0)
+        old_jobs = self.store.finished_before(cutoff)
+        for job in old_jobs:
+            self.delete(job)
+        if old_jobs:
+            logger.info("retention: deleted %d jobs that ended before %s", len(old_jobs), cutoff.isoformat())
+        return len(old_jobs)
+
+    def delete(self, job: Job) -> None:
+        """Cancel the job if it is active, then delete its images and its record."""
+        if not job.status.is_terminal:
+            with contextlib.suppress(JobFinishedError):
+                self.cancel(job)
+        for image in job.images:
+            if image.key:
+                self.storage.delete(image.key)
+        self.store.delete(job.id)
 
     def _retry_after_s(self) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""
@@ -206,6 +243,7 @@ class JobQueue:
         job.finished_at = utc_now()
         if job in self._running:
             self._running.remove(job)
+        self.store.save(job)
         self._emit(job, status.value)
 
     # --- device worker thread ----------------------------------------------------------------------
@@ -237,6 +275,7 @@ class JobQueue:
             batch = self._take_batch(first)
             for job in batch:
                 job.status, job.started_at = JobStatus.running, utc_now()
+                self.store.save(job)
             self._running.extend(batch)
         for job in batch:
             self._emit(job, "started")
@@ -264,10 +303,13 @@ class JobQueue:
 
     def _fail_expired_queued(self) -> None:
         """Fail queued jobs past their deadline. Call with the condition held."""
-        now = time.monotonic()
-        for job in [job for job in self._queue if now > job.deadline]:
+        for job in [job for job in self._queue if self._past_deadline(job)]:
             self._queue.remove(job)
             self._end(job, JobStatus.failed, self._timeout_message(), 504)
+
+    def _past_deadline(self, job: Job) -> bool:
+        """True once SD_JOB_TIMEOUT_S has passed since the job was submitted."""
+        return time.time() > job.created_at.timestamp() + self.settings.job_timeout_s
 
     def _timeout_message(self) -> str:
         return f"the job did not finish within {self.settings.job_timeout_s:g} s (SD_JOB_TIMEOUT_S)"
@@ -306,14 +348,13 @@ class JobQueue:
         """Called after each denoising step: ends cancelled and timed-out jobs, reports progress of the others."""
 
         def on_step(step: int, total: int) -> None:
-            now = time.monotonic()
             with self._condition:
                 for job in batch:
                     if job.status is not JobStatus.running:
                         continue
                     if job.cancel_requested:
                         self._end(job, JobStatus.cancelled)
-                    elif now > job.deadline:
+                    elif self._past_deadline(job):
                         self._end(job, JobStatus.failed, self._timeout_message(), 504)
                     else:
                         job.step, job.total_steps = step, total
@@ -341,21 +382,25 @@ class JobQueue:
 
     def _finish(self, job: Job, images: list[Image.Image], scheduler: str, seconds: float) -> None:
         """Encode and store the images, then mark the job succeeded: never succeeded without its images."""
-        request = job.request
-        parameters = GenerationParameters(
-            **request.model_dump(exclude={"seed", "scheduler"}), seed=job.seed, scheduler=scheduler
-        )
+        job.scheduler_used = scheduler
+        pngs = self.model_service.encode(job.model_id, job.parameters, images)
+        store = self.settings.save_images or not job.synchronous
+        stored = []
+        for index, png in enumerate(pngs):
+            seed = job.seed + index
+            key = image_name(seed) if store else None
+            stored.append(StoredImage(seed, key, len(png), hashlib.sha256(png).hexdigest(), png))
         try:
-            save = self.settings.save_images or not job.synchronous
-            pngs = self.model_service.encode_and_save(job.model_id, parameters, images, save=save)
-        except OSError as error:
-            self._fail([job], f"could not store the images in {self.settings.output_dir} (SD_OUTPUT_DIR): {error}", 500)
+            for image in stored:
+                if image.key:
+                    self.storage.put(image.key, image.png)
+        except StorageError as error:
+            self._fail([job], str(error), 500)
             return
         with self._condition:
             if job.status is not JobStatus.running:
                 return  # cancelled or timed out while encoding
-            job.images, job.parameters, job.generation_seconds = pngs, parameters, seconds
-            job.step = job.total_steps
+            job.images, job.generation_seconds, job.step = stored, seconds, job.total_steps
             if not job.synchronous:
-                job.take_pngs()  # stored on disk; nobody waits for the bytes
+                job.take_pngs()  # stored; nobody waits for the bytes
             self._end(job, JobStatus.succeeded)

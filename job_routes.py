@@ -1,16 +1,32 @@
 """Routes of the asynchronous API: jobs, their event streams, and stored images."""
 
+import asyncio
+import base64
+import binascii
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from dependencies import JobDep, QueueDep
 from job_queue import JobQueue
-from jobs import Job
-from schemas import GenerateRequest, JobCreated, JobImage, JobLinks, JobList, JobProgress, JobRequest, JobResponse, JobResult
+from jobs import Job, JobQuery
+from schemas import (
+    GenerateRequest,
+    JobCreated,
+    JobImage,
+    JobLinks,
+    JobList,
+    JobProgress,
+    JobRequest,
+    JobResponse,
+    JobResult,
+    JobStatus,
+)
+from storage import ImageStorage, LocalStorage
 
 jobs_router = APIRouter(prefix="/jobs", tags=["jobs"])
 images_router = APIRouter(tags=["images"])
@@ -26,15 +42,15 @@ def job_links(job: Job) -> JobLinks:
     return JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events", cancel=f"/jobs/{job.id}/cancel")
 
 
-def job_result(job: Job) -> JobResult | None:
-    """A succeeded job's result, with image URLs instead of base64; None before that."""
+def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
+    """A succeeded job's result, with image URLs (presigned with S3) instead of base64; None before that."""
     if job.parameters is None or not job.images:
         return None
     images = [
         JobImage(
-            url=f"/images/{image.path.name}" if image.path else None,
+            url=storage.url(image.key) if image.key else None,
             seed=image.seed,
-            image_path=str(image.path) if image.path else None,
+            image_path=str(path) if image.key and (path := storage.local_path(image.key)) else None,
         )
         for image in job.images
     ]
@@ -50,20 +66,20 @@ def job_result(job: Job) -> JobResult | None:
     )
 
 
-def job_response(job: Job, position: int | None) -> JobResponse:
+def job_response(job: Job, queue: JobQueue) -> JobResponse:
     """The job as the API shows it."""
     return JobResponse(
         job_id=job.id,
         status=job.status,
         user_id=job.request.user_id,
         model_id=job.model_id,
-        position=position,
+        position=queue.position(job),
         progress=JobProgress(step=job.step, total=job.total_steps),
         batch_size=job.batch_size,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        result=job_result(job),
+        result=job_result(job, queue.storage),
         error=job.error,
         links=job_links(job),
     )
@@ -84,22 +100,51 @@ async def create_job(
     return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
 
 
-@jobs_router.get("")
+@jobs_router.get("", responses={422: {"description": "A filter or the cursor is invalid."}})
 async def list_jobs(
     queue: QueueDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    offset: Annotated[int, Query(ge=0, description="Prefer cursor: it is stable while jobs are added.")] = 0,
     user_id: Annotated[str | None, Query(description="Only this user's jobs.")] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601; inclusive.")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601; exclusive.")] = None,
 ) -> JobList:
-    """Recent jobs, newest first."""
-    jobs, total = queue.store.page(limit, offset, user_id)
-    return JobList(jobs=[job_response(job, queue.position(job)) for job in jobs], total=total, limit=limit, offset=offset)
+    """Jobs newest first, filtered; follow `next_cursor` for the next page."""
+    query = JobQuery(user_id, status, created_after, created_before, limit, offset, decode_cursor(cursor))
+    jobs, total, next_cursor = queue.store.page(query)
+    return JobList(
+        jobs=[job_response(job, queue) for job in jobs],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_cursor=encode_cursor(next_cursor),
+    )
+
+
+def encode_cursor(position: tuple[datetime, str] | None) -> str | None:
+    """An opaque cursor for the page after the job at ``position`` (its creation time and id)."""
+    if position is None:
+        return None
+    return base64.urlsafe_b64encode(f"{position[0].isoformat()}|{position[1]}".encode()).decode()
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """The position a cursor stands for; 422 when it is not one of ours."""
+    if cursor is None:
+        return None
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, binascii.Error) as error:
+        raise HTTPException(422, f"invalid cursor: pass next_cursor from the previous page ({error})") from error
 
 
 @jobs_router.get("/{job_id}", responses={404: ERRORS[404]})
 async def get_job(job: JobDep, queue: QueueDep) -> JobResponse:
     """The job's status, progress, position while queued, and result or error."""
-    return job_response(job, queue.position(job))
+    return job_response(job, queue)
 
 
 @jobs_router.get(
@@ -119,14 +164,14 @@ async def event_stream(job: Job, queue: JobQueue) -> AsyncIterator[str]:
     events = queue.subscribe(job)
     try:
         current = job.status.value if job.status.is_terminal else ("started" if job.started_at else "queued")
-        yield sse(current, job_response(job, queue.position(job)).model_dump(mode="json"))
+        yield sse(current, job_response(job, queue).model_dump(mode="json"))
         sent = {current}
         while not job.status.is_terminal or job.status.value not in sent:
             name, data = await events.get()
             if name in sent and name != "progress":
                 continue  # already told in the first event
             sent.add(name)
-            yield sse(name, data if name == "progress" else job_response(job, queue.position(job)).model_dump(mode="json"))
+            yield sse(name, data if name == "progress" else job_response(job, queue).model_dump(mode="json"))
     finally:
         queue.unsubscribe(job, events)
 
@@ -140,28 +185,30 @@ def sse(event: str, data: dict) -> str:
 async def cancel_job(job: JobDep, queue: QueueDep) -> JobResponse:
     """Cancel: a queued job leaves the queue now; a running one stops at its next step. 409 once ended."""
     queue.cancel(job)
-    return job_response(job, queue.position(job))
+    return job_response(job, queue)
 
 
 @jobs_router.delete("/{job_id}", status_code=204, responses={404: ERRORS[404]})
 async def delete_job(job: JobDep, queue: QueueDep) -> Response:
     """Cancel the job if it is still active, then delete it and its images."""
-    if not job.status.is_terminal:
-        queue.cancel(job)
-    queue.store.delete(job.id)
-    for path in job.image_paths():
-        path.unlink(missing_ok=True)
+    await asyncio.to_thread(queue.delete, job)
     return Response(status_code=204)
 
 
 @images_router.get(
     "/images/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "The stored PNG."}, 404: {"description": "No such image."}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The stored PNG (local storage)."},
+        307: {"description": "Redirect to a presigned URL (S3 storage)."},
+        404: {"description": "No such image."},
+    },
 )
-async def get_image(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], queue: QueueDep) -> FileResponse:
-    """A stored image, by the name in a job's result."""
-    path = queue.settings.output_dir / name
-    if not path.is_file():
+async def get_image(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], queue: QueueDep) -> Response:
+    """A stored image, by the name in a job's result: the file, or a redirect to its presigned URL."""
+    storage = queue.storage
+    if not await asyncio.to_thread(storage.exists, name):
         raise HTTPException(404, f"no image '{name}'")
-    return FileResponse(path, media_type="image/png")
+    if isinstance(storage, LocalStorage):
+        return FileResponse(storage.local_path(name), media_type="image/png")
+    return RedirectResponse(storage.url(name), status_code=307)

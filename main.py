@@ -15,8 +15,10 @@ from fastapi.responses import JSONResponse
 from config import Settings
 from dependencies import QueueDep, ServiceDep
 from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, QueueFullError
-from job_routes import images_router, job_response, jobs_router
-from jobs import InMemoryJobStore, Job
+from job_routes import images_router, job_response, job_result, jobs_router
+from database import create_database_engine, migrate
+from job_store import SqlJobStore
+from jobs import Job
 from model_service import ModelService, UnknownUserError
 from schemas import (
     CacheClearResponse,
@@ -30,9 +32,10 @@ from schemas import (
     QueueStats,
     RootResponse,
 )
+from storage import create_storage
 from webhooks import WebhookSender
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 logger = logging.getLogger(__name__)
 
 ERRORS = {
@@ -74,14 +77,11 @@ async def run_job(request: GenerateRequest, queue: JobQueue, http_request: Reque
 async def generate(request: GenerateRequest, queue: QueueDep, http_request: Request) -> GenerateResponse:
     """Generate images with the user's model; they come back as base64 PNGs with their seeds."""
     job = await run_job(request, queue, http_request)
+    result = job_result(job, queue.storage)
     pngs = job.take_pngs()
     images = [
-        GeneratedImage(
-            image_base64=base64.b64encode(png).decode("ascii"),
-            seed=image.seed,
-            image_path=str(image.path) if image.path else None,
-        )
-        for png, image in zip(pngs, job.images)
+        GeneratedImage(image_base64=base64.b64encode(png).decode("ascii"), seed=image.seed, image_path=image.image_path)
+        for png, image in zip(pngs, result.images)
     ]
     return GenerateResponse(
         image_base64=images[0].image_base64,
@@ -91,7 +91,7 @@ async def generate(request: GenerateRequest, queue: QueueDep, http_request: Requ
         user_id=request.user_id,
         generation_time=round(job.generation_seconds or 0.0, 3),
         image_path=images[0].image_path,
-        parameters=job.parameters,
+        parameters=result.parameters,
     )
 
 
@@ -200,12 +200,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         service = ModelService(settings)
-        queue = JobQueue(settings, service, InMemoryJobStore(settings.job_ttl_s))
+        await asyncio.to_thread(migrate, settings.effective_database_url)
+        engine = create_database_engine(settings.effective_database_url)
+        queue = JobQueue(settings, service, SqlJobStore(engine), create_storage(settings))
         webhooks = WebhookSender(settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s)
 
         def send_webhook(job: Job) -> None:
             if job.webhook_url:
-                webhooks.send(job.webhook_url, job_response(job, None).model_dump(mode="json"))
+                webhooks.send(job.webhook_url, job_response(job, queue).model_dump(mode="json"))
 
         queue.on_terminal(send_webhook)
         queue.start()
@@ -215,6 +217,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await queue.stop()
         await webhooks.close()
         await asyncio.to_thread(service.unload)
+        engine.dispose()
 
     app = FastAPI(
         title="Personalized Stable Diffusion API",

@@ -26,7 +26,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from config import Settings
-from images import a1111_parameters, encode_png, save_png
+from images import a1111_parameters, encode_png
 from schemas import GenerationParameters, SchedulerName
 
 logger = logging.getLogger(__name__)
@@ -74,15 +74,6 @@ class LoadedModel:
     pipeline: StableDiffusionPipeline
     scheduler_class: type[SchedulerMixin]
     scheduler_config: dict
-
-
-@dataclass
-class GeneratedPng:
-    """One encoded image and where it was saved."""
-
-    png: bytes
-    seed: int
-    path: Path | None
 
 
 @dataclass(frozen=True)
@@ -267,28 +258,23 @@ class ModelService:
         if slicing == "on" or (slicing == "auto" and self.device == "mps"):
             pipeline.enable_attention_slicing()
 
-    def encode_and_save(
-        self, model_id: str, parameters: GenerationParameters, images: list[Image.Image], save: bool
-    ) -> list[GeneratedPng]:
-        """PNG-encode each image with its A1111 parameters; save it under SD_OUTPUT_DIR when ``save``."""
-        results = []
+    def encode(self, model_id: str, parameters: GenerationParameters, images: list[Image.Image]) -> list[bytes]:
+        """PNG-encode each image with its A1111 ``parameters`` text chunk (image i has seed + i)."""
+        pngs = []
         for index, image in enumerate(images):
-            seed = parameters.seed + index
             text = a1111_parameters(
                 parameters.prompt,
                 parameters.negative_prompt,
                 parameters.num_inference_steps,
                 sampler_label(parameters.scheduler),
                 parameters.guidance_scale,
-                seed,
+                parameters.seed + index,
                 parameters.width,
                 parameters.height,
                 model_id,
             )
-            png = encode_png(image, text)
-            path = save_png(png, self.settings.output_dir, seed) if save else None
-            results.append(GeneratedPng(png=png, seed=seed, path=path))
-        return results
+            pngs.append(encode_png(image, text))
+        return pngs
 
     def free_memory(self) -> None:
         """Collect garbage, and return cached blocks to the driver on CUDA."""

@@ -240,6 +240,7 @@ class JobList(BaseModel):
     """A page of jobs, newest first."""
 
     jobs: list[JobResponse]
-    total: int
+    total: int = Field(..., description="Jobs that match the filters, on every page.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(..., description="Pass as cursor for the next page; null on the last.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -34,8 +35,29 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+POSTGRES_URL = os.environ.get("SD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def empty_postgres_database() -> str:
+    """The test PostgreSQL database, emptied; skips the test when no server answers."""
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_URL)
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+    except sqlalchemy.exc.OperationalError as error:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set SD_TEST_POSTGRES_URL): {error.orig}")
+    return POSTGRES_URL
+
+
 @pytest.fixture
-def settings(models_dir: Path, tmp_path: Path) -> Settings:
+def database_url(tmp_path: Path) -> str:
+    """SQLite in the test's folder; modules that test persistence override this with both databases."""
+    return f"sqlite:///{tmp_path / 'data' / 'sd-api.db'}"
+
+
+@pytest.fixture
+def settings(models_dir: Path, tmp_path: Path, database_url: str) -> Settings:
     """Settings for one test: `default` and `alice` on demo, `bob` on demo2, output in a fresh folder."""
     return Settings(
         _env_file=None,
@@ -43,6 +65,8 @@ def settings(models_dir: Path, tmp_path: Path) -> Settings:
         user_models={"alice": "demo", "bob": "demo2"},
         models_dir=models_dir,
         output_dir=tmp_path / "output",
+        data_dir=tmp_path / "data",
+        database_url=database_url,
         cors_origins=["http://localhost:3000"],
     )
 
@@ -104,3 +128,11 @@ def free_port() -> int:
 def pixels(image_base64: str) -> np.ndarray:
     """The RGB pixels of a base64 PNG, as signed integers (so differences do not wrap)."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_base64))).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_databases(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that uses this runs twice: on SQLite, and on PostgreSQL when a server is reachable."""
+    if request.param == "postgresql":
+        return empty_postgres_database()
+    return f"sqlite:///{tmp_path / 'data' / 'sd-api.db'}"

@@ -5,7 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from images import a1111_parameters, encode_png, save_png
+from images import a1111_parameters, encode_png, image_name
+from storage import LocalStorage
 
 
 def test_parameters_text_follows_a1111_and_omits_an_empty_negative_prompt():
@@ -21,10 +22,16 @@ def test_encoded_png_carries_the_parameters_chunk():
 
 
 def test_concurrent_saves_of_the_same_seed_never_overwrite_each_other(tmp_path):
+    storage = LocalStorage(tmp_path / "output")
     payloads = [f"image {index}".encode() for index in range(32)]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        paths = list(pool.map(lambda payload: save_png(payload, tmp_path / "output", seed=42), payloads))
+    def save(payload: bytes) -> str:
+        key = image_name(seed=42)
+        storage.put(key, payload)
+        return key
 
-    assert len(set(paths)) == 32
-    assert sorted(path.read_bytes() for path in paths) == sorted(payloads)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = list(pool.map(save, payloads))
+
+    assert len(set(keys)) == 32
+    assert sorted(storage.local_path(key).read_bytes() for key in keys) == sorted(payloads)
