@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto: float16 on CUDA, float32 elsewhere."
     )
+    preload_default_model: bool = Field(
+        True, description="Load the default model at start-up; /health/ready answers 503 until it has loaded."
+    )
     max_loaded_models: int = Field(2, ge=1, description="Pipelines kept in memory (least recently used goes first).")
     output_dir: Path = Field(Path("output"), description="Where generated PNGs are saved.")
     save_images: bool = True
@@ -66,6 +69,20 @@ class Settings(BaseSettings):
         None, gt=0, description="Delete finished jobs and their images older than this; unset: keep forever."
     )
     retention_interval_s: float = Field(3600, gt=0, description="How often the retention task runs.")
+    auth: Literal["auto", "required", "off"] = Field(
+        "auto", description="auto: keys are required as soon as one exists or SD_ADMIN_KEY is set; off: open."
+    )
+    admin_key: str | None = Field(None, description="An admin API key, stored (hashed) at start-up.")
+    rate_limit: str | None = Field("120/minute", description="Requests per API key, in `limits` notation; unset: none.")
+    max_active_jobs_per_user: int = Field(16, ge=1, description="Queued + running jobs one user may have.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Largest request body accepted (413 past it).")
+    max_pixel_steps: int = Field(
+        1024 * 1024 * 50 * 2, ge=1, description="Cap on width x height x steps x images of one job (422 past it)."
+    )
+    webhook_allow_private: bool = Field(False, description="Allow webhooks to private, loopback, link-local hosts.")
+    metrics_require_admin: bool = Field(False, description="Require an admin key for GET /metrics.")
+    log_format: Literal["text", "json"] = "text"
+    shutdown_timeout_s: float = Field(60, gt=0, description="How long shutdown waits for the running batch.")
     host: str = "0.0.0.0"
     port: int = 8000
 

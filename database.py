@@ -45,6 +45,7 @@ class JobRow(Base):
     generation_seconds: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     error_status: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128), doc="X-Request-ID of the request that submitted it")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -66,6 +67,19 @@ class ImageRow(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     job: Mapped[JobRow] = relationship(back_populates="images")
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, when created."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), doc="the first characters, to tell keys apart")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def create_database_engine(url: str) -> Engine:

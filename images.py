@@ -1,7 +1,7 @@
 """PNG encoding with A1111-style generation parameters, and unique image names."""
 
 import io
-import uuid
+import secrets
 from datetime import datetime, timezone
 
 from PIL import Image
@@ -40,6 +40,6 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
 
 
 def image_name(seed: int) -> str:
-    """A new unique file name for an image: time, seed, and 128 random bits."""
+    """A new unique, unguessable file name for an image: time, seed, and 128 random bits."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}_{seed}_{uuid.uuid4().hex}.png"
+    return f"{stamp}_{seed}_{secrets.token_hex(16)}.png"

@@ -12,13 +12,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Protocol
 
 from PIL import Image
 
-from config import Settings
+from config import DEFAULT_USER, Settings
 from images import image_name
 from jobs import Job, JobStore, StoredImage, utc_now
 from model_service import BatchItem, BatchKey, DeviceOutOfMemoryError, ModelLoadError, ModelService
+from quotas import QuotaExceededError
 from schemas import MAX_SEED, GenerateRequest, JobStatus
 from storage import ImageStorage, StorageError
 
@@ -36,6 +38,18 @@ class QueueFullError(RuntimeError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class JobTooLargeError(ValueError):
+    """width x height x steps x images is past SD_MAX_PIXEL_STEPS: answered with 422."""
+
+
+class QueueObserver(Protocol):
+    """Told about batches and finished jobs (the Prometheus metrics)."""
+
+    def batch_ran(self, images: int, seconds: float, steps: int) -> None: ...
+
+    def job_finished(self, status: str) -> None: ...
 
 
 class JobFinishedError(RuntimeError):
@@ -81,6 +95,9 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="sd-device", daemon=True)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sd-encode")
         self._retention: asyncio.Task | None = None
+        self.observer: QueueObserver | None = None
+        self.ready = False
+        self.not_ready_reason = "the default model is loading"
 
     # --- event loop side -------------------------------------------------------------------------
 
@@ -93,13 +110,18 @@ class JobQueue:
             self._retention = asyncio.create_task(self._apply_retention_periodically())
 
     async def stop(self) -> None:
-        """Let the running batch finish and its images be stored; queued jobs stay queued in the database."""
+        """Let the running batch finish (up to SD_SHUTDOWN_TIMEOUT_S) and its images be stored; queued jobs stay
+        queued in the database, and a batch cut off by the timeout runs again after the restart."""
         with self._condition:
             self._stopping = True
+            self.ready, self.not_ready_reason = False, "shutting down"
             self._condition.notify_all()
         if self._retention:
             self._retention.cancel()
-        await asyncio.to_thread(self._worker.join)
+        await asyncio.to_thread(self._worker.join, self.settings.shutdown_timeout_s)
+        if self._worker.is_alive():
+            logger.warning("the running batch did not finish within SD_SHUTDOWN_TIMEOUT_S; it runs again after restart")
+            return
         await asyncio.to_thread(self._encoder.shutdown, wait=True)
 
     def _recover(self) -> None:
@@ -122,7 +144,12 @@ class JobQueue:
         self._terminal_listeners.append(listener)
 
     def submit(
-        self, request: GenerateRequest, synchronous: bool, webhook_url: str | None = None, idempotency_key: str | None = None
+        self,
+        request: GenerateRequest,
+        synchronous: bool,
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[Job, bool]:
         """Queue a job for ``request``; returns it and whether it is new (False: an idempotent repeat).
 
@@ -130,6 +157,12 @@ class JobQueue:
         an asynchronous one always stores them (its result links to them) and keeps no copy in memory.
         """
         model_id = self.model_service.model_for_user(request.user_id)
+        work = request.width * request.height * request.num_inference_steps * request.num_images
+        if work > self.settings.max_pixel_steps:
+            raise JobTooLargeError(
+                f"width x height x num_inference_steps x num_images = {work} is over {self.settings.max_pixel_steps} "
+                "(SD_MAX_PIXEL_STEPS); ask for fewer pixels, steps or images"
+            )
         fingerprint = hashlib.sha256(f"{request.model_dump_json()}|{webhook_url}".encode()).hexdigest()
         scoped_key = f"{request.user_id}:{idempotency_key}" if idempotency_key else None
         if scoped_key and (existing := self.store.find_by_idempotency_key(scoped_key)):
@@ -137,8 +170,15 @@ class JobQueue:
                 raise IdempotencyConflictError(f"Idempotency-Key '{idempotency_key}' was used for another request body")
             return existing, False
         seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
-        job = Job(request, model_id, seed, synchronous, webhook_url, scoped_key, fingerprint)
+        job = Job(request, model_id, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id)
         with self._condition:
+            active = sum(1 for other in self._queue + self._running if other.request.user_id == request.user_id)
+            if active >= self.settings.max_active_jobs_per_user:
+                raise QuotaExceededError(
+                    f"user '{request.user_id}' has {active} jobs queued or running (SD_MAX_ACTIVE_JOBS_PER_USER); "
+                    "wait for one to finish",
+                    self._retry_after_s(),
+                )
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({self.settings.max_queue} jobs, SD_MAX_QUEUE); retry later", self._retry_after_s()
@@ -244,12 +284,20 @@ class JobQueue:
         if job in self._running:
             self._running.remove(job)
         self.store.save(job)
+        if self.observer:
+            self.observer.job_finished(status.value)
         self._emit(job, status.value)
 
     # --- device worker thread ----------------------------------------------------------------------
 
     def _work(self) -> None:
-        """The device worker: take a batch, run it, repeat until stopped."""
+        """The device worker: load the default model (readiness), then take a batch, run it, repeat until stopped."""
+        if self.settings.preload_default_model:
+            try:
+                self.model_service.preload(self.model_service.model_for_user(DEFAULT_USER))
+                self.ready = True
+            except Exception as error:  # the service stays up, not ready; jobs report the error themselves
+                self.not_ready_reason = str(error)
         while (batch := self._next_batch()) is not None:
             self._run(batch, key=batch_key(batch[0]))
 
@@ -341,6 +389,10 @@ class JobQueue:
             return
         seconds = time.monotonic() - started
         self._record_batch(batch, seconds)
+        if key.model_id == self.settings.model_for_user(DEFAULT_USER):
+            self.ready = True
+        if self.observer:
+            self.observer.batch_ran(sum(job.request.num_images for job in batch), seconds, batch[0].total_steps)
         for job, job_images in zip(batch, images):
             self._encoder.submit(self._finish, job, job_images, scheduler, seconds)
 

@@ -9,11 +9,13 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
-from dependencies import JobDep, QueueDep
+from dependencies import CurrentUser, JobDep, QueueDep
 from job_queue import JobQueue
 from jobs import Job, JobQuery
+from middleware import request_id_var
 from schemas import (
     GenerateRequest,
     JobCreated,
@@ -27,6 +29,7 @@ from schemas import (
     JobStatus,
 )
 from storage import ImageStorage, LocalStorage
+from webhooks import check_webhook_url
 
 jobs_router = APIRouter(prefix="/jobs", tags=["jobs"])
 images_router = APIRouter(tags=["images"])
@@ -85,17 +88,29 @@ def job_response(job: Job, queue: JobQueue) -> JobResponse:
     )
 
 
-@jobs_router.post("", status_code=202, responses={404: {"description": "The user has no model."}, 409: ERRORS[409], 429: {"description": "The queue is full; see Retry-After."}})
+@jobs_router.post(
+    "",
+    status_code=202,
+    responses={
+        404: {"description": "The user has no model."},
+        409: ERRORS[409],
+        429: {"description": "The queue is full, or a rate limit or job cap was reached; see Retry-After."},
+    },
+)
 async def create_job(
     body: JobRequest,
     queue: QueueDep,
+    principal: CurrentUser,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same job.")] = None,
 ) -> JobCreated:
     """Queue a generation and answer at once; follow it at `links.self` or `links.events`."""
-    request = GenerateRequest.model_validate(body.model_dump(exclude={"webhook_url"}))
+    fields = body.model_dump(exclude={"webhook_url"}, exclude_unset=True)
+    request = principal.resolve_user(GenerateRequest.model_validate(fields))
     webhook_url = str(body.webhook_url) if body.webhook_url else None
-    job, _ = queue.submit(request, synchronous=False, webhook_url=webhook_url, idempotency_key=idempotency_key)
+    if webhook_url:
+        await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)
+    job, _ = queue.submit(request, False, webhook_url, idempotency_key, request_id_var.get())
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
 
@@ -103,6 +118,7 @@ async def create_job(
 @jobs_router.get("", responses={422: {"description": "A filter or the cursor is invalid."}})
 async def list_jobs(
     queue: QueueDep,
+    principal: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
     offset: Annotated[int, Query(ge=0, description="Prefer cursor: it is stable while jobs are added.")] = 0,
@@ -111,7 +127,9 @@ async def list_jobs(
     created_after: Annotated[datetime | None, Query(description="ISO 8601; inclusive.")] = None,
     created_before: Annotated[datetime | None, Query(description="ISO 8601; exclusive.")] = None,
 ) -> JobList:
-    """Jobs newest first, filtered; follow `next_cursor` for the next page."""
+    """Jobs newest first, filtered; follow `next_cursor` for the next page. A user key sees its own jobs only."""
+    if not principal.is_admin:
+        user_id = principal.user_id
     query = JobQuery(user_id, status, created_after, created_before, limit, offset, decode_cursor(cursor))
     jobs, total, next_cursor = queue.store.page(query)
     return JobList(
@@ -138,7 +156,8 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         return datetime.fromisoformat(created), job_id
     except (ValueError, binascii.Error) as error:
-        raise HTTPException(422, f"invalid cursor: pass next_cursor from the previous page ({error})") from error
+        message = f"invalid cursor: pass next_cursor from the previous page ({error})"
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "msg": message, "input": cursor}]) from error
 
 
 @jobs_router.get("/{job_id}", responses={404: ERRORS[404]})
@@ -204,10 +223,13 @@ async def delete_job(job: JobDep, queue: QueueDep) -> Response:
         404: {"description": "No such image."},
     },
 )
-async def get_image(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], queue: QueueDep) -> Response:
-    """A stored image, by the name in a job's result: the file, or a redirect to its presigned URL."""
+async def get_image(
+    name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], queue: QueueDep, principal: CurrentUser
+) -> Response:
+    """A stored image of the caller's, by the name in a job's result: the file, or a redirect to its presigned URL."""
     storage = queue.storage
-    if not await asyncio.to_thread(storage.exists, name):
+    owner = await asyncio.to_thread(queue.store.owner_of_image, name)
+    if owner is None or not principal.can_access(owner) or not await asyncio.to_thread(storage.exists, name):
         raise HTTPException(404, f"no image '{name}'")
     if isinstance(storage, LocalStorage):
         return FileResponse(storage.local_path(name), media_type="image/png")

@@ -1,21 +1,14 @@
 """The job store on SQLAlchemy: every job in the database, the live object of active jobs in memory."""
 
 import threading
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import Engine, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from database import ImageRow, JobRow
-from jobs import Job, JobQuery, StoredImage
+from jobs import Job, JobQuery, StoredImage, as_utc
 from schemas import GenerateRequest, JobStatus
-
-
-def as_utc(moment: datetime | None) -> datetime | None:
-    """``moment`` as an aware UTC datetime (SQLite hands back naive ones)."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def to_row(job: Job, row: JobRow) -> JobRow:
@@ -28,6 +21,7 @@ def to_row(job: Job, row: JobRow) -> JobRow:
     row.scheduler = request.scheduler.value if request.scheduler else None
     row.scheduler_used, row.seed, row.synchronous = job.scheduler_used, job.seed, job.synchronous
     row.webhook_url, row.idempotency_key, row.fingerprint = job.webhook_url, job.idempotency_key, job.fingerprint
+    row.request_id = job.request_id
     row.step, row.total_steps, row.batch_size, row.attempts = job.step, job.total_steps, job.batch_size, job.attempts
     row.generation_seconds, row.error, row.error_status = job.generation_seconds, job.error, job.error_status
     row.created_at, row.started_at, row.finished_at = job.created_at, job.started_at, job.finished_at
@@ -61,6 +55,7 @@ def to_job(row: JobRow) -> Job:
         row.webhook_url,
         row.idempotency_key,
         row.fingerprint,
+        request_id=row.request_id,
         id=row.id,
         status=JobStatus(row.status),
         created_at=as_utc(row.created_at),
@@ -153,6 +148,12 @@ class SqlJobStore:
             jobs = [self._live.get(row.id) or to_job(row) for row in rows[: query.limit]]
         next_cursor = (jobs[-1].created_at, jobs[-1].id) if len(rows) > query.limit else None
         return jobs, total, next_cursor
+
+    def owner_of_image(self, key: str) -> str | None:
+        """The user whose job made the image stored under ``key``, or None."""
+        with Session(self.engine) as session:
+            statement = select(JobRow.user_id).join(ImageRow, ImageRow.job_id == JobRow.id).where(ImageRow.storage_key == key)
+            return session.scalar(statement)
 
     def unfinished(self) -> list[Job]:
         """Jobs that were queued or running when the service last stopped, oldest first."""

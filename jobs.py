@@ -14,6 +14,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime | None) -> datetime | None:
+    """``moment`` as an aware UTC datetime (SQLite hands back naive ones)."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 @dataclass
 class StoredImage:
     """One image of a job: its seed, storage key (None: not stored), size and checksum; ``png`` while held."""
@@ -36,6 +43,7 @@ class Job:
     webhook_url: str | None = None
     idempotency_key: str | None = None
     fingerprint: str = ""
+    request_id: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.queued
     created_at: datetime = field(default_factory=utc_now)
@@ -99,6 +107,8 @@ class JobStore(Protocol):
     def find_by_idempotency_key(self, key: str) -> Job | None: ...
 
     def page(self, query: JobQuery) -> tuple[list[Job], int, tuple[datetime, str] | None]: ...
+
+    def owner_of_image(self, key: str) -> str | None: ...
 
     def unfinished(self) -> list[Job]: ...
 

@@ -12,14 +12,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from auth import Authenticator, ForbiddenError, KeyStore
 from config import Settings
-from dependencies import QueueDep, ServiceDep
-from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, QueueFullError
-from job_routes import images_router, job_response, job_result, jobs_router
 from database import create_database_engine, migrate
+from dependencies import AdminUser, CurrentUser, QueueDep, ServiceDep, current_principal
+from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, JobTooLargeError, QueueFullError
+from job_routes import images_router, job_response, job_result, jobs_router
 from job_store import SqlJobStore
 from jobs import Job
+from key_routes import keys_router
+from metrics import Metrics
+from middleware import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    configure_logging,
+    request_id_var,
+)
 from model_service import ModelService, UnknownUserError
+from quotas import QuotaExceededError, RateLimiter
 from schemas import (
     CacheClearResponse,
     ErrorResponse,
@@ -33,17 +43,26 @@ from schemas import (
     RootResponse,
 )
 from storage import create_storage
-from webhooks import WebhookSender
+from webhooks import UnsafeWebhookError, WebhookSender
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 logger = logging.getLogger(__name__)
 
-ERRORS = {
+GENERATION_ERRORS = {
     404: {"model": ErrorResponse, "description": "The user has no model."},
-    429: {"model": ErrorResponse, "description": "The queue is full; retry after Retry-After seconds."},
+    403: {"model": ErrorResponse, "description": "The key acts as another user."},
     500: {"model": ErrorResponse, "description": "The pipeline failed; the detail says how."},
     503: {"model": ErrorResponse, "description": "The model could not be loaded, or the device ran out of memory."},
     504: {"model": ErrorResponse, "description": "The job did not finish within SD_JOB_TIMEOUT_S."},
+}
+
+
+COMMON_ERRORS = {
+    401: {"model": ErrorResponse, "description": "No API key, or an invalid one (when keys are required)."},
+    413: {"model": ErrorResponse, "description": "The request body is over SD_MAX_BODY_BYTES."},
+    429: {"model": ErrorResponse, "description": "Rate limit, job cap or full queue; retry after Retry-After."},
+    500: {"model": ErrorResponse, "description": "An unexpected error; the detail names it."},
+    503: {"model": ErrorResponse, "description": "Shutting down, or the model cannot be loaded."},
 }
 
 
@@ -58,7 +77,7 @@ service_router = APIRouter(tags=["service"])
 
 async def run_job(request: GenerateRequest, queue: JobQueue, http_request: Request) -> Job:
     """Queue ``request`` as a job and wait for it; a client that disconnects cancels it."""
-    job, _ = queue.submit(request, synchronous=True)
+    job, _ = queue.submit(request, synchronous=True, request_id=request_id_var.get())
     while not job.finished.is_set():
         with suppress(TimeoutError):
             await asyncio.wait_for(job.finished.wait(), timeout=0.25)
@@ -73,9 +92,12 @@ async def run_job(request: GenerateRequest, queue: JobQueue, http_request: Reque
     return job
 
 
-@generation_router.post("/generate", responses=ERRORS)
-async def generate(request: GenerateRequest, queue: QueueDep, http_request: Request) -> GenerateResponse:
+@generation_router.post("/generate", responses=GENERATION_ERRORS)
+async def generate(
+    request: GenerateRequest, queue: QueueDep, principal: CurrentUser, http_request: Request
+) -> GenerateResponse:
     """Generate images with the user's model; they come back as base64 PNGs with their seeds."""
+    request = principal.resolve_user(request)
     job = await run_job(request, queue, http_request)
     result = job_result(job, queue.storage)
     pngs = job.take_pngs()
@@ -98,21 +120,23 @@ async def generate(request: GenerateRequest, queue: QueueDep, http_request: Requ
 @generation_router.post(
     "/generate/image",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The PNG, seed and model in headers."}, **ERRORS},
+    responses={200: {"content": {"image/png": {}}, "description": "The PNG, seed and model in headers."}, **GENERATION_ERRORS},
 )
-async def generate_image(request: GenerateRequest, queue: QueueDep, http_request: Request) -> Response:
+async def generate_image(
+    request: GenerateRequest, queue: QueueDep, principal: CurrentUser, http_request: Request
+) -> Response:
     """Generate one image and answer with the PNG itself (headers X-Seed, X-Model-Id, X-Generation-Time)."""
     if request.num_images != 1:
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", "num_images"), "msg": "must be 1 for /generate/image; use /generate for more", "input": request.num_images}]
         )
-    job = await run_job(request, queue, http_request)
+    job = await run_job(principal.resolve_user(request), queue, http_request)
     headers = {"X-Seed": str(job.seed), "X-Model-Id": job.model_id, "X-Generation-Time": f"{job.generation_seconds:.3f}"}
     return Response(content=job.take_pngs()[0], media_type="image/png", headers=headers)
 
 
 @models_router.get("/models")
-async def list_models(service: ServiceDep) -> ModelsResponse:
+async def list_models(service: ServiceDep, admin: AdminUser) -> ModelsResponse:
     """Which model serves which user, and which models are in memory now."""
     settings = service.settings
     return ModelsResponse(
@@ -126,6 +150,7 @@ async def list_models(service: ServiceDep) -> ModelsResponse:
 @models_router.delete("/cache")
 async def clear_cache(
     service: ServiceDep,
+    admin: AdminUser,
     model_id: Annotated[str | None, Query(description="Unload only this model; left out, every model.")] = None,
 ) -> CacheClearResponse:
     """Unload cached pipelines and free their memory; a later request loads them again."""
@@ -145,6 +170,30 @@ async def health(service: ServiceDep, queue: QueueDep) -> HealthResponse:
     )
 
 
+@service_router.get("/health/ready", responses={503: {"model": ErrorResponse, "description": "Not ready: why."}})
+async def ready(queue: QueueDep, request: Request) -> dict[str, str]:
+    """Readiness: 200 once the default model has loaded, 503 before that and while shutting down."""
+    if not queue.ready or getattr(request.app.state, "shutting_down", False):
+        raise HTTPException(503, f"not ready: {queue.not_ready_reason}")
+    return {"status": "ready"}
+
+
+@service_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (SD_METRICS_REQUIRE_ADMIN=true puts them behind an admin key)."""
+    if request.app.state.settings.metrics_require_admin:
+        principal = current_principal(request, None, request.headers.get("x-api-key") or bearer_token(request))
+        if not principal.is_admin:
+            raise HTTPException(403, "this route needs an admin key (SD_METRICS_REQUIRE_ADMIN)")
+    return Response(request.app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+def bearer_token(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer` header."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
 @service_router.get("/")
 async def root() -> RootResponse:
     """Service name, version, and links to the docs and endpoints."""
@@ -160,6 +209,9 @@ async def root() -> RootResponse:
             "clear_cache": "DELETE /cache",
             "jobs": "POST /jobs, GET /jobs, GET /jobs/{job_id}, GET /jobs/{job_id}/events, POST /jobs/{job_id}/cancel, DELETE /jobs/{job_id}",
             "images": "GET /images/{name}",
+            "keys": "POST /keys, GET /keys, DELETE /keys/{key_id}",
+            "ready": "GET /health/ready",
+            "metrics": "GET /metrics",
             "openapi": "GET /openapi.json",
         },
     )
@@ -175,8 +227,18 @@ def error_handler(status_code: int):
     return handle
 
 
-async def queue_full(request: Request, error: QueueFullError) -> JSONResponse:
-    """429 with Retry-After: the queue is full."""
+def invalid_field(location: tuple[str, ...]):
+    """An exception handler that answers 422 in FastAPI's validation-error shape, at ``location``."""
+
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        detail = [{"type": "value_error", "loc": list(location), "msg": str(error), "input": None}]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    return handle
+
+
+async def too_many_requests(request: Request, error: QueueFullError | QuotaExceededError) -> JSONResponse:
+    """429 with Retry-After: the queue is full, or a rate limit or job cap was reached."""
     return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after_s)})
 
 
@@ -198,22 +260,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings.log_format)
         service = ModelService(settings)
         await asyncio.to_thread(migrate, settings.effective_database_url)
         engine = create_database_engine(settings.effective_database_url)
         queue = JobQueue(settings, service, SqlJobStore(engine), create_storage(settings))
-        webhooks = WebhookSender(settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s)
+        webhooks = WebhookSender(
+            settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s, settings.webhook_allow_private
+        )
 
         def send_webhook(job: Job) -> None:
             if job.webhook_url:
                 webhooks.send(job.webhook_url, job_response(job, queue).model_dump(mode="json"))
 
+        app.state.metrics = queue.observer = Metrics()
+        app.state.metrics.watch(queue, service)
+        app.state.authenticator = await asyncio.to_thread(Authenticator, settings, KeyStore(engine))
+        app.state.rate_limiter = RateLimiter(settings.rate_limit)
+        app.state.settings, app.state.shutting_down = settings, False
         queue.on_terminal(send_webhook)
         queue.start()
         app.state.model_service, app.state.job_queue = service, queue
         logger.info("serving on %s (%s); default model %s", service.device, service.dtype, settings.default_model)
+        if not app.state.authenticator.required:
+            logger.warning("no API key is required (SD_AUTH=%s, no keys): anyone who reaches this port can use it", settings.auth)
         yield
+        app.state.shutting_down = True
         await queue.stop()
         await webhooks.close()
         await asyncio.to_thread(service.unload)
@@ -222,23 +294,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Personalized Stable Diffusion API",
         version=VERSION,
+        responses=COMMON_ERRORS,
         description="Per-user Stable Diffusion 1.5 (DreamBooth) image generation.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
+        allow_credentials="*" not in settings.cors_origins,  # never a wildcard origin with credentials
         allow_methods=["*"],
         allow_headers=["*"],
-        expose_headers=["X-Seed", "X-Model-Id", "X-Generation-Time"],
+        expose_headers=["X-Seed", "X-Model-Id", "X-Generation-Time", "X-Request-ID", "Retry-After"],
     )
+    app.add_middleware(RequestContextMiddleware)
     app.add_exception_handler(UnknownUserError, error_handler(404))
     app.add_exception_handler(JobFinishedError, error_handler(409))
     app.add_exception_handler(IdempotencyConflictError, error_handler(409))
-    app.add_exception_handler(QueueFullError, queue_full)
+    app.add_exception_handler(QueueFullError, too_many_requests)
+    app.add_exception_handler(QuotaExceededError, too_many_requests)
+    app.add_exception_handler(ForbiddenError, error_handler(403))
+    app.add_exception_handler(JobTooLargeError, invalid_field(("body",)))
+    app.add_exception_handler(UnsafeWebhookError, invalid_field(("body", "webhook_url")))
     app.add_exception_handler(ClientDisconnectedError, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)
-    for router in (generation_router, jobs_router, images_router, models_router, service_router):
+    for router in (generation_router, jobs_router, images_router, models_router, keys_router, service_router):
         app.include_router(router)
     return app
 

@@ -76,6 +76,16 @@ class LoadedModel:
     scheduler_config: dict
 
 
+@dataclass
+class CacheStats:
+    """What the model cache has done since start."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: float = 0.0
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What jobs must share to run in one pipeline call."""
@@ -139,6 +149,7 @@ class ModelService:
         self.dtype = choose_dtype(settings.dtype, self.device)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._models_lock = threading.Lock()
+        self.cache_stats = CacheStats()
 
     def loaded_models(self) -> list[str]:
         """Ids of the models in memory, least recently used first."""
@@ -186,6 +197,10 @@ class ModelService:
         images = iter(output.images)
         return [[next(images) for _ in range(item.num_images)] for item in items], scheduler
 
+    def preload(self, model_id: str) -> None:
+        """Load ``model_id`` into the cache now (raises ModelLoadError when it cannot load)."""
+        self._pipeline(model_id)
+
     def unload(self, model_id: str | None = None) -> list[str]:
         """Drop one cached pipeline (or all) and free their memory; returns the ids dropped."""
         with self._models_lock:
@@ -211,9 +226,12 @@ class ModelService:
         with self._models_lock:
             if model_id in self._models:
                 self._models.move_to_end(model_id)
+                self.cache_stats.hits += 1
                 return self._models[model_id]
+            self.cache_stats.misses += 1
             room = self.settings.max_loaded_models - 1
             evicted = [self._models.popitem(last=False)[0] for _ in range(len(self._models) - room)]
+            self.cache_stats.evictions += len(evicted)
         if evicted:
             logger.info("evicted %s to load %s (SD_MAX_LOADED_MODELS=%d)", evicted, model_id, room + 1)
             self.free_memory()
@@ -234,7 +252,9 @@ class ModelService:
         pipeline = pipeline.to(self.device)
         pipeline.set_progress_bar_config(disable=True)
         self._configure_attention(pipeline)
-        logger.info("loaded model %s from %s in %.2fs", model_id, source, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.cache_stats.load_seconds += seconds
+        logger.info("loaded model %s from %s in %.2fs", model_id, source, seconds)
         return LoadedModel(pipeline, type(pipeline.scheduler), dict(pipeline.scheduler.config))
 
     def _load_error_message(self, model_id: str, source: str, error: Exception) -> str:

@@ -1,11 +1,13 @@
 """Smoke client for a running server: calls every endpoint and writes the images to ``test_output/``.
 
-Usage: ``python test_api.py --url http://localhost:8000 [--steps 30 --size 512 --out test_output]``.
+Usage: ``python test_api.py --url http://localhost:8000 [--steps 30 --size 512 --out test_output --api-key KEY]``
+(an admin key, or SD_API_KEY, when the server requires keys).
 Exits non-zero on the first endpoint that answers wrongly.
 """
 
 import argparse
 import base64
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,11 +23,12 @@ def check(response: httpx.Response, status: int = 200) -> httpx.Response:
     return response
 
 
-def run(url: str, out: Path, steps: int, size: int) -> None:
+def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None:
     """Call each endpoint once and save the PNGs it returns under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     request = {"prompt": "a portrait photo of sks person", "num_inference_steps": steps, "width": size, "height": size}
-    with httpx.Client(base_url=url, timeout=600) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=600, headers=headers) as client:
         check(client.get("/"))
         health = check(client.get("/health")).json()
         print(f"  device={health['device']} dtype={health['dtype']} version={health['version']}")
@@ -74,8 +77,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("test_output"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--api-key", default=os.environ.get("SD_API_KEY"), help="an admin key, when keys are required")
     arguments = parser.parse_args()
-    run(arguments.url, arguments.out, arguments.steps, arguments.size)
+    run(arguments.url, arguments.out, arguments.steps, arguments.size, arguments.api_key)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def settings(models_dir: Path, tmp_path: Path, database_url: str) -> Settings:
         data_dir=tmp_path / "data",
         database_url=database_url,
         cors_origins=["http://localhost:3000"],
+        preload_default_model=False,  # tests count loads; readiness has its own tests
+        rate_limit=None,  # tests poll fast; the rate limit has its own tests
+        max_active_jobs_per_user=64,  # one test queues 20 jobs; the cap has its own test
+        webhook_allow_private=True,  # local webhook receivers; SSRF refusals have their own tests
     )
 
 
@@ -79,19 +83,32 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def live_server(settings: Settings) -> Iterator[str]:
-    """The app served by a real uvicorn on a free port in this process; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+def live_server_factory() -> Iterator[Callable[[Settings], str]]:
+    """Starts the app with given settings under a real uvicorn on a free port in this process; returns its URL."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(settings: Settings) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(settings: Settings, live_server_factory: Callable[[Settings], str]) -> str:
+    """The app served by a real uvicorn on a free port in this process; its base URL."""
+    return live_server_factory(settings)
 
 
 @pytest.fixture

@@ -1,0 +1,73 @@
+"""Prometheus metrics: HTTP traffic, the queue and its jobs, batches, steps, images, the model cache, memory."""
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from job_queue import JobQueue
+from model_service import ModelService
+
+
+class Metrics:
+    """The service's series, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sd_http_requests", "HTTP requests by route and status.", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "sd_http_request_duration_seconds", "HTTP request latency.", ["method", "route"], registry=self.registry
+        )
+        self.jobs_finished = Counter("sd_jobs_finished", "Jobs that ended, by final state.", ["status"], registry=self.registry)
+        self.batch_size = Histogram(
+            "sd_batch_size_images", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=self.registry
+        )
+        self.step_seconds = Histogram(
+            "sd_step_seconds", "Seconds per denoising step of a batch.", buckets=(0.01, 0.03, 0.1, 0.3, 1, 3), registry=self.registry
+        )
+        self.images = Counter("sd_images_generated", "Images generated.", registry=self.registry)
+
+    def watch(self, queue: JobQueue, service: ModelService) -> None:
+        """Read the queue, the model cache and device memory at every scrape."""
+        self.registry.register(_StateCollector(queue, service))
+
+    def batch_ran(self, images: int, seconds: float, steps: int) -> None:
+        """Observe one finished pipeline call."""
+        self.batch_size.observe(images)
+        self.step_seconds.observe(seconds / max(steps, 1))
+        self.images.inc(images)
+
+    def job_finished(self, status: str) -> None:
+        """Count a job that ended."""
+        self.jobs_finished.labels(status).inc()
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """Gauges read when scraped: queue depth, active jobs by state, model cache figures, device memory."""
+
+    def __init__(self, queue: JobQueue, service: ModelService) -> None:
+        self.queue, self.service = queue, service
+
+    def collect(self):
+        stats = self.queue.stats()
+        yield GaugeMetricFamily("sd_queue_depth", "Jobs waiting in the queue.", value=stats["queued"])
+        active = GaugeMetricFamily("sd_jobs_active", "Jobs not yet ended, by state.", labels=["state"])
+        active.add_metric(["queued"], stats["queued"])
+        active.add_metric(["running"], stats["running"])
+        yield active
+        cache = self.service.cache_stats
+        for name, value, help_text in (
+            ("sd_model_cache_hits", cache.hits, "Requests whose model was in memory."),
+            ("sd_model_cache_misses", cache.misses, "Requests that loaded their model."),
+            ("sd_model_cache_evictions", cache.evictions, "Models evicted to make room."),
+            ("sd_model_load_seconds_sum", cache.load_seconds, "Seconds spent loading models."),
+            ("sd_models_loaded", len(self.service.loaded_models()), "Models in memory now."),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        memory = torch.cuda.memory_allocated() if self.service.device == "cuda" else 0
+        yield GaugeMetricFamily("sd_device_memory_allocated_bytes", "Device memory in use (0 on CPU).", value=memory)

@@ -1,0 +1,125 @@
+"""ASGI middleware: request ids, HTTP metrics, refusing work while shutting down, and the body size cap."""
+
+import contextvars
+import json
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+ALWAYS_OPEN = {"/health", "/health/ready", "/metrics"}
+
+
+async def send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with a JSON body, outside FastAPI's routing."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestContextMiddleware:
+    """Accepts or creates X-Request-ID (returned, and in every log line); counts and times requests; 503 while stopping."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            state = scope["app"].state
+            if getattr(state, "shutting_down", False) and scope["path"] not in ALWAYS_OPEN:
+                await send_json(send_with_id, 503, {"detail": "the server is shutting down; retry on another instance"})
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            metrics = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+                metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """413 for request bodies over ``max_bytes``: by Content-Length, and by counting a body sent without it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await send_json(send, 413, {"detail": self._message()})
+        received, refused = 0, False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes and not refused:
+                refused = True
+                await send_json(send, 413, {"detail": self._message()})
+            return {"type": "http.disconnect"} if refused else message
+
+        async def send_unless_refused(message: Message) -> None:
+            if not refused:  # the app's own answer to the cut-off body goes nowhere
+                await send(message)
+
+        await self.app(scope, counting_receive, send_unless_refused)
+
+    def _message(self) -> str:
+        return f"request body over {self.max_bytes} bytes (SD_MAX_BODY_BYTES)"
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (SD_LOG_FORMAT=json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(log_format: str) -> None:
+    """Log to stderr in text or JSON, every line with its request id (replaces the handler this set before)."""
+    handler = logging.StreamHandler()
+    handler.set_name("sd-api")
+    handler.addFilter(RequestIdFilter())
+    text = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(text))
+    root = logging.getLogger()
+    root.handlers = [existing for existing in root.handlers if existing.get_name() != "sd-api"] + [handler]
+    root.setLevel(logging.INFO)
