@@ -165,13 +165,13 @@ class JobQueue:
             )
         fingerprint = hashlib.sha256(f"{request.model_dump_json()}|{webhook_url}".encode()).hexdigest()
         scoped_key = f"{request.user_id}:{idempotency_key}" if idempotency_key else None
-        if scoped_key and (existing := self.store.find_by_idempotency_key(scoped_key)):
-            if existing.fingerprint != fingerprint:
-                raise IdempotencyConflictError(f"Idempotency-Key '{idempotency_key}' was used for another request body")
-            return existing, False
         seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
         job = Job(request, model_id, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id)
-        with self._condition:
+        with self._condition:  # held from the idempotency lookup to the insert: a retry racing its original finds it
+            if scoped_key and (existing := self.store.find_by_idempotency_key(scoped_key)):
+                if existing.fingerprint != fingerprint:
+                    raise IdempotencyConflictError(f"Idempotency-Key '{idempotency_key}' was used for another request body")
+                return existing, False
             active = sum(1 for other in self._queue + self._running if other.request.user_id == request.user_id)
             if active >= self.settings.max_active_jobs_per_user:
                 raise QuotaExceededError(

@@ -110,7 +110,7 @@ async def create_job(
     webhook_url = str(body.webhook_url) if body.webhook_url else None
     if webhook_url:
         await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)
-    job, _ = queue.submit(request, False, webhook_url, idempotency_key, request_id_var.get())
+    job, _ = await asyncio.to_thread(queue.submit, request, False, webhook_url, idempotency_key, request_id_var.get())
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
 
@@ -131,7 +131,7 @@ async def list_jobs(
     if not principal.is_admin:
         user_id = principal.user_id
     query = JobQuery(user_id, status, created_after, created_before, limit, offset, decode_cursor(cursor))
-    jobs, total, next_cursor = queue.store.page(query)
+    jobs, total, next_cursor = await asyncio.to_thread(queue.store.page, query)
     return JobList(
         jobs=[job_response(job, queue) for job in jobs],
         total=total,
@@ -203,7 +203,7 @@ def sse(event: str, data: dict) -> str:
 @jobs_router.post("/{job_id}/cancel", responses=ERRORS)
 async def cancel_job(job: JobDep, queue: QueueDep) -> JobResponse:
     """Cancel: a queued job leaves the queue now; a running one stops at its next step. 409 once ended."""
-    queue.cancel(job)
+    await asyncio.to_thread(queue.cancel, job)
     return job_response(job, queue)
 
 

@@ -77,13 +77,14 @@ service_router = APIRouter(tags=["service"])
 
 async def run_job(request: GenerateRequest, queue: JobQueue, http_request: Request) -> Job:
     """Queue ``request`` as a job and wait for it; a client that disconnects cancels it."""
-    job, _ = queue.submit(request, synchronous=True, request_id=request_id_var.get())
+    # The database write runs off the event loop (asyncio.to_thread copies the request-id context along).
+    job, _ = await asyncio.to_thread(queue.submit, request, synchronous=True, request_id=request_id_var.get())
     while not job.finished.is_set():
         with suppress(TimeoutError):
             await asyncio.wait_for(job.finished.wait(), timeout=0.25)
         if not job.finished.is_set() and await http_request.is_disconnected():
             with suppress(JobFinishedError):
-                queue.cancel(job)
+                await asyncio.to_thread(queue.cancel, job)
             raise ClientDisconnectedError(job.id)
     if job.status is JobStatus.failed:
         raise HTTPException(job.error_status or 500, job.error)

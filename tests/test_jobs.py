@@ -406,3 +406,20 @@ def test_client_that_disconnects_cancels_its_sync_job(live_server, small_request
         time.sleep(0.1)
     assert job["status"] == "cancelled" and job["progress"]["step"] < 60
 
+
+
+def test_concurrent_retries_with_one_idempotency_key_make_one_job(live_server, small_request):
+    headers = {"Idempotency-Key": "racing-retry"}
+    responses: list[httpx.Response] = []
+
+    def post() -> None:
+        responses.append(httpx.post(f"{live_server}/jobs", json=small_request(), headers=headers, timeout=30))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert [response.status_code for response in responses] == [202] * 6
+    assert len({response.json()["job_id"] for response in responses}) == 1
