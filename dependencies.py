@@ -47,6 +47,15 @@ def require_admin(principal: CurrentUser) -> Principal:
 AdminUser = Annotated[Principal, Depends(require_admin)]
 
 
+def metrics_access(request: Request) -> None:
+    """Open, unless SD_METRICS_REQUIRE_ADMIN: then an admin key. Reads the headers itself, so that the schema
+    shows /metrics as open, which is its default."""
+    if request.app.state.settings.metrics_require_admin:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme.lower() == "bearer" else None
+        require_admin(current_principal(request, bearer, request.headers.get("x-api-key")))
+
+
 def get_model_service(request: Request) -> ModelService:
     """The one ModelService, created in the lifespan."""
     return request.app.state.model_service

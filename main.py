@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from auth import Authenticator, ForbiddenError, KeyStore
 from config import Settings
 from database import create_database_engine, migrate
-from dependencies import AdminUser, CurrentUser, QueueDep, ServiceDep, current_principal
+from dependencies import AdminUser, CurrentUser, QueueDep, ServiceDep, metrics_access
 from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, JobTooLargeError, QueueFullError
 from job_routes import images_router, job_response, job_result, jobs_router
 from job_store import SqlJobStore
@@ -179,20 +179,15 @@ async def ready(queue: QueueDep, request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@service_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@service_router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_access)],
+    responses={200: {"content": {"text/plain": {}}}, 403: {"model": ErrorResponse, "description": "Not an admin key."}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (SD_METRICS_REQUIRE_ADMIN=true puts them behind an admin key)."""
-    if request.app.state.settings.metrics_require_admin:
-        principal = current_principal(request, None, request.headers.get("x-api-key") or bearer_token(request))
-        if not principal.is_admin:
-            raise HTTPException(403, "this route needs an admin key (SD_METRICS_REQUIRE_ADMIN)")
     return Response(request.app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
-
-
-def bearer_token(request: Request) -> str | None:
-    """The key of an `Authorization: Bearer` header."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token if scheme.lower() == "bearer" and token else None
 
 
 @service_router.get("/")
