@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from dependencies import CurrentUser, JobDep, QueueDep
 from job_queue import JobQueue
-from jobs import Job, JobQuery
+from jobs import Job, JobQuery, StoredImage
 from middleware import request_id_var
 from schemas import (
     GenerateRequest,
@@ -45,16 +45,19 @@ def job_links(job: Job) -> JobLinks:
     return JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events", cancel=f"/jobs/{job.id}/cancel")
 
 
+def image_path(image: StoredImage, storage: ImageStorage) -> str | None:
+    """Where the image lies on the server: None when it was not stored, or is stored remotely."""
+    path = storage.local_path(image.key) if image.key else None
+    return str(path) if path else None
+
+
 def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
     """A succeeded job's result, with image URLs (presigned with S3) instead of base64; None before that."""
-    if job.parameters is None or not job.images:
+    parameters = job.parameters
+    if parameters is None or not job.images:
         return None
     images = [
-        JobImage(
-            url=storage.url(image.key) if image.key else None,
-            seed=image.seed,
-            image_path=str(path) if image.key and (path := storage.local_path(image.key)) else None,
-        )
+        JobImage(url=storage.url(image.key) if image.key else None, seed=image.seed, image_path=image_path(image, storage))
         for image in job.images
     ]
     return JobResult(
@@ -65,7 +68,7 @@ def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
         user_id=job.request.user_id,
         generation_time=round(job.generation_seconds or 0.0, 3),
         image_path=images[0].image_path,
-        parameters=job.parameters,
+        parameters=parameters,
     )
 
 

@@ -11,20 +11,23 @@ from jobs import Job, JobQuery, StoredImage, as_utc
 from schemas import GenerateRequest, JobStatus
 
 
+# Columns that hold a request field, and columns that hold a job field, under the same name.
+REQUEST_COLUMNS = ("prompt", "negative_prompt", "user_id", "num_inference_steps", "guidance_scale", "width", "height", "num_images")
+JOB_COLUMNS = (
+    "id", "model_id", "seed", "synchronous", "webhook_url", "idempotency_key", "fingerprint", "request_id", "step",
+    "total_steps", "batch_size", "attempts", "scheduler_used", "generation_seconds", "error", "error_status",
+    "created_at", "started_at", "finished_at",
+)  # fmt: skip
+
+
 def to_row(job: Job, row: JobRow) -> JobRow:
     """Copy the job's fields onto ``row``."""
-    request = job.request
-    row.id, row.user_id, row.model_id, row.status = job.id, request.user_id, job.model_id, job.status.value
-    row.prompt, row.negative_prompt = request.prompt, request.negative_prompt
-    row.num_inference_steps, row.guidance_scale = request.num_inference_steps, request.guidance_scale
-    row.width, row.height, row.num_images = request.width, request.height, request.num_images
-    row.scheduler = request.scheduler.value if request.scheduler else None
-    row.scheduler_used, row.seed, row.synchronous = job.scheduler_used, job.seed, job.synchronous
-    row.webhook_url, row.idempotency_key, row.fingerprint = job.webhook_url, job.idempotency_key, job.fingerprint
-    row.request_id = job.request_id
-    row.step, row.total_steps, row.batch_size, row.attempts = job.step, job.total_steps, job.batch_size, job.attempts
-    row.generation_seconds, row.error, row.error_status = job.generation_seconds, job.error, job.error_status
-    row.created_at, row.started_at, row.finished_at = job.created_at, job.started_at, job.finished_at
+    for name in REQUEST_COLUMNS:
+        setattr(row, name, getattr(job.request, name))
+    for name in JOB_COLUMNS:
+        setattr(row, name, getattr(job, name))
+    row.status = job.status.value
+    row.scheduler = job.request.scheduler.value if job.request.scheduler else None
     if len(row.images) != len(job.images):
         row.images = [
             ImageRow(position=index, seed=image.seed, storage_key=image.key, size_bytes=image.size_bytes, sha256=image.sha256)
@@ -35,42 +38,12 @@ def to_row(job: Job, row: JobRow) -> JobRow:
 
 def to_job(row: JobRow) -> Job:
     """A Job from its row (the live fields, cancel flag and PNG bytes, start empty)."""
-    request = GenerateRequest(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt,
-        user_id=row.user_id,
-        num_inference_steps=row.num_inference_steps,
-        guidance_scale=row.guidance_scale,
-        width=row.width,
-        height=row.height,
-        seed=row.seed,
-        num_images=row.num_images,
-        scheduler=row.scheduler,
-    )
-    job = Job(
-        request,
-        row.model_id,
-        row.seed,
-        row.synchronous,
-        row.webhook_url,
-        row.idempotency_key,
-        row.fingerprint,
-        request_id=row.request_id,
-        id=row.id,
-        status=JobStatus(row.status),
-        created_at=as_utc(row.created_at),
-        started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at),
-        step=row.step,
-        total_steps=row.total_steps,
-        batch_size=row.batch_size,
-        attempts=row.attempts,
-        scheduler_used=row.scheduler_used,
-        generation_seconds=row.generation_seconds,
-        error=row.error,
-        error_status=row.error_status,
-        images=[StoredImage(image.seed, image.storage_key, image.size_bytes, image.sha256) for image in row.images],
-    )
+    request = GenerateRequest(**{name: getattr(row, name) for name in REQUEST_COLUMNS}, seed=row.seed, scheduler=row.scheduler)
+    fields = {name: getattr(row, name) for name in JOB_COLUMNS}
+    for name in ("created_at", "started_at", "finished_at"):
+        fields[name] = as_utc(fields[name])
+    images = [StoredImage(image.seed, image.storage_key, image.size_bytes, image.sha256) for image in row.images]
+    job = Job(request=request, status=JobStatus(row.status), images=images, **fields)
     if job.status.is_terminal:
         job.finished.set()
     return job

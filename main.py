@@ -17,7 +17,7 @@ from config import Settings
 from database import create_database_engine, migrate
 from dependencies import AdminUser, CurrentUser, QueueDep, ServiceDep, metrics_access
 from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, JobTooLargeError, QueueFullError
-from job_routes import images_router, job_response, job_result, jobs_router
+from job_routes import image_path, images_router, job_response, jobs_router
 from job_store import SqlJobStore
 from jobs import Job
 from key_routes import keys_router
@@ -100,11 +100,13 @@ async def generate(
     """Generate images with the user's model; they come back as base64 PNGs with their seeds."""
     request = principal.resolve_user(request)
     job = await run_job(request, queue, http_request)
-    result = job_result(job, queue.storage)
-    pngs = job.take_pngs()
     images = [
-        GeneratedImage(image_base64=base64.b64encode(png).decode("ascii"), seed=image.seed, image_path=image.image_path)
-        for png, image in zip(pngs, result.images)
+        GeneratedImage(
+            image_base64=base64.b64encode(png).decode("ascii"),
+            seed=image.seed,
+            image_path=image_path(image, queue.storage),
+        )
+        for png, image in zip(job.take_pngs(), job.images)
     ]
     return GenerateResponse(
         image_base64=images[0].image_base64,
@@ -114,7 +116,7 @@ async def generate(
         user_id=request.user_id,
         generation_time=round(job.generation_seconds or 0.0, 3),
         image_path=images[0].image_path,
-        parameters=result.parameters,
+        parameters=job.parameters,
     )
 
 

@@ -12,10 +12,10 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 ALWAYS_OPEN = {"/health", "/health/ready", "/metrics"}
 
 
-async def send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Send, status: int, body: dict) -> None:
     """Answer with a JSON body, outside FastAPI's routing."""
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": payload})
 
 
