@@ -20,9 +20,10 @@ class Settings(BaseSettings):
         "Zhurah/sd15-dreambooth-photoai",
         description="Model of the `default` user: a Hugging Face hub id, or a folder (absolute, or under SD_MODELS_DIR).",
     )
-    user_models: dict[str, str] = Field(
+    user_models: dict[str, str | dict] = Field(
         default_factory=dict,
-        description='User -> model mapping as JSON, e.g. {"alice": "models/alice-dreambooth"}.',
+        description='User -> model as JSON: a checkpoint id, or an object, e.g. {"alice": "alice-dreambooth", '
+        '"bob": {"kind": "lora", "base": "demo", "source": "loras/bob.safetensors", "scale": 0.8}}.',
     )
     user_models_file: Path | None = Field(
         None, description="A JSON file with more of the user -> model mapping (SD_USER_MODELS wins on conflicts)."
@@ -35,7 +36,14 @@ class Settings(BaseSettings):
     preload_default_model: bool = Field(
         True, description="Load the default model at start-up; /health/ready answers 503 until it has loaded."
     )
-    max_loaded_models: int = Field(2, ge=1, description="Pipelines kept in memory (least recently used goes first).")
+    cache_device_gb: float | None = Field(
+        None, gt=0, description="Weights kept on the device; unset: 60% of GPU memory on CUDA, 25% of RAM elsewhere."
+    )
+    cache_cpu_gb: float | None = Field(
+        None, ge=0, description="Second tier in host RAM for models moved off the device; unset: 25% of RAM, 0 on a CPU device."
+    )
+    max_adapters: int = Field(32, ge=1, description="LoRA adapters kept loaded per base checkpoint (LRU).")
+    max_upload_bytes: int = Field(512 * 1024**2, ge=1024, description="Largest LoRA upload accepted (413 past it).")
     output_dir: Path = Field(Path("output"), description="Where generated PNGs are saved.")
     save_images: bool = True
     cors_origins: list[str] = Field(
@@ -87,24 +95,15 @@ class Settings(BaseSettings):
     port: int = 8000
 
     @cached_property
-    def user_model_map(self) -> dict[str, str]:
-        """The user -> model mapping: the default user, then the JSON file, then ``SD_USER_MODELS``."""
-        mapping = {DEFAULT_USER: self.default_model}
+    def user_model_map(self) -> dict[str, str | dict]:
+        """The configured user -> model mapping: the default user, then the JSON file, then ``SD_USER_MODELS``."""
+        mapping: dict[str, str | dict] = {DEFAULT_USER: self.default_model}
         if self.user_models_file is not None:
             mapping.update(json.loads(self.user_models_file.read_text()))
         mapping.update(self.user_models)
         return mapping
 
-    def model_for_user(self, user_id: str) -> str | None:
-        """The model id that serves ``user_id``, or None when the user has no model."""
-        return self.user_model_map.get(user_id)
-
     @property
     def effective_database_url(self) -> str:
         """SD_DATABASE_URL, or the embedded SQLite file under SD_DATA_DIR."""
         return self.database_url or f"sqlite:///{self.data_dir / 'sd-api.db'}"
-
-    def model_source(self, model_id: str) -> str:
-        """What ``from_pretrained`` gets: a folder under SD_MODELS_DIR when one has that name, else ``model_id``."""
-        local = self.models_dir / model_id
-        return str(local) if local.is_dir() else model_id

@@ -23,6 +23,7 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(64), index=True)
     model_id: Mapped[str] = mapped_column(String(500))
+    model_spec: Mapped[str | None] = mapped_column(Text, doc="the user's model at submission, as JSON (null: a checkpoint)")
     status: Mapped[str] = mapped_column(String(16), index=True)
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str | None] = mapped_column(Text)
@@ -80,6 +81,16 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16), doc="the first characters, to tell keys apart")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UserModelRow(Base):
+    """A user's model as set through the API; it overrides the settings' mapping, and ``removed`` hides a user."""
+
+    __tablename__ = "user_models"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str | None] = mapped_column(Text, doc="the model as JSON; null: removed")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def create_database_engine(url: str) -> Engine:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -38,8 +40,9 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_POSITIONS)
 
 
-def build_demo_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny SD1.5-shaped pipeline, with weights drawn from ``seed`` (same seed, same weights)."""
+def build_demo_pipeline(seed: int = 0, unet_seed: int | None = None) -> StableDiffusionPipeline:
+    """The tiny SD1.5-shaped pipeline, with weights drawn from ``seed`` (same seed, same weights). A ``unet_seed``
+    gives it another UNet and the same VAE and text encoder, like a DreamBooth fine-tune of the ``seed`` model."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -56,6 +59,9 @@ def build_demo_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    vae = build_demo_vae()
+    if unet_seed is not None:
+        torch.manual_seed(unet_seed)
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -67,18 +73,6 @@ def build_demo_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=512,
-        scaling_factor=0.18215,
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -92,11 +86,45 @@ def build_demo_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_demo_model(output_dir: Path = DEMO_MODEL_DIR, seed: int = 0) -> Path:
+def build_demo_vae() -> AutoencoderKL:
+    """The demo model's VAE: SD1.5's layout (scale factor 8, 4 latent channels), tiny."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def save_demo_model(output_dir: Path = DEMO_MODEL_DIR, seed: int = 0, unet_seed: int | None = None) -> Path:
     """Build the demo pipeline and ``save_pretrained`` it to ``output_dir``; returns the folder."""
     output_dir = Path(output_dir)
-    build_demo_pipeline(seed).save_pretrained(output_dir, safe_serialization=True)
+    build_demo_pipeline(seed, unet_seed).save_pretrained(output_dir, safe_serialization=True)
     return output_dir
+
+
+def save_demo_lora(output_file: Path, seed: int, rank: int = 4, unet: UNet2DConditionModel | None = None) -> Path:
+    """A LoRA for the attention projections of ``unet`` (default: the demo UNet), made with peft, weights drawn from
+    ``seed``; saved as a diffusers .safetensors file. Different seeds give different images."""
+    unet = unet or build_demo_pipeline().unet
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    output_file = Path(output_file)
+    StableDiffusionPipeline.save_lora_weights(
+        output_file.parent, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=output_file.name
+    )
+    unet.delete_adapters("default")  # the UNet is as it was: the next LoRA can be made on it
+    return output_file
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from auth import OPEN_ACCESS, Principal
 from job_queue import JobQueue
 from jobs import Job
+from model_registry import ModelRegistry
 from model_service import ModelService
 
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -66,7 +67,13 @@ def get_job_queue(request: Request) -> JobQueue:
     return request.app.state.job_queue
 
 
+def get_registry(request: Request) -> ModelRegistry:
+    """The user -> model registry, created in the lifespan."""
+    return request.app.state.registry
+
+
 ServiceDep = Annotated[ModelService, Depends(get_model_service)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 

@@ -19,9 +19,10 @@ from PIL import Image
 from config import DEFAULT_USER, Settings
 from images import image_name
 from jobs import Job, JobStore, StoredImage, utc_now
+from model_registry import ModelRegistry
 from model_service import BatchItem, BatchKey, DeviceOutOfMemoryError, ModelLoadError, ModelService
 from quotas import QuotaExceededError
-from schemas import MAX_SEED, GenerateRequest, JobStatus
+from schemas import MAX_SEED, GenerateRequest, JobStatus, UserModel
 from storage import ImageStorage, StorageError
 
 logger = logging.getLogger(__name__)
@@ -68,16 +69,20 @@ def batch_key(job: Job) -> BatchKey:
     """What a job must share with others to run in the same pipeline call."""
     request = job.request
     return BatchKey(
-        job.model_id, request.width, request.height, request.num_inference_steps, request.guidance_scale, request.scheduler
+        job.model, request.width, request.height, request.num_inference_steps, request.guidance_scale, request.scheduler
     )
 
 
 class JobQueue:
-    """A bounded FIFO of jobs, served by the one thread that owns the device; events go out on the event loop."""
+    """A bounded FIFO of jobs, served by the one thread that owns the device and by a loader thread that brings the
+    models of queued jobs onto the device meanwhile; events go out on the event loop."""
 
-    def __init__(self, settings: Settings, model_service: ModelService, store: JobStore, storage: ImageStorage) -> None:
+    def __init__(
+        self, settings: Settings, model_service: ModelService, registry: ModelRegistry, store: JobStore, storage: ImageStorage
+    ) -> None:
         self.settings = settings
         self.model_service = model_service
+        self.registry = registry
         self.store = store
         self.storage = storage
         default_batch = CUDA_MAX_BATCH_SIZE if model_service.device == "cuda" else CPU_MAX_BATCH_SIZE
@@ -93,6 +98,7 @@ class JobQueue:
         self._terminal_listeners: list[Callable[[Job], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = threading.Thread(target=self._work, name="sd-device", daemon=True)
+        self._loader = threading.Thread(target=self._load_ahead, name="sd-loader", daemon=True)
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sd-encode")
         self._retention: asyncio.Task | None = None
         self.observer: QueueObserver | None = None
@@ -106,6 +112,7 @@ class JobQueue:
         self._loop = asyncio.get_running_loop()
         self._recover()
         self._worker.start()
+        self._loader.start()
         if self.settings.retention_days:
             self._retention = asyncio.create_task(self._apply_retention_periodically())
 
@@ -156,7 +163,7 @@ class JobQueue:
         A synchronous job keeps its PNGs for the request that waits on it, and stores them if SD_SAVE_IMAGES;
         an asynchronous one always stores them (its result links to them) and keeps no copy in memory.
         """
-        model_id = self.model_service.model_for_user(request.user_id)
+        model = self.registry.get(request.user_id)
         work = request.width * request.height * request.num_inference_steps * request.num_images
         if work > self.settings.max_pixel_steps:
             raise JobTooLargeError(
@@ -166,7 +173,7 @@ class JobQueue:
         fingerprint = hashlib.sha256(f"{request.model_dump_json()}|{webhook_url}".encode()).hexdigest()
         scoped_key = f"{request.user_id}:{idempotency_key}" if idempotency_key else None
         seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
-        job = Job(request, model_id, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id)
+        job = Job(request, model.label, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id, model=model)
         with self._condition:  # held from the idempotency lookup to the insert: a retry racing its original finds it
             if scoped_key and (existing := self.store.find_by_idempotency_key(scoped_key)):
                 if existing.fingerprint != fingerprint:
@@ -284,41 +291,86 @@ class JobQueue:
         if job in self._running:
             self._running.remove(job)
         self.store.save(job)
+        self._condition.notify_all()  # the loader may now have room for the next model
         if self.observer:
             self.observer.job_finished(status.value)
         self._emit(job, status.value)
 
+    # --- loader thread -------------------------------------------------------------------------------
+
+    def _load_ahead(self) -> None:
+        """The loader: load the default model (readiness), then bring the models of queued jobs onto the device in
+        queue order, while the device runs other batches."""
+        if self.settings.preload_default_model:
+            self._preload_default()
+        while (target := self._next_to_load()) is not None:
+            model, keep = target
+            try:
+                loaded = self.model_service.prepare(model, keep)
+            except Exception as error:  # a load failure fails the jobs that need that model, and nothing else
+                self._fail_queued(model, str(error) if isinstance(error, ModelLoadError) else repr(error))
+                continue
+            with self._condition:
+                if loaded:
+                    self._condition.notify_all()
+                else:  # no room until a running or queued-ahead job ends
+                    self._condition.wait(timeout=1.0)
+
+    def _preload_default(self) -> None:
+        """Bring the default user's model onto the device; readiness follows it."""
+        try:
+            if not self.model_service.prepare(self.registry.get(DEFAULT_USER)):
+                raise ModelLoadError("no room on the device for the default model (SD_CACHE_DEVICE_GB)")
+            self.ready = True
+        except Exception as error:  # the service stays up, not ready; jobs report the error themselves
+            self.not_ready_reason = str(error)
+
+    def _next_to_load(self) -> tuple[UserModel, set[str]] | None:
+        """Wait for a queued job whose model is not ready: its model, and the checkpoints that must stay on the device
+        (those of the running batch and of the jobs queued ahead of it). None when stopping."""
+        with self._condition:
+            while not self._stopping:
+                keep = {job.model.base for job in self._running}
+                for job in self._queue:
+                    if self.model_service.needs_loading(job.model):
+                        return job.model, keep
+                    keep.add(job.model.base)
+                self._condition.wait(timeout=1.0)
+        return None
+
+    def _fail_queued(self, model: UserModel, error: str) -> None:
+        """Fail every queued job that needs ``model``, which could not be loaded."""
+        with self._condition:
+            for job in [job for job in self._queue if job.model == model]:
+                self._queue.remove(job)
+                self._end(job, JobStatus.failed, error, 503)
+
     # --- device worker thread ----------------------------------------------------------------------
 
     def _work(self) -> None:
-        """The device worker: load the default model (readiness), then take a batch, run it, repeat until stopped."""
-        if self.settings.preload_default_model:
-            try:
-                self.model_service.preload(self.model_service.model_for_user(DEFAULT_USER))
-                self.ready = True
-            except Exception as error:  # the service stays up, not ready; jobs report the error themselves
-                self.not_ready_reason = str(error)
+        """The device worker: take a batch whose model is ready, run it, repeat until stopped."""
         while (batch := self._next_batch()) is not None:
             self._run(batch, key=batch_key(batch[0]))
 
     def _next_batch(self) -> list[Job] | None:
-        """Wait for a job, then up to SD_BATCH_WAIT_MS for companions; take them off the queue as running."""
+        """Wait for the first queued job whose model is ready, then up to SD_BATCH_WAIT_MS for companions; take
+        them off the queue as running. Jobs whose model is still loading wait without holding up the others."""
         with self._condition:
             while True:
                 self._fail_expired_queued()
                 if self._stopping:
                     return None
-                if not self._queue:
+                first = next((job for job in self._queue if self.model_service.is_ready(job.model)), None)
+                if first is None:
                     self._condition.wait(timeout=1.0)
                     continue
-                first = self._queue[0]
                 wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
                 while self._batchable_images(first) < self.max_batch_size and not self._stopping:
                     remaining = wait_until - time.monotonic()
                     if remaining <= 0:
                         break
                     self._condition.wait(timeout=remaining)
-                if self._queue and self._queue[0] is first:
+                if first in self._queue:
                     break  # else the first job was cancelled while waiting: start over
             batch = self._take_batch(first)
             for job in batch:
@@ -385,11 +437,11 @@ class JobQueue:
                 return
             logger.exception("job %s failed", batch[0].id)
             status = 503 if isinstance(error, DeviceOutOfMemoryError) else 500
-            self._fail(batch, f"generation with model '{key.model_id}' failed: {type(error).__name__}: {error}", status)
+            self._fail(batch, f"generation with model '{key.model.label}' failed: {type(error).__name__}: {error}", status)
             return
         seconds = time.monotonic() - started
         self._record_batch(batch, seconds)
-        if key.model_id == self.settings.model_for_user(DEFAULT_USER):
+        if key.model == self.registry.get(DEFAULT_USER):
             self.ready = True
         if self.observer:
             self.observer.batch_ran(sum(job.request.num_images for job in batch), seconds, batch[0].total_steps)

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from database import ImageRow, JobRow
 from jobs import Job, JobQuery, StoredImage, as_utc
+from model_registry import USER_MODEL
 from schemas import GenerateRequest, JobStatus
 
 
@@ -27,6 +28,7 @@ def to_row(job: Job, row: JobRow) -> JobRow:
     for name in JOB_COLUMNS:
         setattr(row, name, getattr(job, name))
     row.status = job.status.value
+    row.model_spec = USER_MODEL.dump_json(job.model).decode()
     row.scheduler = job.request.scheduler.value if job.request.scheduler else None
     if len(row.images) != len(job.images):
         row.images = [
@@ -43,7 +45,8 @@ def to_job(row: JobRow) -> Job:
     for name in ("created_at", "started_at", "finished_at"):
         fields[name] = as_utc(fields[name])
     images = [StoredImage(image.seed, image.storage_key, image.size_bytes, image.sha256) for image in row.images]
-    job = Job(request=request, status=JobStatus(row.status), images=images, **fields)
+    model = USER_MODEL.validate_json(row.model_spec) if row.model_spec else None
+    job = Job(request=request, status=JobStatus(row.status), images=images, model=model, **fields)
     if job.status.is_terminal:
         job.finished.set()
     return job

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
-from schemas import GenerateRequest, GenerationParameters, JobStatus
+from schemas import CheckpointModel, GenerateRequest, GenerationParameters, JobStatus, UserModel
 
 
 def utc_now() -> datetime:
@@ -60,9 +60,11 @@ class Job:
     error_status: int | None = None
     cancel_requested: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    model: UserModel | None = None  # the user's model at submission; None: the checkpoint ``model_id``
 
     def __post_init__(self) -> None:
         self.total_steps = self.total_steps or self.request.num_inference_steps
+        self.model = self.model or CheckpointModel(source=self.model_id)
 
     @property
     def parameters(self) -> GenerationParameters | None:

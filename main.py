@@ -13,14 +13,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from auth import Authenticator, ForbiddenError, KeyStore
-from config import Settings
+from config import DEFAULT_USER, Settings
 from database import create_database_engine, migrate
-from dependencies import AdminUser, CurrentUser, QueueDep, ServiceDep, metrics_access
+from dependencies import AdminUser, CurrentUser, QueueDep, RegistryDep, ServiceDep, metrics_access
 from job_queue import IdempotencyConflictError, JobFinishedError, JobQueue, JobTooLargeError, QueueFullError
 from job_routes import image_path, images_router, job_response, jobs_router
 from job_store import SqlJobStore
 from jobs import Job
 from key_routes import keys_router
+from lora_uploads import UPLOAD_PATHS
 from metrics import Metrics
 from middleware import (
     BodySizeLimitMiddleware,
@@ -28,10 +29,12 @@ from middleware import (
     configure_logging,
     request_id_var,
 )
-from model_service import ModelService, UnknownUserError
+from model_registry import DefaultUserError, InvalidSourceError, ModelRegistry, UnknownUserError
+from model_service import ModelService
 from quotas import QuotaExceededError, RateLimiter
 from schemas import (
     CacheClearResponse,
+    CacheStats,
     ErrorResponse,
     GeneratedImage,
     GenerateRequest,
@@ -43,9 +46,10 @@ from schemas import (
     RootResponse,
 )
 from storage import create_storage
+from user_routes import users_router
 from webhooks import UnsafeWebhookError, WebhookSender
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 logger = logging.getLogger(__name__)
 
 GENERATION_ERRORS = {
@@ -59,7 +63,7 @@ GENERATION_ERRORS = {
 
 COMMON_ERRORS = {
     401: {"model": ErrorResponse, "description": "No API key, or an invalid one (when keys are required)."},
-    413: {"model": ErrorResponse, "description": "The request body is over SD_MAX_BODY_BYTES."},
+    413: {"model": ErrorResponse, "description": "The request body is over SD_MAX_BODY_BYTES (SD_MAX_UPLOAD_BYTES for LoRA uploads)."},
     429: {"model": ErrorResponse, "description": "Rate limit, job cap or full queue; retry after Retry-After."},
     500: {"model": ErrorResponse, "description": "An unexpected error; the detail names it."},
     503: {"model": ErrorResponse, "description": "Shutting down, or the model cannot be loaded."},
@@ -139,14 +143,13 @@ async def generate_image(
 
 
 @models_router.get("/models")
-async def list_models(service: ServiceDep, admin: AdminUser) -> ModelsResponse:
-    """Which model serves which user, and which models are in memory now."""
-    settings = service.settings
+async def list_models(service: ServiceDep, registry: RegistryDep, admin: AdminUser) -> ModelsResponse:
+    """Which model serves which user, which are in memory now, and the cache per tier."""
     return ModelsResponse(
-        default_model=settings.default_model,
-        user_models=settings.user_model_map,
+        default_model=registry.get(DEFAULT_USER).label,
+        user_models=registry.all(),
         loaded_models=service.loaded_models(),
-        max_loaded_models=settings.max_loaded_models,
+        cache=CacheStats(**service.cache_report()),
     )
 
 
@@ -156,7 +159,7 @@ async def clear_cache(
     admin: AdminUser,
     model_id: Annotated[str | None, Query(description="Unload only this model; left out, every model.")] = None,
 ) -> CacheClearResponse:
-    """Unload cached pipelines and free their memory; a later request loads them again."""
+    """Unload cached checkpoints (and their LoRA adapters) and free their memory; a later request loads them again."""
     return CacheClearResponse(unloaded=await asyncio.to_thread(service.unload, model_id))
 
 
@@ -170,6 +173,7 @@ async def health(service: ServiceDep, queue: QueueDep) -> HealthResponse:
         loaded_models=service.loaded_models(),
         version=VERSION,
         queue=QueueStats(**queue.stats()),
+        cache=CacheStats(**service.cache_report()),
     )
 
 
@@ -208,6 +212,7 @@ async def root() -> RootResponse:
             "jobs": "POST /jobs, GET /jobs, GET /jobs/{job_id}, GET /jobs/{job_id}/events, POST /jobs/{job_id}/cancel, DELETE /jobs/{job_id}",
             "images": "GET /images/{name}",
             "keys": "POST /keys, GET /keys, DELETE /keys/{key_id}",
+            "users": "GET, PUT, DELETE /users/{user_id}/model; POST /users/{user_id}/lora",
             "ready": "GET /health/ready",
             "metrics": "GET /metrics",
             "openapi": "GET /openapi.json",
@@ -226,10 +231,12 @@ def error_handler(status_code: int):
 
 
 def invalid_field(location: tuple[str, ...]):
-    """An exception handler that answers 422 in FastAPI's validation-error shape, at ``location``."""
+    """An exception handler that answers 422 in FastAPI's validation-error shape, at ``location`` (then the
+    error's ``field``, when it names one)."""
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
-        detail = [{"type": "value_error", "loc": list(location), "msg": str(error), "input": None}]
+        field = getattr(error, "field", None)
+        detail = [{"type": "value_error", "loc": [*location, *([field] if field else [])], "msg": str(error), "input": None}]
         return JSONResponse({"detail": detail}, status_code=422)
 
     return handle
@@ -262,7 +269,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = ModelService(settings)
         await asyncio.to_thread(migrate, settings.effective_database_url)
         engine = create_database_engine(settings.effective_database_url)
-        queue = JobQueue(settings, service, SqlJobStore(engine), create_storage(settings))
+        registry = await asyncio.to_thread(ModelRegistry, settings, engine)
+        queue = JobQueue(settings, service, registry, SqlJobStore(engine), create_storage(settings))
         webhooks = WebhookSender(
             settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s, settings.webhook_allow_private
         )
@@ -278,7 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings, app.state.shutting_down = settings, False
         queue.on_terminal(send_webhook)
         queue.start()
-        app.state.model_service, app.state.job_queue = service, queue
+        app.state.model_service, app.state.job_queue, app.state.registry = service, queue, registry
         logger.info("serving on %s (%s); default model %s", service.device, service.dtype, settings.default_model)
         if not app.state.authenticator.required:
             logger.warning("no API key is required (SD_AUTH=%s, no keys): anyone who reaches this port can use it", settings.auth)
@@ -296,7 +304,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Per-user Stable Diffusion 1.5 (DreamBooth) image generation.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        upload_bytes=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -307,6 +320,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     app.add_exception_handler(UnknownUserError, error_handler(404))
+    app.add_exception_handler(DefaultUserError, error_handler(409))
+    app.add_exception_handler(InvalidSourceError, invalid_field(("body",)))
     app.add_exception_handler(JobFinishedError, error_handler(409))
     app.add_exception_handler(IdempotencyConflictError, error_handler(409))
     app.add_exception_handler(QueueFullError, too_many_requests)
@@ -316,7 +331,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(UnsafeWebhookError, invalid_field(("body", "webhook_url")))
     app.add_exception_handler(ClientDisconnectedError, client_disconnected)
     app.add_exception_handler(Exception, unexpected_error)
-    for router in (generation_router, jobs_router, images_router, models_router, keys_router, service_router):
+    for router in (generation_router, jobs_router, images_router, models_router, users_router, keys_router, service_router):
         app.include_router(router)
     return app
 

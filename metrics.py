@@ -60,14 +60,18 @@ class _StateCollector:
         active.add_metric(["queued"], stats["queued"])
         active.add_metric(["running"], stats["running"])
         yield active
-        cache = self.service.cache_stats
-        for name, value, help_text in (
-            ("sd_model_cache_hits", cache.hits, "Requests whose model was in memory."),
-            ("sd_model_cache_misses", cache.misses, "Requests that loaded their model."),
-            ("sd_model_cache_evictions", cache.evictions, "Models evicted to make room."),
-            ("sd_model_load_seconds_sum", cache.load_seconds, "Seconds spent loading models."),
-            ("sd_models_loaded", len(self.service.loaded_models()), "Models in memory now."),
+        report = self.service.cache_report()
+        for name, key, help_text in (
+            ("sd_model_cache_hits", "hits", "Batches whose model was in this tier (adapters: already loaded)."),
+            ("sd_model_cache_misses", "misses", "Models brought into this tier (adapters: loaded)."),
+            ("sd_model_cache_evictions", "evictions", "Models moved out of this tier (adapters: removed)."),
+            ("sd_model_load_seconds_sum", "load_seconds", "Seconds spent bringing models into this tier."),
+            ("sd_model_cache_bytes", "bytes", "Bytes of weights resident in this tier."),
         ):
-            yield GaugeMetricFamily(name, help_text, value=value)
+            family = GaugeMetricFamily(name, help_text, labels=["tier"])
+            for tier in ("device", "cpu", "adapters"):
+                family.add_metric([tier], report[tier][key])
+            yield family
+        yield GaugeMetricFamily("sd_models_loaded", "Checkpoints in memory now.", value=len(self.service.loaded_models()))
         memory = torch.cuda.memory_allocated() if self.service.device == "cuda" else 0
         yield GaugeMetricFamily("sd_device_memory_allocated_bytes", "Device memory in use (0 on CPU).", value=memory)

@@ -3,6 +3,7 @@
 import contextvars
 import json
 import logging
+import re
 import time
 import uuid
 
@@ -56,37 +57,38 @@ class RequestContextMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """413 for request bodies over ``max_bytes``: by Content-Length, and by counting a body sent without it."""
+    """413 for request bodies over their cap: by Content-Length, and by counting a body sent without it. Paths that
+    match ``upload_paths`` (LoRA uploads) get ``upload_bytes`` (SD_MAX_UPLOAD_BYTES), the rest ``max_bytes``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int, upload_paths: re.Pattern[str]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_bytes, self.upload_bytes, self.upload_paths = max_bytes, upload_bytes, upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = bool(self.upload_paths.fullmatch(scope["path"]))
+        limit = self.upload_bytes if upload else self.max_bytes
+        message = f"request body over {limit} bytes ({'SD_MAX_UPLOAD_BYTES' if upload else 'SD_MAX_BODY_BYTES'})"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await send_json(send, 413, {"detail": self._message()})
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_json(send, 413, {"detail": message})
         received, refused = 0, False
 
         async def counting_receive() -> Message:
             nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes and not refused:
+            message_in = await receive()
+            received += len(message_in.get("body", b""))
+            if received > limit and not refused:
                 refused = True
-                await send_json(send, 413, {"detail": self._message()})
-            return {"type": "http.disconnect"} if refused else message
+                await send_json(send, 413, {"detail": message})
+            return {"type": "http.disconnect"} if refused else message_in
 
-        async def send_unless_refused(message: Message) -> None:
+        async def send_unless_refused(message_out: Message) -> None:
             if not refused:  # the app's own answer to the cut-off body goes nowhere
-                await send(message)
+                await send(message_out)
 
         await self.app(scope, counting_receive, send_unless_refused)
-
-    def _message(self) -> str:
-        return f"request body over {self.max_bytes} bytes (SD_MAX_BODY_BYTES)"
 
 
 class RequestIdFilter(logging.Filter):

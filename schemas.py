@@ -2,11 +2,12 @@
 
 from datetime import datetime
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 MAX_SEED = 2**32 - 1
+USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class SchedulerName(str, Enum):
@@ -43,7 +44,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What the image shows.")
     negative_prompt: str | None = Field(None, max_length=2000, description="What the image must not show.")
-    user_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Whose model to use.")
+    user_id: str = Field("default", pattern=USER_ID_PATTERN, description="Whose model to use.")
     num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Classifier-free guidance (CFG) scale.")
     width: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
@@ -97,6 +98,91 @@ class GenerateResponse(BaseModel):
     parameters: GenerationParameters
 
 
+class CheckpointModel(BaseModel):
+    """A full Stable Diffusion checkpoint: a hub id, or a diffusers folder under SD_MODELS_DIR."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["checkpoint"] = "checkpoint"
+    source: str = Field(..., min_length=1, max_length=500, examples=["Zhurah/sd15-dreambooth-photoai"])
+
+    @property
+    def base(self) -> str:
+        """The checkpoint whose pipeline runs this model: itself."""
+        return self.source
+
+    @property
+    def label(self) -> str:
+        """The model id that jobs, PNG metadata and logs show."""
+        return self.source
+
+
+class LoraModel(BaseModel):
+    """A LoRA adapter (a .safetensors file, or a folder with one, under SD_MODELS_DIR) on a base checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["lora"] = "lora"
+    base: str = Field(..., min_length=1, max_length=500, description="The checkpoint it applies to (as a checkpoint source).")
+    source: str = Field(..., min_length=1, max_length=500, examples=["loras/alice.safetensors"])
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="Strength of the adapter.")
+
+    @property
+    def label(self) -> str:
+        """The model id that jobs, PNG metadata and logs show."""
+        return f"{self.base}+{self.source}" + ("" if self.scale == 1.0 else f"@{self.scale:g}")
+
+
+UserModel = Annotated[CheckpointModel | LoraModel, Field(discriminator="kind")]
+USER_MODEL_EXAMPLES = [
+    {"kind": "checkpoint", "source": "Zhurah/sd15-dreambooth-photoai"},
+    {"kind": "lora", "base": "demo", "source": "loras/alice.safetensors", "scale": 0.8},
+]
+
+
+class UserModelResponse(BaseModel):
+    """A user's model, and where it comes from."""
+
+    user_id: str
+    model: UserModel
+    origin: Literal["settings", "api"] = Field(
+        ..., description="settings: SD_DEFAULT_MODEL / SD_USER_MODELS(_FILE); api: set by PUT or POST /users/{user_id}/..."
+    )
+
+
+class TierStats(BaseModel):
+    """One tier of the model cache: what it holds and what it has done since start."""
+
+    models: list[str] = Field(..., description="Checkpoints resident in this tier, least recently used first.")
+    bytes: int = Field(..., description="Bytes of weights resident (shared components counted once).")
+    budget_bytes: int = Field(..., description="SD_CACHE_DEVICE_GB or SD_CACHE_CPU_GB, in bytes.")
+    hits: int
+    misses: int
+    evictions: int
+    load_seconds: float = Field(..., description="Seconds spent bringing models into this tier.")
+
+
+class AdapterStats(BaseModel):
+    """LoRA adapters loaded into resident base pipelines."""
+
+    resident: list[str] = Field(..., description="LoRA sources loaded, least recently used first.")
+    bytes: int
+    max_adapters: int = Field(..., description="SD_MAX_ADAPTERS, per base checkpoint.")
+    hits: int
+    misses: int
+    evictions: int
+    load_seconds: float
+
+
+class CacheStats(BaseModel):
+    """The model cache, per tier, plus components shared between checkpoints."""
+
+    device: TierStats
+    cpu: TierStats
+    adapters: AdapterStats
+    shared_components: int = Field(..., description="Components (VAE, text encoder, ...) that several checkpoints use.")
+
+
 class QueueStats(BaseModel):
     """The job queue now, and the batches it has run."""
 
@@ -114,9 +200,10 @@ class HealthResponse(BaseModel):
     status: str = Field(..., examples=["ok"])
     device: str = Field(..., examples=["cuda"])
     dtype: str = Field(..., examples=["float16"])
-    loaded_models: list[str]
+    loaded_models: list[str] = Field(..., description="Checkpoints in memory (either tier), least recently used first.")
     version: str
     queue: QueueStats
+    cache: CacheStats
 
 
 class CacheClearResponse(BaseModel):
@@ -128,10 +215,10 @@ class CacheClearResponse(BaseModel):
 class ModelsResponse(BaseModel):
     """Which model serves which user, and which are in memory now."""
 
-    default_model: str
-    user_models: dict[str, str] = Field(..., description="user_id -> model id")
+    default_model: str = Field(..., description="The model id of the `default` user.")
+    user_models: dict[str, UserModel] = Field(..., description="user_id -> model")
     loaded_models: list[str]
-    max_loaded_models: int
+    cache: CacheStats
 
 
 class RootResponse(BaseModel):
@@ -252,7 +339,7 @@ class KeyCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "alice", "role": "user"}]})
 
-    user_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The user the key acts as.")
+    user_id: str = Field(..., pattern=USER_ID_PATTERN, description="The user the key acts as.")
     role: Literal["user", "admin"] = Field("user", description="admin: every user, keys, cache and registry.")
 
 

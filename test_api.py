@@ -54,6 +54,13 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         check(client.get("/jobs", params={"limit": 5}))
         check(client.delete(f"/jobs/{job['job_id']}"), status=204)
 
+        default_model = check(client.get("/users/default/model")).json()["model"]
+        check(client.put("/users/smoke-test/model", json=default_model))
+        check(client.post("/generate/image", json={**request, "user_id": "smoke-test", "seed": 7}))
+        check(client.delete("/users/smoke-test/model"), status=204)
+        check(client.post("/generate", json={**request, "user_id": "smoke-test"}), status=404)
+        check(client.put("/users/smoke-test/model", json={"kind": "checkpoint", "source": "../outside"}), status=422)
+
         check(client.post("/generate", json={"prompt": ""}), status=422)
         check(client.post("/generate", json={**request, "user_id": "nobody-has-this-user"}), status=404)
         check(client.delete("/cache"))

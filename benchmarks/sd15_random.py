@@ -25,12 +25,17 @@ def load_config(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 
 
-def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """SD1.5's UNet, VAE, CLIP text encoder and scheduler, weights drawn from ``seed``."""
+def build_sd15_random_pipeline(seed: int = 0, unet_seed: int | None = None) -> StableDiffusionPipeline:
+    """SD1.5's UNet, VAE, CLIP text encoder and scheduler, weights drawn from ``seed``; a ``unet_seed`` gives another
+    UNet with the same VAE and text encoder (a DreamBooth fine-tune of the ``seed`` model, as far as bytes go)."""
     torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(load_config("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**load_config("text_encoder")))
+    if unet_seed is not None:
+        torch.manual_seed(unet_seed)
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(load_config("vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**load_config("text_encoder"))),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=build_tokenizer(),
         unet=UNet2DConditionModel.from_config(load_config("unet")),
         scheduler=PNDMScheduler.from_config(load_config("scheduler")),
@@ -40,9 +45,10 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_sd15_random(output_dir: Path = DEFAULT_DIR) -> Path:
+def save_sd15_random(output_dir: Path = DEFAULT_DIR, seed: int = 0, unet_seed: int | None = None) -> Path:
     """Build the pipeline and save it in float16 to ``output_dir``; returns the folder."""
-    build_sd15_random_pipeline().to(dtype=torch.float16).save_pretrained(output_dir, safe_serialization=True)
+    pipeline = build_sd15_random_pipeline(seed, unet_seed).to(dtype=torch.float16)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
     return Path(output_dir)
 
 

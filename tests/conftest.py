@@ -20,7 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fa
 
 import model_service  # noqa: E402
 from config import Settings  # noqa: E402
-from demo_model import save_demo_model  # noqa: E402
+from demo_model import save_demo_lora, save_demo_model  # noqa: E402
 from main import create_app  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -28,10 +28,15 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with two tiny SD1.5-shaped pipelines: `demo` (seed 0) and `demo2` (seed 1)."""
+    """A models folder with tiny SD1.5-shaped pipelines, `demo`, `demo2`, `demo3` (seeds 0, 1, 3) and `demo-dreambooth`
+    (demo's VAE and text encoder, its own UNet), and two LoRAs for them, `loras/alice` and `loras/bob`."""
     folder = tmp_path_factory.mktemp("models")
     save_demo_model(folder / "demo", seed=0)
     save_demo_model(folder / "demo2", seed=1)
+    save_demo_model(folder / "demo3", seed=3)
+    save_demo_model(folder / "demo-dreambooth", seed=0, unet_seed=5)
+    save_demo_lora(folder / "loras" / "alice.safetensors", seed=1)
+    save_demo_lora(folder / "loras" / "bob.safetensors", seed=2)
     return folder
 
 

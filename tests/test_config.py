@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from config import Settings
+from model_registry import checkpoint_location, parse_model
+from schemas import CheckpointModel, LoraModel
 from model_service import choose_device, choose_dtype, sampler_label, scheduler_name
 from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 
@@ -13,7 +15,7 @@ from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 def test_settings_are_read_from_sd_environment_variables(monkeypatch):
     monkeypatch.setenv("SD_DEFAULT_MODEL", "runwayml/stable-diffusion-v1-5")
     monkeypatch.setenv("SD_USER_MODELS", '{"alice": "alice-dreambooth"}')
-    monkeypatch.setenv("SD_MAX_LOADED_MODELS", "5")
+    monkeypatch.setenv("SD_CACHE_DEVICE_GB", "12.5")
     monkeypatch.setenv("SD_CORS_ORIGINS", '["https://app.example"]')
     monkeypatch.setenv("SD_SAVE_IMAGES", "false")
 
@@ -21,7 +23,7 @@ def test_settings_are_read_from_sd_environment_variables(monkeypatch):
 
     assert settings.default_model == "runwayml/stable-diffusion-v1-5"
     assert settings.user_model_map == {"default": "runwayml/stable-diffusion-v1-5", "alice": "alice-dreambooth"}
-    assert settings.max_loaded_models == 5
+    assert settings.cache_device_gb == 12.5
     assert settings.cors_origins == ["https://app.example"]
     assert settings.save_images is False
 
@@ -40,18 +42,28 @@ def test_user_models_file_is_merged_and_the_environment_wins(tmp_path):
 
     settings = Settings(_env_file=None, user_models_file=mapping_file, user_models={"alice": "from-env"})
 
-    assert settings.model_for_user("alice") == "from-env"
-    assert settings.model_for_user("bob") == "bob-model"
-    assert settings.model_for_user("default") == "Zhurah/sd15-dreambooth-photoai"
-    assert settings.model_for_user("nobody") is None
+    assert settings.user_model_map == {
+        "default": "Zhurah/sd15-dreambooth-photoai",
+        "alice": "from-env",
+        "bob": "bob-model",
+    }
 
 
-def test_model_source_is_a_folder_under_models_dir_when_one_has_that_name(tmp_path):
+def test_user_models_take_the_simple_form_and_the_lora_object_form(monkeypatch):
+    lora = {"kind": "lora", "base": "demo", "source": "loras/bob.safetensors", "scale": 0.8}
+    monkeypatch.setenv("SD_USER_MODELS", json.dumps({"alice": "alice-dreambooth", "bob": lora}))
+
+    mapping = Settings(_env_file=None).user_model_map
+
+    assert parse_model(mapping["alice"]) == CheckpointModel(source="alice-dreambooth")
+    assert parse_model(mapping["bob"]) == LoraModel(base="demo", source="loras/bob.safetensors", scale=0.8)
+
+
+def test_checkpoint_location_is_a_folder_under_models_dir_when_one_has_that_name(tmp_path):
     (tmp_path / "alice-dreambooth").mkdir()
-    settings = Settings(_env_file=None, models_dir=tmp_path)
 
-    assert settings.model_source("alice-dreambooth") == str(tmp_path / "alice-dreambooth")
-    assert settings.model_source("Zhurah/sd15-dreambooth-photoai") == "Zhurah/sd15-dreambooth-photoai"
+    assert checkpoint_location(tmp_path, "alice-dreambooth") == str(tmp_path / "alice-dreambooth")
+    assert checkpoint_location(tmp_path, "Zhurah/sd15-dreambooth-photoai") == "Zhurah/sd15-dreambooth-photoai"
 
 
 def test_invalid_setting_fails_at_start_naming_it(monkeypatch):

@@ -1,4 +1,4 @@
-"""Per-user models: lazy loading, the LRU cache, DELETE /cache, unknown users and load failures."""
+"""Per-user models: lazy loading, DELETE /cache, GET /models, unknown users and load failures."""
 
 import json
 import threading
@@ -42,35 +42,26 @@ def test_delete_cache_with_model_id_unloads_only_that_model(client, small_reques
     assert client.delete("/cache", params={"model_id": "not-loaded"}).json() == {"unloaded": []}
 
 
-def test_least_recently_used_model_is_evicted_past_max_loaded_models(settings, small_request, load_calls):
-    settings.max_loaded_models = 1
-    with TestClient(create_app(settings)) as client:
-        client.post("/generate", json=small_request())
-        client.post("/generate", json=small_request(user_id="bob"))
-        assert client.get("/health").json()["loaded_models"] == ["demo2"]
-        client.post("/generate", json=small_request())
-
-    assert [call.rsplit("/", 1)[1] for call in load_calls] == ["demo", "demo2", "demo"]
-
-
 def test_models_lists_the_user_mapping_and_loaded_models(client, small_request):
     client.post("/generate", json=small_request(user_id="bob"))
 
     body = client.get("/models").json()
 
-    assert body == {
-        "default_model": "demo",
-        "user_models": {"default": "demo", "alice": "demo", "bob": "demo2"},
-        "loaded_models": ["demo2"],
-        "max_loaded_models": 2,
+    assert body["default_model"] == "demo"
+    assert body["user_models"] == {
+        "default": {"kind": "checkpoint", "source": "demo"},
+        "alice": {"kind": "checkpoint", "source": "demo"},
+        "bob": {"kind": "checkpoint", "source": "demo2"},
     }
+    assert body["loaded_models"] == ["demo2"]
+    assert body["cache"]["device"]["models"] == ["demo2"] and body["cache"]["device"]["misses"] == 1
 
 
 def test_user_without_a_model_gets_404_and_no_other_users_model(client, small_request, load_calls):
     response = client.post("/generate", json=small_request(user_id="mallory"))
 
     assert response.status_code == 404
-    assert "mallory" in response.json()["detail"] and "SD_USER_MODELS" in response.json()["detail"]
+    assert "mallory" in response.json()["detail"] and "PUT /users/mallory/model" in response.json()["detail"]
     assert load_calls == []
 
 

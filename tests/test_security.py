@@ -50,35 +50,40 @@ def wait_for_as(client, job_id: str, headers: dict, timeout: float = 60) -> dict
     pytest.fail(f"job {job_id} did not end")
 
 
-def protected_routes(job: dict, key_id: str, small_request) -> list[tuple[str, str, dict | None]]:
-    """Every route that needs a key: (method, path, body), with ids of bob's resources."""
+def protected_routes(client: TestClient, job: dict, key_id: str, small_request) -> list[tuple[str, str, dict]]:
+    """Every route that needs a key: (method, path, request arguments), with ids of bob's resources."""
     image = job["result"]["image_url"]
+    lora = (client.app.state.settings.models_dir / "loras" / "bob.safetensors").read_bytes()
     return [
-        ("POST", "/generate", small_request()),
-        ("POST", "/generate/image", small_request()),
-        ("POST", "/jobs", small_request()),
-        ("GET", "/jobs", None),
-        ("GET", f"/jobs/{job['job_id']}", None),
-        ("GET", f"/jobs/{job['job_id']}/events", None),
-        ("GET", image, None),
-        ("POST", f"/jobs/{job['job_id']}/cancel", None),
-        ("DELETE", f"/jobs/{job['job_id']}", None),
-        ("GET", "/models", None),
-        ("DELETE", "/cache", None),
-        ("POST", "/keys", {"user_id": "carol", "role": "user"}),
-        ("GET", "/keys", None),
-        ("DELETE", f"/keys/{key_id}", None),
+        ("POST", "/generate", {"json": small_request()}),
+        ("POST", "/generate/image", {"json": small_request()}),
+        ("POST", "/jobs", {"json": small_request()}),
+        ("GET", "/jobs", {"json": None}),
+        ("GET", f"/jobs/{job['job_id']}", {"json": None}),
+        ("GET", f"/jobs/{job['job_id']}/events", {"json": None}),
+        ("GET", image, {"json": None}),
+        ("POST", f"/jobs/{job['job_id']}/cancel", {"json": None}),
+        ("DELETE", f"/jobs/{job['job_id']}", {"json": None}),
+        ("GET", "/models", {"json": None}),
+        ("DELETE", "/cache", {"json": None}),
+        ("POST", "/keys", {"json": {"user_id": "carol", "role": "user"}}),
+        ("GET", "/keys", {"json": None}),
+        ("GET", "/users/bob/model", {"json": None}),
+        ("PUT", "/users/bob/model", {"json": {"kind": "checkpoint", "source": "demo2"}}),
+        ("POST", "/users/bob/lora", {"files": {"file": ("bob.safetensors", lora)}, "data": {"base": "demo"}}),
+        ("DELETE", "/users/bob/model", {"json": None}),
+        ("DELETE", f"/keys/{key_id}", {"json": None}),
     ]
 
 
 def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
     client, headers, created = keys
-    routes = protected_routes(bobs_job(client, headers, small_request), created["bob"]["id"], small_request)
+    routes = protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request)
     open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics")}
 
     schema = client.get("/openapi.json").json()
     templates = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
-    covered = {(method, re.sub(r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png", "/{}", path)) for method, path, _ in routes}
+    covered = {(method, re.sub(r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png|(?<=/users)/\w+", "/{}", path)) for method, path, _ in routes}
     schema_templates = {(method, re.sub(r"\{\w+\}", "{}", path)) for method, path in templates}
 
     assert schema_templates == covered | open_routes
@@ -86,9 +91,9 @@ def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
 
 def test_every_protected_route_answers_401_without_a_key_or_with_a_wrong_one(keys, small_request):
     client, headers, created = keys
-    for method, path, body in protected_routes(bobs_job(client, headers, small_request), created["bob"]["id"], small_request):
+    for method, path, arguments in protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request):
         for bad in ({}, {"Authorization": "Bearer not-a-key"}, {"X-API-Key": "not-a-key"}):
-            response = client.request(method, path, json=body, headers=bad)
+            response = client.request(method, path, **arguments, headers=bad)
             assert response.status_code == 401, (method, path, bad, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
 
@@ -96,10 +101,12 @@ def test_every_protected_route_answers_401_without_a_key_or_with_a_wrong_one(key
 def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, small_request):
     client, headers, created = keys
     job = bobs_job(client, headers, small_request)
-    for method, path, body in protected_routes(job, created["bob"]["id"], small_request):
-        response = client.request(method, path, json=body, headers=headers["alice"])
+    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request):
+        response = client.request(method, path, **arguments, headers=headers["alice"])
         if path.startswith(("/models", "/cache", "/keys")):
             assert response.status_code == 403, (method, path)
+        elif path.startswith("/users/bob"):
+            assert response.status_code == 404, (method, path)
         elif job["job_id"] in path or path.startswith("/images"):
             assert response.status_code == 404, (method, path)
     assert client.get(f"/jobs/{job['job_id']}", headers=headers["bob"]).json()["status"] == "succeeded"
@@ -110,8 +117,8 @@ def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, sma
 def test_admin_key_reaches_every_route(keys, small_request):
     client, headers, created = keys
     job = bobs_job(client, headers, small_request)
-    for method, path, body in protected_routes(job, created["bob"]["id"], small_request):
-        response = client.request(method, path, json=body, headers=headers["admin"])
+    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request):
+        response = client.request(method, path, **arguments, headers=headers["admin"])
         assert response.status_code < 300 or (path.endswith("/cancel") and response.status_code == 409), (method, path)
 
 
@@ -267,7 +274,7 @@ def test_metrics_expose_the_listed_series_and_they_move_when_a_job_runs(client, 
     series = [
         "sd_http_requests_total", "sd_http_request_duration_seconds_count", "sd_queue_depth", "sd_jobs_active",
         "sd_jobs_finished_total", "sd_batch_size_images_count", "sd_step_seconds_count", "sd_images_generated_total",
-        "sd_model_cache_hits", "sd_model_cache_misses", "sd_model_cache_evictions", "sd_model_load_seconds_sum",
+        "sd_model_cache_hits", "sd_model_cache_misses", "sd_model_cache_evictions", "sd_model_load_seconds_sum", "sd_model_cache_bytes",
         "sd_device_memory_allocated_bytes",
     ]  # fmt: skip
     before = client.get("/metrics").text
@@ -278,7 +285,9 @@ def test_metrics_expose_the_listed_series_and_they_move_when_a_job_runs(client, 
     for name in series:
         assert f"\n{name}" in "\n" + after, name
     assert metric(after, "sd_images_generated_total") - metric(before, "sd_images_generated_total") == 3
-    assert metric(after, "sd_model_cache_misses") == 1 and metric(after, "sd_model_cache_hits") == 1
+    assert metric(after, 'sd_model_cache_misses{tier="device"}') == 1 and metric(after, 'sd_model_cache_hits{tier="device"}') == 1
+    assert metric(after, 'sd_model_cache_misses{tier="cpu"}') == 1  # loaded from disk into host RAM, then moved
+    assert metric(after, 'sd_model_cache_bytes{tier="device"}') > 0
     assert metric(after, 'sd_http_requests_total{method="POST",route="/generate",status="200"}') == 2
     assert metric(after, 'sd_jobs_finished_total{status="succeeded"}') == 2
 

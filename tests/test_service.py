@@ -19,19 +19,24 @@ def test_root_names_the_service_and_links_docs_and_endpoints(client):
     assert client.get(body["docs"]).status_code == 200
 
 
-def test_health_reports_device_dtype_loaded_models_version_and_queue(client, small_request):
-    assert client.get("/health").json() == {
+def test_health_reports_device_dtype_loaded_models_version_queue_and_cache(client, small_request):
+    health = client.get("/health").json()
+    assert {key: health[key] for key in ("status", "device", "dtype", "loaded_models", "version")} == {
         "status": "ok",
         "device": "cpu",
         "dtype": "float32",
         "loaded_models": [],
         "version": VERSION,
-        "queue": {"queued": 0, "running": 0, "max_queue": 64, "max_batch_size": 4, "batches_run": 0, "mean_batch_size": 0.0},
     }
+    assert health["queue"] == {"queued": 0, "running": 0, "max_queue": 64, "max_batch_size": 4, "batches_run": 0, "mean_batch_size": 0.0}
+    assert health["cache"]["device"]["models"] == [] and health["cache"]["device"]["bytes"] == 0
+
     client.post("/generate", json=small_request(num_images=2))
+
     health = client.get("/health").json()
     assert health["loaded_models"] == ["demo"]
     assert health["queue"]["batches_run"] == 1 and health["queue"]["mean_batch_size"] == 2.0
+    assert health["cache"]["device"]["models"] == ["demo"] and health["cache"]["device"]["bytes"] > 0
 
 
 def test_health_answers_within_half_a_second_while_a_generation_runs(live_server, small_request):
