@@ -308,7 +308,9 @@ class JobQueue:
             try:
                 loaded = self.model_service.prepare(model, keep)
             except Exception as error:  # a load failure fails the jobs that need that model, and nothing else
-                self._fail_queued(model, str(error) if isinstance(error, ModelLoadError) else repr(error))
+                message = str(error) if isinstance(error, ModelLoadError) else repr(error)
+                with self._condition:
+                    self._fail_queued(lambda job: job.model == model, message, 503)
                 continue
             with self._condition:
                 if loaded:
@@ -338,13 +340,6 @@ class JobQueue:
                 self._condition.wait(timeout=1.0)
         return None
 
-    def _fail_queued(self, model: UserModel, error: str) -> None:
-        """Fail every queued job that needs ``model``, which could not be loaded."""
-        with self._condition:
-            for job in [job for job in self._queue if job.model == model]:
-                self._queue.remove(job)
-                self._end(job, JobStatus.failed, error, 503)
-
     # --- device worker thread ----------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -357,7 +352,7 @@ class JobQueue:
         them off the queue as running. Jobs whose model is still loading wait without holding up the others."""
         with self._condition:
             while True:
-                self._fail_expired_queued()
+                self._fail_queued(self._past_deadline, self._timeout_message(), 504)
                 if self._stopping:
                     return None
                 first = next((job for job in self._queue if self.model_service.is_ready(job.model)), None)
@@ -401,11 +396,11 @@ class JobQueue:
             self._queue.remove(job)
         return batch
 
-    def _fail_expired_queued(self) -> None:
-        """Fail queued jobs past their deadline. Call with the condition held."""
-        for job in [job for job in self._queue if self._past_deadline(job)]:
+    def _fail_queued(self, matches: Callable[[Job], bool], error: str, error_status: int) -> None:
+        """Take the queued jobs that ``matches`` picks off the queue, failed. Call with the condition held."""
+        for job in [job for job in self._queue if matches(job)]:
             self._queue.remove(job)
-            self._end(job, JobStatus.failed, self._timeout_message(), 504)
+            self._end(job, JobStatus.failed, error, error_status)
 
     def _past_deadline(self, job: Job) -> bool:
         """True once SD_JOB_TIMEOUT_S has passed since the job was submitted."""

@@ -94,13 +94,13 @@ class ModelRegistry:
         with self._lock:
             return dict(self._models)
 
-    def is_used(self, model: UserModel, except_user: str | None = None) -> bool:
-        """True when a user other than ``except_user`` runs on ``model``'s weights (its checkpoint, or its LoRA file)."""
+    def is_used(self, model: UserModel) -> bool:
+        """True when some user runs on ``model``'s weights (its checkpoint, or its LoRA file)."""
         with self._lock:
-            others = [other for user, other in self._models.items() if user != except_user]
+            models = list(self._models.values())
         if isinstance(model, LoraModel):
-            return any(isinstance(other, LoraModel) and other.source == model.source for other in others)
-        return any(other.base == model.source for other in others)
+            return any(isinstance(other, LoraModel) and other.source == model.source for other in models)
+        return any(other.base == model.source for other in models)
 
     def set(self, user_id: str, model: UserModel) -> UserModel | None:
         """Give ``user_id`` this model, in memory and in the database; returns the model it had."""

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -160,10 +160,14 @@ class BatchItem:
     num_images: int
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors' elements."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return tensor_bytes([*module.parameters(), *module.buffers()])
 
 
 def module_device(module: torch.nn.Module) -> str:
@@ -183,6 +187,7 @@ def cache_budgets(settings: Settings, device: str) -> tuple[int, int]:
     if settings.cache_cpu_gb is not None:
         return device_bytes, int(settings.cache_cpu_gb * GIB)
     return device_bytes, 0 if device == "cpu" else ram // 4
+
 
 def choose_device(preference: str, cuda_available: bool, mps_available: bool) -> str:
     """The device to run on: the configured one, or with ``auto`` CUDA, then MPS, then CPU."""
@@ -353,10 +358,7 @@ class ModelService:
         options = {} if self.settings.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         started = time.perf_counter()
         try:
-            folder = Path(location) if Path(location).is_dir() else Path(
-                StableDiffusionPipeline.download(location, **{k: v for k, v in options.items() if k == "safety_checker"})
-            )
-            fingerprints = self._fingerprints(folder)
+            fingerprints = self._fingerprints(self._local_folder(location))
             with self._lock:
                 held = {name: self._components[f].module for name, f in fingerprints.items() if f in self._components}
             pipeline = StableDiffusionPipeline.from_pretrained(location, dtype=self.dtype, **options, **held)
@@ -371,6 +373,13 @@ class ModelService:
         logger.info("loaded model %s from %s in %.2fs (%d components shared)", source, location, seconds, len(held))
         return checkpoint
 
+    def _local_folder(self, location: str) -> Path:
+        """The checkpoint's folder: itself when local, else its hub snapshot (downloaded once, then cached)."""
+        if Path(location).is_dir():
+            return Path(location)
+        skipped = {} if self.settings.safety_checker else {"safety_checker": None}
+        return Path(StableDiffusionPipeline.download(location, **skipped))
+
     def _register(self, source: str, pipeline: StableDiffusionPipeline, fingerprints: dict[str, str]) -> CachedCheckpoint:
         """Add a loaded pipeline to the host RAM tier, recording each component under its fingerprint."""
         components = {}
@@ -379,8 +388,9 @@ class ModelService:
                 if not isinstance(module, torch.nn.Module):
                     continue
                 fingerprint = fingerprints.get(name) or f"{source}:{name}"
-                entry = self._components.setdefault(fingerprint, Component(module, module_bytes(module), set()))
-                entry.users.add(source)
+                if fingerprint not in self._components:
+                    self._components[fingerprint] = Component(module, module_bytes(module), set())
+                self._components[fingerprint].users.add(source)
                 components[name] = fingerprint
             scheduler = pipeline.scheduler
             checkpoint = CachedCheckpoint(source, pipeline, type(scheduler), dict(scheduler.config), components)
@@ -578,7 +588,7 @@ class ModelService:
         except InvalidAdapterError as error:
             raise ModelLoadError(f"could not load LoRA '{model.source}' onto '{model.base}': {error}") from error
         with self._lock:
-            checkpoint.adapters[name] = Adapter(model.source, sum(t.numel() * t.element_size() for t in tensors.values()))
+            checkpoint.adapters[name] = Adapter(model.source, tensor_bytes(tensors.values()))
         self.adapter_counters.misses += 1
         self.adapter_counters.load_seconds += time.perf_counter() - started
 

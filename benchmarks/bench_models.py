@@ -82,7 +82,7 @@ def measure(folder: Path, arguments: argparse.Namespace) -> dict:
     device = service.cache_report()["device"]
     figures["to_device_s"] = device["load_seconds"] / device["misses"]  # host RAM -> device, and the moves down
 
-    figures["bytes_per_user"] = bytes_per_user(ModelService(Settings(**{**settings.model_dump(), "cache_device_gb": 64})), arguments)
+    figures["bytes_per_user"] = bytes_per_user(ModelService(settings.model_copy(update={"cache_device_gb": 64})), arguments)
     figures["rotation"] = {str(users): rotation(settings, users, arguments) for users in arguments.users}
     return figures
 
