@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_USER = "default"
+from sd_server.domain.models import DEFAULT_USER
 
 
 class Settings(BaseSettings):

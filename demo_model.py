@@ -1,132 +1,80 @@
-"""Build the bundled demo model: a tiny Stable Diffusion 1.5-shaped pipeline with random weights.
+"""The demo model's command line: train it, export it, evaluate it, or build a random tiny pipeline.
 
-It has SD1.5's structure (VAE scale factor 8, 4 latent channels, a CLIP text encoder and tokenizer
-with 77 positions, the SD1.5 PNDM scheduler) and real diffusers classes, but it is tiny and untrained:
-it draws noise. It exists so the whole serving path runs, and is tested, on any machine without a
-download. Usage: ``python demo_model.py [OUTPUT_DIR]`` (default ``models/demo``).
+    python demo_model.py train [--output models/demo] [--steps N ...]   train from scratch (resumable), then export
+    python demo_model.py export [--output DIR]                          export the last saved training state
+    python demo_model.py evaluate [--model models/demo] [--count 72]    accuracy per attribute, seen and held-out pairs
+    python demo_model.py random OUTPUT_DIR                              a random tiny pipeline (draws noise)
 """
 
-import sys
+import argparse
+from dataclasses import fields
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-DEMO_MODEL_DIR = Path(__file__).parent / "models" / "demo"
-TEXT_POSITIONS = 77
-
-# The scheduler of runwayml/stable-diffusion-v1-5 and its DreamBooth descendants.
-SD15_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+PROJECT_DIR = Path(__file__).resolve().parent
+DEMO_MODEL_DIR = PROJECT_DIR / "models" / "demo"
+WORK_DIR = PROJECT_DIR / "models" / ".demo-training"
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer whose vocab (every byte, as word piece and word end) is built here."""
-    symbols = sorted(ByteLevel.alphabet())
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [symbol + "</w>" for symbol in symbols]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_POSITIONS)
+def parser() -> argparse.ArgumentParser:
+    """The command line's grammar: one subcommand each, the training plan's fields as options."""
+    from sd_server.demo.training import TrainingPlan
+
+    command_line = argparse.ArgumentParser(description="the demo model: train, export, evaluate, or build a random one")
+    commands = command_line.add_subparsers(dest="command", required=True)
+    for name in ("train", "export"):
+        command = commands.add_parser(name)
+        command.add_argument("--output", type=Path, default=DEMO_MODEL_DIR)
+        command.add_argument("--work", type=Path, default=WORK_DIR, help="where the resumable training state is kept")
+        for plan_field in fields(TrainingPlan):
+            option = f"--{plan_field.name.replace('_', '-')}"
+            command.add_argument(option, type=type(plan_field.default), default=plan_field.default)
+    evaluate = commands.add_parser("evaluate")
+    evaluate.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
+    evaluate.add_argument("--count", type=int, default=72, help="prompts to render (they cycle through every scene)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument("--grid", type=Path, help="also save the pictures side by side to this PNG")
+    random = commands.add_parser("random")
+    random.add_argument("output", type=Path)
+    return command_line
 
 
-def build_demo_pipeline(seed: int = 0, unet_seed: int | None = None) -> StableDiffusionPipeline:
-    """The tiny SD1.5-shaped pipeline, with weights drawn from ``seed`` (same seed, same weights). A ``unet_seed``
-    gives it another UNet and the same VAE and text encoder, like a DreamBooth fine-tune of the ``seed`` model."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_POSITIONS,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = build_demo_vae()
-    if unet_seed is not None:
-        torch.manual_seed(unet_seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def main() -> None:
+    """Run the subcommand the command line names."""
+    arguments = parser().parse_args()
+    if arguments.command == "random":
+        from sd_server.demo.random_pipeline import save_random_pipeline
+
+        print(f"random tiny pipeline written to {save_random_pipeline(arguments.output)}")
+    elif arguments.command == "evaluate":
+        evaluate(arguments)
+    else:
+        from sd_server.demo import training
+
+        plan = training.TrainingPlan(**{field.name: getattr(arguments, field.name) for field in fields(training.TrainingPlan)})
+        if arguments.command == "train":
+            print(f"trained demo model written to {training.train(plan, arguments.output, arguments.work)}")
+        else:
+            print(f"demo model at its last saved step written to {training.export(training.resume(plan, arguments.work), arguments.output)}")
 
 
-def build_demo_vae() -> AutoencoderKL:
-    """The demo model's VAE: SD1.5's layout (scale factor 8, 4 latent channels), tiny."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+def evaluate(arguments: argparse.Namespace) -> None:
+    """Render, read back and score; print the table, and save the grid when asked."""
+    import torch
+    from diffusers import StableDiffusionPipeline
 
+    from sd_server.demo.evaluation import evaluate as score_model
+    from sd_server.demo.evaluation import grid
 
-def save_demo_model(output_dir: Path = DEMO_MODEL_DIR, seed: int = 0, unet_seed: int | None = None) -> Path:
-    """Build the demo pipeline and ``save_pretrained`` it to ``output_dir``; returns the folder."""
-    output_dir = Path(output_dir)
-    build_demo_pipeline(seed, unet_seed).save_pretrained(output_dir, safe_serialization=True)
-    return output_dir
-
-
-def save_demo_lora(output_file: Path, seed: int, rank: int = 4, unet: UNet2DConditionModel | None = None) -> Path:
-    """A LoRA for the attention projections of ``unet`` (default: the demo UNet), made with peft, weights drawn from
-    ``seed``; saved as a diffusers .safetensors file. Different seeds give different images."""
-    unet = unet or build_demo_pipeline().unet
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    output_file = Path(output_file)
-    StableDiffusionPipeline.save_lora_weights(
-        output_file.parent, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=output_file.name
-    )
-    unet.delete_adapters("default")  # the UNet is as it was: the next LoRA can be made on it
-    return output_file
+    pipeline = StableDiffusionPipeline.from_pretrained(str(arguments.model), dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    score, pictures = score_model(pipeline, arguments.count, arguments.seed, arguments.steps, guidance_scale=arguments.guidance_scale)
+    print(score.report())
+    if arguments.grid:
+        grid(pictures).save(arguments.grid)
+        print(f"grid written to {arguments.grid}")
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEMO_MODEL_DIR
-    print(f"demo model written to {save_demo_model(target)}")
+    main()

@@ -1,27 +1,13 @@
-"""Request and response models of the HTTP API."""
+"""Request and response models of the HTTP API (the OpenAPI schema at /docs); domain types live in sd_server.domain."""
 
 from datetime import datetime
-from enum import Enum
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-MAX_SEED = 2**32 - 1
-USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class SchedulerName(str, Enum):
-    """The samplers a request may pick; left out, the model's own scheduler runs."""
-
-    pndm = "pndm"
-    ddim = "ddim"
-    euler = "euler"
-    euler_a = "euler_a"
-    heun = "heun"
-    dpmpp_2m = "dpmpp_2m"
-    dpmpp_2m_karras = "dpmpp_2m_karras"
-    unipc = "unipc"
-
+from sd_server.domain.generation import MAX_SEED, Generation, SchedulerName
+from sd_server.domain.jobs import JobStatus
+from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, UserModel
 
 GENERATE_EXAMPLE = {
     "prompt": "a portrait photo of sks person, studio lighting, 85mm",
@@ -44,7 +30,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What the image shows.")
     negative_prompt: str | None = Field(None, max_length=2000, description="What the image must not show.")
-    user_id: str = Field("default", pattern=USER_ID_PATTERN, description="Whose model to use.")
+    user_id: str = Field(DEFAULT_USER, pattern=USER_ID_PATTERN, description="Whose model to use.")
     num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Classifier-free guidance (CFG) scale.")
     width: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
@@ -60,6 +46,10 @@ class GenerateRequest(BaseModel):
         if not prompt.strip():
             raise ValueError("prompt must contain something other than whitespace")
         return prompt
+
+    def to_generation(self, user_id: str) -> Generation:
+        """The domain's generation, for ``user_id`` (who the request acts for)."""
+        return Generation(**self.model_dump(include=set(GenerateRequest.model_fields) - {"user_id"}), user_id=user_id)
 
 
 class GenerationParameters(BaseModel):
@@ -98,42 +88,6 @@ class GenerateResponse(BaseModel):
     parameters: GenerationParameters
 
 
-class CheckpointModel(BaseModel):
-    """A full Stable Diffusion checkpoint: a hub id, or a diffusers folder under SD_MODELS_DIR."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["checkpoint"] = "checkpoint"
-    source: str = Field(..., min_length=1, max_length=500, examples=["Zhurah/sd15-dreambooth-photoai"])
-
-    @property
-    def base(self) -> str:
-        """The checkpoint whose pipeline runs this model: itself."""
-        return self.source
-
-    @property
-    def label(self) -> str:
-        """The model id that jobs, PNG metadata and logs show."""
-        return self.source
-
-
-class LoraModel(BaseModel):
-    """A LoRA adapter (a .safetensors file, or a folder with one, under SD_MODELS_DIR) on a base checkpoint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["lora"] = "lora"
-    base: str = Field(..., min_length=1, max_length=500, description="The checkpoint it applies to (as a checkpoint source).")
-    source: str = Field(..., min_length=1, max_length=500, examples=["loras/alice.safetensors"])
-    scale: float = Field(1.0, ge=0.0, le=4.0, description="Strength of the adapter.")
-
-    @property
-    def label(self) -> str:
-        """The model id that jobs, PNG metadata and logs show."""
-        return f"{self.base}+{self.source}" + ("" if self.scale == 1.0 else f"@{self.scale:g}")
-
-
-UserModel = Annotated[CheckpointModel | LoraModel, Field(discriminator="kind")]
 USER_MODEL_EXAMPLES = [
     {"kind": "checkpoint", "source": "Zhurah/sd15-dreambooth-photoai"},
     {"kind": "lora", "base": "demo", "source": "loras/alice.safetensors", "scale": 0.8},
@@ -234,21 +188,6 @@ class ErrorResponse(BaseModel):
     """The body of every 4xx/5xx answer but 422."""
 
     detail: str
-
-
-class JobStatus(str, Enum):
-    """Where a job is in its life; the last three are terminal."""
-
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        """True once the job can change no more."""
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
 class JobRequest(GenerateRequest):

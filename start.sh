@@ -33,7 +33,7 @@ case "${1:-}" in
   --demo)
     install_requirements requirements.txt
     models_dir=${SD_MODELS_DIR:-models}
-    [ -f "$models_dir/demo/model_index.json" ] || "$VENV/bin/python" demo_model.py "$models_dir/demo"
+    [ -f "$models_dir/demo/model_index.json" ] || "$VENV/bin/python" demo_model.py random "$models_dir/demo"
     export SD_DEFAULT_MODEL=demo
     exec "$VENV/bin/python" main.py
     ;;

@@ -20,9 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import Settings  # noqa: E402
-from demo_model import save_demo_lora, save_demo_model  # noqa: E402
-from model_service import GIB, BatchItem, BatchKey, ModelService  # noqa: E402
-from schemas import CheckpointModel, LoraModel, UserModel  # noqa: E402
+from model_service import ModelService  # noqa: E402
+from sd_server.demo.random_pipeline import save_random_lora, save_random_pipeline  # noqa: E402
+from sd_server.domain.models import CheckpointModel, LoraModel, UserModel  # noqa: E402
+from sd_server.engine.devices import GIB  # noqa: E402
+from sd_server.engine.interface import BatchItem, BatchKey  # noqa: E402
 
 
 def build_models(folder: Path, sd15: bool, loras: int, rank: int) -> None:
@@ -32,12 +34,12 @@ def build_models(folder: Path, sd15: bool, loras: int, rank: int) -> None:
 
         save_model, unet = save_sd15_random, build_sd15_random_pipeline().unet
     else:
-        save_model, unet = save_demo_model, None
+        save_model, unet = save_random_pipeline, None
     save_model(folder / "base", seed=0)
     save_model(folder / "dreambooth", seed=0, unet_seed=1)
     save_model(folder / "distinct", seed=2)
     for index in range(loras):
-        save_demo_lora(folder / "loras" / f"user-{index}.safetensors", seed=index, rank=rank, unet=unet)
+        save_random_lora(folder / "loras" / f"user-{index}.safetensors", seed=index, rank=rank, unet=unet)
 
 
 def first_image_seconds(service: ModelService, model: UserModel, arguments: argparse.Namespace) -> float:
@@ -45,19 +47,22 @@ def first_image_seconds(service: ModelService, model: UserModel, arguments: argp
     started = time.perf_counter()
     assert service.prepare(model), "no room on the device"
     key = BatchKey(model, arguments.size, arguments.size, arguments.steps, 7.5, None)
-    service.run_batch(key, [BatchItem("a photo of sks person", None, 1, 1)], lambda step, total: None)
+    service.run_batch(key, [BatchItem("a photo of sks person", None, 1, 1)], lambda step, total: None, lambda: False)
     if service.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
 def lora(index: int) -> LoraModel:
+    """The LoRA of user ``index``, on the base checkpoint."""
     return LoraModel(base="base", source=f"loras/user-{index}.safetensors")
 
 
 def measure(folder: Path, arguments: argparse.Namespace) -> dict:
     """Every figure of the benchmark, on a fresh ModelService per part."""
-    settings = Settings(_env_file=None, models_dir=folder, max_adapters=arguments.max_adapters, cache_cpu_gb=64)
+    settings = Settings(
+        _env_file=None, models_dir=folder, data_dir=folder / "data", max_adapters=arguments.max_adapters, cache_cpu_gb=64
+    )
     base, distinct = CheckpointModel(source="base"), CheckpointModel(source="distinct")
     service = ModelService(settings)
     figures = {"device": service.device, "dtype": str(service.dtype).removeprefix("torch.")}
@@ -89,7 +94,7 @@ def measure(folder: Path, arguments: argparse.Namespace) -> dict:
 
 def adapter_switch_ms(service: ModelService) -> float:
     """Median milliseconds of set_adapters between two adapters already loaded in the base pipeline."""
-    checkpoint = service._checkpoints["base"]
+    checkpoint = service.cache.checkpoints["base"]
     names = list(checkpoint.adapters)[-2:]
     timings = []
     for index in range(50):
@@ -155,6 +160,7 @@ def print_table(figures: dict, arguments: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """Build the models in a temporary folder, measure, print (and optionally save) the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd15", action="store_true", help="full-size SD1.5 with random weights (else the demo model)")
     parser.add_argument("--steps", type=int, default=20)

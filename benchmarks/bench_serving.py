@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import Settings  # noqa: E402
-from demo_model import DEMO_MODEL_DIR, save_demo_model  # noqa: E402
-from model_service import BatchItem, BatchKey, ModelService  # noqa: E402
+from model_service import ModelService  # noqa: E402
+from sd_server.domain.models import CheckpointModel  # noqa: E402
+from sd_server.engine.interface import BatchItem, BatchKey  # noqa: E402
+
+DEMO_MODEL_DIR = ROOT / "models" / "demo"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,14 +57,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """``python main.py`` serving ``model`` with SD_MAX_BATCH_SIZE; returns the process and its URL once healthy."""
+def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """``python main.py`` serving ``model`` with SD_MAX_BATCH_SIZE, its database and images in ``data_dir`` (never
+    the default folders: their keys would refuse the benchmark, and its jobs would fill their history); returns the
+    process and its URL once healthy."""
     port = free_port()
     environment = {
         **os.environ,
         "SD_DEFAULT_MODEL": model,
         "SD_HOST": "127.0.0.1",
         "SD_PORT": str(port),
+        "SD_DATA_DIR": str(data_dir),
+        "SD_DATABASE_URL": "",
+        "SD_OUTPUT_DIR": str(data_dir / "output"),
+        "SD_AUTH": "off",
+        "SD_RATE_LIMIT": "",
         "SD_SAVE_IMAGES": "false",
         "SD_MAX_QUEUE": str(max(64, arguments.requests * 2)),
         "SD_MAX_BATCH_SIZE": str(max_batch_size),
@@ -124,32 +135,33 @@ async def run_load(url: str, arguments: argparse.Namespace) -> dict:
 
 
 def serve_and_measure(model: str, max_batch_size: int, arguments: argparse.Namespace) -> dict:
-    """One mode: start the server, load it, stop it."""
-    process, url = start_server(model, max_batch_size, arguments)
-    try:
-        return asyncio.run(run_load(url, arguments))
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    """One mode: start the server on a fresh data folder, load it, stop it."""
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as data_dir:
+        process, url = start_server(model, max_batch_size, arguments, Path(data_dir))
+        try:
+            return asyncio.run(run_load(url, arguments))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
 
 
 def raw_images_per_s(model: str, batch_size: int, arguments: argparse.Namespace) -> float:
     """The pipeline alone, in this process, no HTTP and no queue: images/s over the same requests."""
     service = ModelService(Settings(_env_file=None, default_model=model))
-    key = BatchKey(model, arguments.size, arguments.size, arguments.steps, 7.5, None)
-    service.run_batch(key, [BatchItem("warm-up", None, 0, 1)], lambda step, total: None)  # load and warm up
+    key = BatchKey(CheckpointModel(source=model), arguments.size, arguments.size, arguments.steps, 7.5, None)
+    service.run_batch(key, [BatchItem("warm-up", None, 0, 1)], lambda step, total: None, lambda: False)  # load, warm up
     started = time.perf_counter()
     for first in range(0, arguments.requests, batch_size):
         indexes = range(first, min(first + batch_size, arguments.requests))
         items = [BatchItem(request_body(index, arguments)["prompt"], None, index, 1) for index in indexes]
-        service.run_batch(key, items, lambda step, total: None)
+        service.run_batch(key, items, lambda step, total: None, lambda: False)
     elapsed = time.perf_counter() - started
     service.unload()
     return round(arguments.requests / elapsed, 3)
 
 
 def resolve_model(arguments: argparse.Namespace) -> str:
-    """The model to serve: --model, the SD1.5-sized random pipeline (--sd15), or the demo model; built if missing."""
+    """The model to serve: --model, the SD1.5-sized random pipeline (--sd15, built if missing), or the demo model."""
     if arguments.model:
         return arguments.model
     if arguments.sd15:
@@ -158,8 +170,6 @@ def resolve_model(arguments: argparse.Namespace) -> str:
         if not (DEFAULT_DIR / "model_index.json").exists():
             save_sd15_random(DEFAULT_DIR)
         return str(DEFAULT_DIR)
-    if not (DEMO_MODEL_DIR / "model_index.json").exists():
-        save_demo_model(DEMO_MODEL_DIR)
     return str(DEMO_MODEL_DIR)
 
 
@@ -192,8 +202,8 @@ def main() -> None:
     arguments = parser.parse_args()
 
     model = resolve_model(arguments)
-    device = ModelService(Settings(_env_file=None)).device
-    max_batch_size = arguments.max_batch_size or Settings(_env_file=None).max_batch_size or (8 if device == "cuda" else 4)
+    engine = ModelService(Settings(_env_file=None))
+    max_batch_size = arguments.max_batch_size or Settings(_env_file=None).max_batch_size or engine.default_max_batch_size
     figures = {"model": model, "requests": arguments.requests, "concurrency": arguments.concurrency, "max_batch_size": max_batch_size}
     figures["raw_images_per_s"] = raw_images_per_s(model, max_batch_size, arguments)
     figures["no_batching"] = serve_and_measure(model, 1, arguments)

@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from demo_model import build_tokenizer  # noqa: E402
+from sd_server.demo.vocabulary import build_tokenizer  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "sd15_architecture"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "sd15-random"

@@ -1,42 +1,49 @@
-"""Shared fixtures: the tiny demo pipeline saved to disk, settings pointing at it, and app clients."""
+"""Fixtures every tier shares: settings for one test, the databases, an app client, a live server. Nothing here
+imports torch at import time: the unit tier runs without it (tests/unit/conftest.py swaps in a fake engine)."""
 
-import base64
-import io
 import os
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sqlalchemy
 import uvicorn
 from fastapi.testclient import TestClient
-from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fails fast instead of hanging
 
-import model_service  # noqa: E402
-from config import Settings  # noqa: E402
-from demo_model import save_demo_lora, save_demo_model  # noqa: E402
-from main import create_app  # noqa: E402
+from helpers import DEADLINE_S, free_port, poll  # noqa: E402
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from config import Settings  # noqa: E402
+from sd_server.app import create_app  # noqa: E402
+
+TIERS = ("unit", "integration", "system")
+TIER_TIMEOUTS_S = {"unit": 60, "integration": 600, "system": 900}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (the folder it is in) and that tier's timeout."""
+    for item in items:
+        tier = next((part for part in Path(item.fspath).parts if part in TIERS), "integration")
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS_S[tier]))
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with tiny SD1.5-shaped pipelines, `demo`, `demo2`, `demo3` (seeds 0, 1, 3) and `demo-dreambooth`
     (demo's VAE and text encoder, its own UNet), and two LoRAs for them, `loras/alice` and `loras/bob`."""
+    from sd_server.demo.random_pipeline import save_random_lora, save_random_pipeline
+
     folder = tmp_path_factory.mktemp("models")
-    save_demo_model(folder / "demo", seed=0)
-    save_demo_model(folder / "demo2", seed=1)
-    save_demo_model(folder / "demo3", seed=3)
-    save_demo_model(folder / "demo-dreambooth", seed=0, unet_seed=5)
-    save_demo_lora(folder / "loras" / "alice.safetensors", seed=1)
-    save_demo_lora(folder / "loras" / "bob.safetensors", seed=2)
+    save_random_pipeline(folder / "demo", seed=0)
+    save_random_pipeline(folder / "demo2", seed=1)
+    save_random_pipeline(folder / "demo3", seed=3)
+    save_random_pipeline(folder / "demo-dreambooth", seed=0, unet_seed=5)
+    save_random_lora(folder / "loras" / "alice.safetensors", seed=1)
+    save_random_lora(folder / "loras" / "bob.safetensors", seed=2)
     return folder
 
 
@@ -61,6 +68,14 @@ def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'data' / 'sd-api.db'}"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_databases(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that uses this runs twice: on SQLite, and on PostgreSQL when a server is reachable."""
+    if request.param == "postgresql":
+        return empty_postgres_database()
+    return f"sqlite:///{tmp_path / 'data' / 'sd-api.db'}"
+
+
 @pytest.fixture
 def settings(models_dir: Path, tmp_path: Path, database_url: str) -> Settings:
     """Settings for one test: `default` and `alice` on demo, `bob` on demo2, output in a fresh folder."""
@@ -74,60 +89,49 @@ def settings(models_dir: Path, tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         cors_origins=["http://localhost:3000"],
         preload_default_model=False,  # tests count loads; readiness has its own tests
-        rate_limit=None,  # tests poll fast; the rate limit has its own tests
+        rate_limit=None,  # tests poll; the rate limit has its own tests
         max_active_jobs_per_user=64,  # one test queues 20 jobs; the cap has its own test
         webhook_allow_private=True,  # local webhook receivers; SSRF refusals have their own tests
     )
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    """A client of the app, its lifespan (and so its model service) running."""
-    with TestClient(create_app(settings)) as test_client:
+def app_factory() -> Callable[[Settings], object]:
+    """Builds the app for given settings (the unit tier's version gives it the fake engine)."""
+    return create_app
+
+
+@pytest.fixture
+def client(settings: Settings, app_factory) -> Iterator[TestClient]:
+    """A client of the app, its lifespan (and so its engine) running."""
+    with TestClient(app_factory(settings)) as test_client:
         yield test_client
 
 
 @pytest.fixture
-def live_server_factory() -> Iterator[Callable[[Settings], str]]:
+def live_server_factory(app_factory) -> Iterator[Callable[[Settings], str]]:
     """Starts the app with given settings under a real uvicorn on a free port in this process; returns its URL."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
     def start(settings: Settings) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app_factory(settings), host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        poll(lambda: server.started, bool, "uvicorn starting")
         return f"http://127.0.0.1:{port}"
 
     yield start
     for server, thread in servers:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=60)
 
 
 @pytest.fixture
 def live_server(settings: Settings, live_server_factory: Callable[[Settings], str]) -> str:
     """The app served by a real uvicorn on a free port in this process; its base URL."""
     return live_server_factory(settings)
-
-
-@pytest.fixture
-def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records the source of every real `from_pretrained` call the model service makes."""
-    calls: list[str] = []
-    original = model_service.StableDiffusionPipeline.from_pretrained
-
-    def counting_from_pretrained(source, **options):
-        calls.append(str(source))
-        return original(source, **options)
-
-    monkeypatch.setattr(model_service.StableDiffusionPipeline, "from_pretrained", counting_from_pretrained)
-    return calls
 
 
 @pytest.fixture
@@ -140,21 +144,55 @@ def small_request() -> Callable[..., dict]:
     return make
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the source of every real `from_pretrained` call the engine makes."""
+    from sd_server.engine import cache
+
+    calls: list[str] = []
+    original = cache.StableDiffusionPipeline.from_pretrained
+
+    def counting_from_pretrained(source, **options):
+        calls.append(str(source))
+        return original(source, **options)
+
+    monkeypatch.setattr(cache.StableDiffusionPipeline, "from_pretrained", counting_from_pretrained)
+    return calls
 
 
-def pixels(image_base64: str) -> np.ndarray:
-    """The RGB pixels of a base64 PNG, as signed integers (so differences do not wrap)."""
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_base64))).convert("RGB")).astype(np.int16)
+@pytest.fixture
+def fail_once(monkeypatch: pytest.MonkeyPatch) -> Callable[[Exception], None]:
+    """``fail_once(error)``: the next pipeline call raises ``error``; later calls run normally."""
+    from diffusers import StableDiffusionPipeline
+
+    original = StableDiffusionPipeline.__call__
+    failures: list[Exception] = []
+
+    def call(self, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    return failures.append
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def both_databases(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that uses this runs twice: on SQLite, and on PostgreSQL when a server is reachable."""
-    if request.param == "postgresql":
-        return empty_postgres_database()
-    return f"sqlite:///{tmp_path / 'data' / 'sd-api.db'}"
+@pytest.fixture
+def hold_generation(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Every pipeline call waits until the returned event is set (at the latest when the test ends): a generation
+    that runs exactly as long as the test wants."""
+    from diffusers import StableDiffusionPipeline
+
+    original = StableDiffusionPipeline.__call__
+    release = threading.Event()
+    entered = threading.Event()
+
+    def held_call(self, *args, **kwargs):
+        entered.set()
+        release.wait(DEADLINE_S)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", held_call)
+    release.entered = entered  # set once a pipeline call is waiting
+    yield release
+    release.set()

@@ -1,0 +1,87 @@
+"""Presenters: a job (or its images) as the API shows it, written once for every route, event and webhook."""
+
+import base64
+from dataclasses import asdict
+
+from schemas import (
+    GeneratedImage,
+    GenerateResponse,
+    GenerationParameters,
+    JobImage,
+    JobLinks,
+    JobProgress,
+    JobResponse,
+    JobResult,
+)
+from sd_server.domain.jobs import Job, StoredImage
+from sd_server.jobs.queue import JobQueue
+from sd_server.storage.images import ImageStorage
+
+
+def job_links(job: Job) -> JobLinks:
+    """The URLs to follow a job."""
+    return JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events", cancel=f"/jobs/{job.id}/cancel")
+
+
+def parameters(job: Job) -> GenerationParameters | None:
+    """The effective parameters, once the job has run (the scheduler is resolved then)."""
+    if job.scheduler_used is None:
+        return None
+    fields = {name: value for name, value in asdict(job.request).items() if name not in ("seed", "scheduler")}
+    return GenerationParameters(**fields, seed=job.seed, scheduler=job.scheduler_used)
+
+
+def image_path(image: StoredImage, storage: ImageStorage) -> str | None:
+    """Where the image lies on the server: None when it was not stored, or is stored remotely."""
+    path = storage.local_path(image.key) if image.key else None
+    return str(path) if path else None
+
+
+def outcome(job: Job) -> dict:
+    """What every answer about a finished generation says: seed, model, user, time, effective parameters."""
+    return {
+        "seed": job.seed,
+        "model_id": job.model_id,
+        "user_id": job.user_id,
+        "generation_time": round(job.generation_seconds or 0.0, 3),
+        "parameters": parameters(job),
+    }
+
+
+def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
+    """A succeeded job's result, with image URLs (presigned with S3) instead of base64; None before that."""
+    if job.scheduler_used is None or not job.images:
+        return None
+    images = [
+        JobImage(url=storage.url(image.key) if image.key else None, seed=image.seed, image_path=image_path(image, storage))
+        for image in job.images
+    ]
+    return JobResult(image_url=images[0].url, images=images, image_path=images[0].image_path, **outcome(job))
+
+
+def job_response(job: Job, queue: JobQueue) -> JobResponse:
+    """The job as the API shows it."""
+    return JobResponse(
+        job_id=job.id,
+        status=job.status,
+        user_id=job.user_id,
+        model_id=job.model_id,
+        position=queue.position(job),
+        progress=JobProgress(step=job.step, total=job.total_steps),
+        batch_size=job.batch_size,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        result=job_result(job, queue.storage),
+        error=job.error,
+        links=job_links(job),
+    )
+
+
+def generate_response(job: Job, storage: ImageStorage) -> GenerateResponse:
+    """A finished synchronous job as POST /generate answers it: its images as base64 PNGs (handed over once)."""
+    images = [
+        GeneratedImage(image_base64=base64.b64encode(png).decode("ascii"), seed=image.seed, image_path=image_path(image, storage))
+        for png, image in zip(job.take_pngs(), job.images)
+    ]
+    return GenerateResponse(image_base64=images[0].image_base64, images=images, image_path=images[0].image_path, **outcome(job))

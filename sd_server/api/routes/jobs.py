@@ -1,0 +1,153 @@
+"""The jobs API: submit, list, read, follow (Server-Sent Events), cancel and delete jobs."""
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+
+from schemas import JobCreated, JobList, JobRequest, JobResponse
+from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep
+from sd_server.api.errors import error_responses
+from sd_server.api.presenters import job_links, job_response
+from sd_server.domain.jobs import Job, JobQuery, JobStatus
+from sd_server.domain.models import DEFAULT_USER
+from sd_server.errors import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    UnknownUserError,
+)
+from sd_server.jobs.queue import JobQueue
+from sd_server.observability.logging import request_id_var
+from sd_server.security.webhook_urls import check_webhook_url
+
+jobs_router = APIRouter(prefix="/jobs", tags=["jobs"])
+JOB_ERRORS = error_responses(NotFoundError, ConflictError)
+
+
+@jobs_router.post("", status_code=202, responses=error_responses(ForbiddenError, UnknownUserError, ConflictError))
+async def create_job(
+    body: JobRequest,
+    queue: QueueDep,
+    principal: CurrentUser,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same job.")] = None,
+) -> JobCreated:
+    """Queue a generation and answer at once; follow it at `links.self` or `links.events`."""
+    requested = body.user_id if "user_id" in body.model_fields_set else None
+    generation = body.to_generation(principal.acting_user(requested, DEFAULT_USER))
+    webhook_url = str(body.webhook_url) if body.webhook_url else None
+    if webhook_url:
+        await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)
+    job, _ = await asyncio.to_thread(queue.submit, generation, False, webhook_url, idempotency_key, request_id_var.get())
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
+
+
+@jobs_router.get("")
+async def list_jobs(
+    queue: QueueDep,
+    principal: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    offset: Annotated[int, Query(ge=0, description="Prefer cursor: it is stable while jobs are added.")] = 0,
+    user_id: Annotated[str | None, Query(description="Only this user's jobs.")] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    created_after: Annotated[datetime | None, Query(description="ISO 8601; inclusive.")] = None,
+    created_before: Annotated[datetime | None, Query(description="ISO 8601; exclusive.")] = None,
+) -> JobList:
+    """Jobs newest first, filtered; follow `next_cursor` for the next page. A user key sees its own jobs only."""
+    if not principal.is_admin:
+        user_id = principal.user_id
+    query = JobQuery(user_id, status, created_after, created_before, limit, offset, decode_cursor(cursor))
+    jobs, total, next_cursor = await asyncio.to_thread(queue.store.page, query)
+    return JobList(
+        jobs=[job_response(job, queue) for job in jobs],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_cursor=encode_cursor(next_cursor),
+    )
+
+
+def encode_cursor(position: tuple[datetime, str] | None) -> str | None:
+    """An opaque cursor for the page after the job at ``position`` (its creation time and id)."""
+    if position is None:
+        return None
+    return base64.urlsafe_b64encode(f"{position[0].isoformat()}|{position[1]}".encode()).decode()
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """The position a cursor stands for; 422 when it is not one of ours."""
+    if cursor is None:
+        return None
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, binascii.Error) as error:
+        message = f"invalid cursor: pass next_cursor from the previous page ({error})"
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "msg": message, "input": cursor}]) from error
+
+
+@jobs_router.get("/{job_id}", responses=error_responses(NotFoundError))
+async def get_job(job: JobDep, queue: QueueDep) -> JobResponse:
+    """The job's status, progress, position while queued, and result or error."""
+    return job_response(job, queue)
+
+
+@jobs_router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "queued, started, progress..., then succeeded, failed or cancelled."},
+        **error_responses(NotFoundError),
+    },
+)
+async def job_events(job: JobDep, queue: QueueDep) -> StreamingResponse:
+    """Server-Sent Events: the current state first, then each change; the stream ends with the job."""
+    return StreamingResponse(
+        event_stream(job, queue), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+async def event_stream(job: Job, queue: JobQueue) -> AsyncIterator[str]:
+    """The job's events as SSE text: its current state, then what happens next, until a terminal event."""
+    events = queue.events.subscribe(job)
+    try:
+        current = job.status.value if job.status.is_terminal else ("started" if job.started_at else "queued")
+        yield sse(current, job_response(job, queue).model_dump(mode="json"))
+        sent = {current}
+        while not job.status.is_terminal or job.status.value not in sent:
+            name, data = await events.get()
+            if name in sent and name != "progress":
+                continue  # already told in the first event
+            sent.add(name)
+            yield sse(name, data if name == "progress" else job_response(job, queue).model_dump(mode="json"))
+    finally:
+        queue.events.unsubscribe(job, events)
+
+
+def sse(event: str, data: dict) -> str:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@jobs_router.post("/{job_id}/cancel", responses=JOB_ERRORS)
+async def cancel_job(job: JobDep, queue: QueueDep) -> JobResponse:
+    """Cancel: a queued job leaves the queue now; a running one stops at its next step. 409 once ended."""
+    await asyncio.to_thread(queue.cancel, job)
+    return job_response(job, queue)
+
+
+@jobs_router.delete("/{job_id}", status_code=204, responses=error_responses(NotFoundError))
+async def delete_job(job: JobDep, queue: QueueDep) -> Response:
+    """Cancel the job if it is still active, then delete it and its images."""
+    await asyncio.to_thread(queue.delete, job)
+    return Response(status_code=204)

@@ -1,0 +1,45 @@
+"""Admin routes that create, list and revoke API keys."""
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from schemas import KeyCreated, KeyCreateRequest, KeyInfo
+from sd_server.api.dependencies import AdminUser
+from sd_server.api.errors import error_responses
+from sd_server.domain.jobs import as_utc
+from sd_server.errors import ForbiddenError, NotFoundError
+from sd_server.security.keys import KeyStore
+
+keys_router = APIRouter(prefix="/keys", tags=["keys"], responses=error_responses(ForbiddenError))
+
+
+def get_key_store(request: Request) -> KeyStore:
+    """The key store of the app's authenticator."""
+    return request.app.state.authenticator.keys
+
+
+KeysDep = Annotated[KeyStore, Depends(get_key_store)]
+
+
+@keys_router.post("", status_code=201)
+async def create_key(body: KeyCreateRequest, admin: AdminUser, keys: KeysDep) -> KeyCreated:
+    """Create a key for a user (or an admin); the key is in this answer only."""
+    row, key = await asyncio.to_thread(keys.create, body.user_id, body.role)
+    return KeyCreated(id=row.id, key=key, user_id=row.user_id, role=row.role)
+
+
+@keys_router.get("")
+async def list_keys(admin: AdminUser, keys: KeysDep) -> list[KeyInfo]:
+    """Every key, without the keys themselves."""
+    rows = await asyncio.to_thread(keys.list)
+    return [KeyInfo(id=row.id, user_id=row.user_id, role=row.role, prefix=row.prefix, created_at=as_utc(row.created_at)) for row in rows]
+
+
+@keys_router.delete("/{key_id}", status_code=204, responses=error_responses(NotFoundError))
+async def revoke_key(key_id: str, admin: AdminUser, keys: KeysDep) -> Response:
+    """Revoke a key: requests with it get 401 from now on."""
+    if not await asyncio.to_thread(keys.delete, key_id):
+        raise NotFoundError(f"no key '{key_id}'")
+    return Response(status_code=204)

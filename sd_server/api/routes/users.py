@@ -1,0 +1,97 @@
+"""Routes of the user -> model registry: read a user's model, set or remove it (admin), upload a LoRA (admin)."""
+
+import asyncio
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Body, File, Form, Response, UploadFile
+
+from schemas import USER_MODEL_EXAMPLES, UserModelResponse
+from sd_server.api.dependencies import EngineDep, ManagedUser, RegistryDep, VisibleUser
+from sd_server.api.errors import error_responses
+from sd_server.domain.models import DEFAULT_USER, LoraModel, UserModel
+from sd_server.engine.interface import Engine
+from sd_server.errors import (
+    DefaultUserError,
+    ForbiddenError,
+    InvalidAdapterError,
+    UnknownUserError,
+)
+from sd_server.registry import ModelRegistry
+from sd_server.storage.model_files import keep_upload, stage_upload
+
+users_router = APIRouter(prefix="/users/{user_id}", tags=["users"])
+UPLOAD_PATHS = re.compile(r"/users/[^/]+/lora")  # routes whose bodies may reach SD_MAX_UPLOAD_BYTES
+NOT_FOUND = error_responses(UnknownUserError)
+ADMIN_ONLY = error_responses(ForbiddenError, UnknownUserError)
+
+
+def model_response(user_id: str, model: UserModel, registry: ModelRegistry) -> UserModelResponse:
+    """The API's view of one registry entry."""
+    return UserModelResponse(user_id=user_id, model=model, origin=registry.origin(user_id))
+
+
+def unload_if_unused(model: UserModel | None, registry: ModelRegistry, engine: Engine) -> None:
+    """Unload a model that no user runs on any more: a LoRA comes off its base, a checkpoint leaves memory."""
+    if model is None or registry.is_used(model):
+        return
+    if isinstance(model, LoraModel):
+        engine.unload_adapter(model)
+    else:
+        engine.unload(model.source)
+
+
+@users_router.get("/model", responses=NOT_FOUND)
+async def get_user_model(user_id: VisibleUser, registry: RegistryDep) -> UserModelResponse:
+    """The user's model: a checkpoint, or a LoRA on a base checkpoint."""
+    return model_response(user_id, registry.get(user_id), registry)
+
+
+@users_router.put("/model", responses=ADMIN_ONLY)
+async def set_user_model(
+    user_id: ManagedUser,
+    model: Annotated[UserModel, Body(examples=USER_MODEL_EXAMPLES)],
+    registry: RegistryDep,
+    engine: EngineDep,
+) -> UserModelResponse:
+    """Give the user a checkpoint or a LoRA (local paths must be inside SD_MODELS_DIR); kept across restarts."""
+    await asyncio.to_thread(registry.check_sources, model)
+    previous = await asyncio.to_thread(registry.set, user_id, model)
+    await asyncio.to_thread(unload_if_unused, previous, registry, engine)
+    return model_response(user_id, model, registry)
+
+
+@users_router.delete(
+    "/model", status_code=204, responses=error_responses(ForbiddenError, UnknownUserError, DefaultUserError)
+)
+async def delete_user_model(user_id: ManagedUser, registry: RegistryDep, engine: EngineDep) -> Response:
+    """Remove the user's model (their requests get 404 from now on) and unload it unless another user runs on it."""
+    model = await asyncio.to_thread(registry.remove, user_id)
+    await asyncio.to_thread(unload_if_unused, model, registry, engine)
+    return Response(status_code=204)
+
+
+@users_router.post("/lora", status_code=201, responses=ADMIN_ONLY)
+async def upload_lora(
+    user_id: ManagedUser,
+    file: Annotated[UploadFile, File(description="A LoRA .safetensors file (diffusers, PEFT or kohya format).")],
+    registry: RegistryDep,
+    engine: EngineDep,
+    base: Annotated[str | None, Form(max_length=500, description="Base checkpoint; left out, the default user's.")] = None,
+    scale: Annotated[float, Form(ge=0.0, le=4.0, description="Strength of the adapter.")] = 1.0,
+) -> UserModelResponse:
+    """Upload a LoRA and make it the user's model; it must load onto the base (else 422, and nothing is stored)."""
+    base = base or registry.get(DEFAULT_USER).base
+    await asyncio.to_thread(registry.check_checkpoint, base, "base")
+    staged, sha256 = await asyncio.to_thread(stage_upload, file.file, registry.models_dir)
+    try:
+        await asyncio.to_thread(engine.check_adapter, base, staged)
+    except BaseException as error:
+        staged.unlink()
+        if isinstance(error, InvalidAdapterError):
+            raise InvalidAdapterError(f"{file.filename}: {error.message}") from error
+        raise
+    model = LoraModel(base=base, source=await asyncio.to_thread(keep_upload, staged, sha256), scale=scale)
+    previous = await asyncio.to_thread(registry.set, user_id, model)
+    await asyncio.to_thread(unload_if_unused, previous, registry, engine)
+    return model_response(user_id, model, registry)

@@ -1,0 +1,231 @@
+"""Trains the demo model from scratch on drawn scenes: first the autoencoder, then the UNet and text encoder in its
+latent space (Stable Diffusion's recipe at toy size). Seeded and resumable: a run stopped and resumed ends with the
+same weights as one that ran through."""
+
+import copy
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from tqdm import tqdm
+
+from sd_server.demo.architecture import SD15_SCHEDULER_CONFIG, build_pipeline, build_vae
+from sd_server.demo.world import Scene, draw, prompt, random_scene
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How long and how hard each part trains; the defaults made the committed weights."""
+
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 8
+    vae_crop: int = 128
+    scenes: int = 8000
+    steps: int = 6000
+    batch: int = 16
+    learning_rate: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    unconditional: float = 0.1  # share of prompts left empty, for classifier-free guidance
+    dropped_word: float = 0.1  # chance that a prompt leaves out its colour, its shape or its background
+    save_every: int = 250
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    """PIL images as a batch in [-1, 1], channels first."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def warmed_up(step: int, warmup: int, peak: float) -> float:
+    """The learning rate: a linear warm-up, then constant (the moving average does the annealing)."""
+    return peak * min(1.0, (step + 1) / warmup)
+
+
+def train_vae(plan: TrainingPlan, rng: random.Random) -> AutoencoderKL:
+    """An autoencoder for the world's pictures: L1 reconstruction of random crops, a whisper of KL."""
+    vae = build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.vae_steps, eta_min=1e-4)
+    bar = tqdm(range(plan.vae_steps), desc="autoencoder", unit="step")
+    for _ in bar:
+        crops = []
+        for _ in range(plan.vae_batch):
+            image = draw(random_scene(rng, include_held_out=True), rng)
+            left, top = rng.randrange(0, 257 - plan.vae_crop, 8), rng.randrange(0, 257 - plan.vae_crop, 8)
+            crops.append(image.crop((left, top, left + plan.vae_crop, top + plan.vae_crop)))
+        pixels = to_tensor(crops)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decay.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_scenes(vae: AutoencoderKL, scenes: list[Scene], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent distribution (mean, std) of each scene's picture."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(scenes), 32), desc="encoding scenes", unit="batch"):
+        distribution = vae.encode(to_tensor([draw(scene, rng) for scene in scenes[start : start + 32]])).latent_dist
+        means.append(distribution.mean.half())
+        stds.append(distribution.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def training_prompt(scene: Scene, plan: TrainingPlan, rng: random.Random) -> str:
+    """The scene's prompt, sometimes empty and sometimes without one of its words."""
+    if rng.random() < plan.unconditional:
+        return ""
+    return prompt(scene, *(rng.random() >= plan.dropped_word for _ in range(3)))
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023)."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def update_ema(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model."""
+    with torch.no_grad():
+        for averaged, current in zip(average.parameters(), model.parameters()):
+            averaged.lerp_(current, 1 - decay)
+
+
+class DenoiserTraining:
+    """The UNet and text encoder learning to predict the noise added to scene latents, with moving averages of
+    both; its whole state (weights, optimizer, step, random generators) saves and loads."""
+
+    def __init__(self, plan: TrainingPlan, pipeline: StableDiffusionPipeline, scenes: list[Scene], latents: tuple) -> None:
+        self.plan, self.pipeline, self.scenes = plan, pipeline, scenes
+        self.means, self.stds = latents
+        self.unet, self.text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.parameters = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=plan.learning_rate, weight_decay=1e-2)
+        self.noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+        self.rng = random.Random(plan.seed + 1)
+        self.step = 0
+
+    def run(self, state_file: Path) -> None:
+        """Train up to the plan's step count, saving the state every ``save_every`` steps."""
+        bar = tqdm(range(self.step, self.plan.steps), desc="denoiser", unit="step", initial=self.step, total=self.plan.steps)
+        for _ in bar:
+            loss = self.train_step()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % self.plan.save_every == 0 or self.step == self.plan.steps:
+                self.save(state_file)
+
+    def train_step(self) -> float:
+        """One optimizer step on a batch of scenes; returns its loss."""
+        plan, tokenizer = self.plan, self.pipeline.tokenizer
+        for group in self.optimizer.param_groups:
+            group["lr"] = warmed_up(self.step, plan.warmup, plan.learning_rate)
+        picks = [self.rng.randrange(len(self.scenes)) for _ in range(plan.batch)]
+        clean = (self.means[picks].float() + self.stds[picks].float() * torch.randn(self.means[picks].shape))
+        clean = clean * self.pipeline.vae.config.scaling_factor
+        prompts = [training_prompt(self.scenes[pick], plan, self.rng) for pick in picks]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (plan.batch,))
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        predicted = self.unet(noisy, timesteps, self.text_encoder(ids)[0]).sample
+        per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(self.noise_scheduler, timesteps, plan.snr_gamma)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        decay = min(plan.ema_decay, (1 + self.step) / (10 + self.step))
+        update_ema(self.ema_unet, self.unet, decay)
+        update_ema(self.ema_text, self.text_encoder, decay)
+        self.step += 1
+        return loss.item()
+
+    def save(self, state_file: Path) -> None:
+        """Write the whole training state (atomically: a temporary file, then a rename)."""
+        state = {
+            "step": self.step,
+            "modules": [module.state_dict() for module in (self.unet, self.text_encoder, self.ema_unet, self.ema_text)],
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        partial = state_file.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(state_file)
+
+    def load(self, state_file: Path) -> None:
+        """Continue from a saved state."""
+        state = torch.load(state_file, weights_only=False)
+        for module, weights in zip((self.unet, self.text_encoder, self.ema_unet, self.ema_text), state["modules"]):
+            module.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    def averaged_pipeline(self) -> StableDiffusionPipeline:
+        """The pipeline with the moving averages as its UNet and text encoder."""
+        pipeline = copy.deepcopy(self.pipeline)
+        pipeline.register_modules(unet=copy.deepcopy(self.ema_unet).eval(), text_encoder=copy.deepcopy(self.ema_text).eval())
+        return pipeline
+
+
+def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, list[Scene], tuple]:
+    """Phase one, or its saved result: the trained autoencoder (its scaling factor set so latents have unit spread)
+    and the latents of the training scenes."""
+    latents_file = work_dir / "latents.pt"
+    if latents_file.exists():
+        saved = torch.load(latents_file, weights_only=False)
+        return AutoencoderKL.from_pretrained(work_dir / "vae"), saved["scenes"], (saved["means"], saved["stds"])
+    rng = random.Random(plan.seed)
+    torch.manual_seed(plan.seed)
+    vae = train_vae(plan, rng)
+    scenes = [random_scene(rng) for _ in range(plan.scenes)]
+    means, stds = encode_scenes(vae, scenes, rng)
+    spread = float((means.float() + stds.float() * torch.randn(means.shape)).std())
+    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
+    vae.save_pretrained(work_dir / "vae")
+    torch.save({"scenes": scenes, "means": means, "stds": stds}, latents_file)
+    return vae, scenes, (means, stds)
+
+
+def resume(plan: TrainingPlan, work_dir: Path) -> DenoiserTraining:
+    """The denoiser's training, at the state last saved in ``work_dir`` (phase one done first if need be)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    vae, scenes, latents = prepare_latents(plan, work_dir)
+    torch.manual_seed(plan.seed + 2)
+    training = DenoiserTraining(plan, build_pipeline(vae), scenes, latents)
+    if (work_dir / "state.pt").exists():
+        training.load(work_dir / "state.pt")
+    return training
+
+
+def export(training: DenoiserTraining, output_dir: Path) -> Path:
+    """Save the averaged pipeline, float16 safetensors weights, and the plan that made it, to ``output_dir``."""
+    training.averaged_pipeline().to(dtype=torch.float16).save_pretrained(output_dir, safe_serialization=True)
+    record = {**asdict(training.plan), "trained_steps": training.step}
+    (Path(output_dir) / "training_plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    return Path(output_dir)
+
+
+def train(plan: TrainingPlan, output_dir: Path, work_dir: Path) -> Path:
+    """Train every part (resuming from ``work_dir`` when it holds a state) and export the result to ``output_dir``."""
+    training = resume(plan, work_dir)
+    training.run(work_dir / "state.pt")
+    return export(training, output_dir)

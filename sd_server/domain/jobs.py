@@ -1,0 +1,136 @@
+"""Job records: one generation from submission to its images (or error), and how jobs are listed."""
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Protocol
+
+from sd_server.domain.generation import Generation
+from sd_server.domain.models import CheckpointModel, UserModel
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """``moment`` as an aware UTC datetime (SQLite hands back naive ones)."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life; the last three are terminal."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job can change no more."""
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+@dataclass
+class StoredImage:
+    """One image of a job: its seed, storage key (None: not stored), size and checksum; ``png`` while held."""
+
+    seed: int
+    key: str | None
+    size_bytes: int
+    sha256: str
+    png: bytes = b""
+
+
+@dataclass
+class Job:
+    """One generation request, from submission to its images (or error)."""
+
+    request: Generation
+    model_id: str
+    seed: int
+    synchronous: bool
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    request_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: JobStatus = JobStatus.queued
+    created_at: datetime = field(default_factory=utc_now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    step: int = 0
+    total_steps: int = 0
+    batch_size: int | None = None
+    attempts: int = 0
+    scheduler_used: str | None = None
+    generation_seconds: float | None = None
+    images: list[StoredImage] = field(default_factory=list)
+    error: str | None = None
+    error_status: int | None = None
+    cancel_requested: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    model: UserModel | None = None  # the user's model at submission; None: the checkpoint ``model_id``
+
+    def __post_init__(self) -> None:
+        self.total_steps = self.total_steps or self.request.num_inference_steps
+        self.model = self.model or CheckpointModel(source=self.model_id)
+
+    @property
+    def user_id(self) -> str:
+        """Whose job this is."""
+        return self.request.user_id
+
+    @property
+    def images_requested(self) -> int:
+        """How many images the job makes."""
+        return self.request.num_images
+
+    def take_pngs(self) -> list[bytes]:
+        """The encoded images, handed over once: the record keeps only keys and checksums after this."""
+        pngs = [image.png for image in self.images]
+        for image in self.images:
+            image.png = b""
+        return pngs
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Which jobs to list, newest first: filters, then a page by cursor (or offset)."""
+
+    user_id: str | None = None
+    status: JobStatus | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    limit: int = 20
+    offset: int = 0
+    cursor: tuple[datetime, str] | None = None
+
+
+class JobStore(Protocol):
+    """Keeps job records: the live object of every active job, and every job durably."""
+
+    def add(self, job: Job) -> None: ...
+
+    def save(self, job: Job) -> None: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def delete(self, job_id: str) -> Job | None: ...
+
+    def find_by_idempotency_key(self, key: str) -> Job | None: ...
+
+    def page(self, query: JobQuery) -> tuple[list[Job], int, tuple[datetime, str] | None]: ...
+
+    def owner_of_image(self, key: str) -> str | None: ...
+
+    def unfinished(self) -> list[Job]: ...
+
+    def finished_before(self, cutoff: datetime) -> list[Job]: ...

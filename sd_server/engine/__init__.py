@@ -1,0 +1,2 @@
+"""The engine: what turns a batch of prompts into images. ``interface`` is what the job queue may ask of one (and
+imports no torch); ``diffusers_engine`` runs Stable Diffusion pipelines in this process."""

@@ -1,0 +1,178 @@
+"""The in-process engine: Stable Diffusion pipelines from diffusers, cached in two tiers, with LoRA adapters; the
+job queue's device and loader threads call it."""
+
+from collections.abc import Callable, Set
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from PIL import Image
+
+from config import Settings
+from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
+from sd_server.engine import devices
+from sd_server.engine.adapters import AdapterCache
+from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.png import encode_png
+from sd_server.engine.samplers import fresh_scheduler
+from sd_server.errors import DeviceOutOfMemoryError, ModelLoadError
+
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
+
+
+class BatchStopped(Exception):
+    """Raised from the step callback when the queue says to stop: the pipeline call ends there."""
+
+
+class DiffusersEngine:
+    """Keeps checkpoints in a two-tier cache budgeted in bytes (device, then host RAM), loads identical components
+    once, puts LoRA adapters on resident bases, and runs batches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = devices.choose_device(settings.device, torch.cuda.is_available(), torch.backends.mps.is_available())
+        self.dtype = devices.choose_dtype(settings.dtype, self.device)
+        self.default_max_batch_size = devices.default_max_batch_size(self.device)
+        self.cache = CheckpointCache(settings, self.device, self.dtype)
+        self.adapters = AdapterCache(settings, self.cache)
+
+    # --- queries, from any thread --------------------------------------------------------------------
+
+    def loaded_models(self) -> list[str]:
+        """Checkpoints in memory (either tier), least recently used first."""
+        with self.cache.lock:
+            return list(self.cache.checkpoints)
+
+    def is_ready(self, model: UserModel) -> bool:
+        """True when a batch for ``model`` can start now: its checkpoint is on the device (a LoRA loads in ms)."""
+        return self.cache.is_ready(model.base)
+
+    def needs_loading(self, model: UserModel) -> bool:
+        """True when the loader has work for ``model``: its checkpoint is not ready, or its LoRA file could be read
+        ahead."""
+        if not self.is_ready(model):
+            return True
+        return isinstance(model, LoraModel) and self.adapters.can_read_ahead(model)
+
+    def cache_report(self) -> dict:
+        """Per tier: resident checkpoints, bytes, budget, hits, misses, evictions, load seconds; and the adapters."""
+        return {**self.cache.report(), "adapters": self.adapters.report()}
+
+    def report(self) -> EngineReport:
+        """Device, dtype, models in memory, cache figures and device memory now."""
+        return EngineReport(
+            device=self.device,
+            dtype=str(self.dtype).removeprefix("torch."),
+            loaded_models=self.loaded_models(),
+            cache=self.cache_report(),
+            device_memory_bytes=devices.allocated_bytes(self.device),
+        )
+
+    # --- loading (loader thread; request threads for uploads and removals) ------------------------------
+
+    def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
+        """Bring ``model``'s checkpoint onto the device (from host RAM, else from disk), moving least recently used
+        checkpoints not in ``keep`` and not running down a tier; then load its LoRA (or read the file) ahead.
+        False: no room now."""
+        with self.cache.residency:
+            checkpoint = self.cache.bring_to_device(model.base, keep)
+            if checkpoint is None:
+                return False
+            if isinstance(model, LoraModel):
+                self.adapters.load_ahead(checkpoint, model)
+            return True
+
+    def unload(self, source: str | None = None) -> list[str]:
+        """Drop one cached checkpoint (or all), with its adapters, and free their memory; returns the ones dropped."""
+        with self.cache.residency:
+            self.adapters.forget_staged()
+            return self.cache.unload(source)
+
+    def unload_adapter(self, model: LoraModel) -> bool:
+        """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""
+        return self.adapters.unload(model)
+
+    def check_adapter(self, base: str, path: Path) -> None:
+        """Load the LoRA file at ``path`` onto ``base`` and take it off again; InvalidAdapterError if it does not load."""
+        checkpoint = self._pin(CheckpointModel(source=base))
+        try:
+            self.adapters.check(checkpoint, path)
+        finally:
+            self.cache.unpin(checkpoint)
+
+    # --- running (device worker thread) -----------------------------------------------------------------
+
+    def run_batch(
+        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+    ) -> BatchOutput | None:
+        """One pipeline call for all items with the key's model and adapter: each item's images, and the scheduler.
+        None when ``should_stop()`` answered True after a step."""
+        checkpoint = self._pin(key.model)
+        try:
+            adapter = self.adapters.ensure(checkpoint, key.model) if isinstance(key.model, LoraModel) else None
+            with checkpoint.lock:
+                self.adapters.activate(checkpoint, key.model, adapter)
+                return self._generate(checkpoint, key, items, on_step, should_stop)
+        except BatchStopped:
+            return None
+        finally:
+            self.cache.unpin(checkpoint)
+
+    def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
+        """PNG-encode each image with its text as the ``parameters`` chunk."""
+        return [encode_png(image, text) for image, text in zip(images, texts)]
+
+    def free_memory(self) -> None:
+        """Collect garbage, and return cached blocks to the driver on CUDA."""
+        devices.free_memory(self.device)
+
+    def _pin(self, model: UserModel) -> CachedCheckpoint:
+        """The model's checkpoint, on the device and marked in use (so never moved); loaded first if need be."""
+        for _ in range(2):
+            if (checkpoint := self.cache.pin(model.base)) is not None:
+                return checkpoint
+            if not self.prepare(model):
+                break
+        raise ModelLoadError(f"no room on the device for model '{model.base}' while others run; raise SD_CACHE_DEVICE_GB")
+
+    def _generate(
+        self,
+        checkpoint: CachedCheckpoint,
+        key: BatchKey,
+        items: list[BatchItem],
+        on_step: Callable[[int, int], None],
+        should_stop: Callable[[], bool],
+    ) -> BatchOutput:
+        pipeline = checkpoint.pipeline
+        pipeline.scheduler, scheduler = fresh_scheduler(checkpoint.scheduler_class, checkpoint.scheduler_config, key.scheduler)
+        # One CPU generator per image: an image is the same alone or in any batch, on any device.
+        generators = [torch.Generator("cpu").manual_seed(item.seed + i) for item in items for i in range(item.num_images)]
+
+        def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
+            on_step(index + 1, pipe.num_timesteps)
+            if should_stop():
+                raise BatchStopped()
+            return tensors
+
+        try:
+            output = pipeline(
+                prompt=[item.prompt for item in items for _ in range(item.num_images)],
+                negative_prompt=[item.negative_prompt or "" for item in items for _ in range(item.num_images)],
+                num_inference_steps=key.num_inference_steps,
+                guidance_scale=key.guidance_scale,
+                width=key.width,
+                height=key.height,
+                generator=generators,
+                callback_on_step_end=step_ended,
+            )
+        except torch.OutOfMemoryError as error:
+            self.free_memory()
+            raise DeviceOutOfMemoryError(
+                f"{self.device} ran out of memory for {len(generators)} image(s) of {key.width}x{key.height}; "
+                "ask for fewer or smaller images, or lower SD_MAX_BATCH_SIZE or SD_CACHE_DEVICE_GB"
+            ) from error
+        images = iter(output.images)
+        return BatchOutput([[next(images) for _ in range(item.num_images)] for item in items], scheduler)

@@ -1,0 +1,106 @@
+"""What the job queue may ask of an engine, in the spirit of LitServe's setup / batch / predict / encode: is a model
+ready, prepare it, run a batch with a progress callback and a cancel check, encode the results, report memory."""
+
+from collections.abc import Callable, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypedDict
+
+from sd_server.domain.generation import SchedulerName
+from sd_server.domain.models import LoraModel, UserModel
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What jobs must share to run in one pipeline call: one model (so one adapter set), size, steps, CFG, sampler."""
+
+    model: UserModel
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: SchedulerName | None
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One job's share of a batch: its prompts, and the seed of its first image (image i has seed + i)."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    num_images: int
+
+
+@dataclass
+class BatchOutput:
+    """What a batch made: each item's images (the engine's own image objects, for ``encode``), and the scheduler that
+    ran (a SchedulerName value, or the model's own scheduler class name)."""
+
+    images: list[list[Any]]
+    scheduler: str
+
+
+class EngineReport(TypedDict):
+    """What an engine runs on and holds now, for /health, /models and the metrics."""
+
+    device: str
+    dtype: str
+    loaded_models: list[str]
+    cache: dict
+    device_memory_bytes: int
+
+
+class Engine(Protocol):
+    """An engine behind the job queue. Its methods are called from the queue's worker threads (and, for uploads
+    and unloads, from request threads), never from the event loop."""
+
+    device: str
+    default_max_batch_size: int
+
+    def is_ready(self, model: UserModel) -> bool:
+        """True when a batch for ``model`` can start now."""
+        ...
+
+    def needs_loading(self, model: UserModel) -> bool:
+        """True when ``prepare(model)`` has work to do."""
+        ...
+
+    def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
+        """Make ``model`` ready, moving out nothing in ``keep`` (checkpoint sources); False: no room now."""
+        ...
+
+    def run_batch(
+        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+    ) -> BatchOutput | None:
+        """One call for all items; ``on_step(step, total)`` after each denoising step; None when ``should_stop()``
+        said so after a step."""
+        ...
+
+    def encode(self, images: list[Any], texts: list[str]) -> list[bytes]:
+        """Each image as PNG bytes, with its text as the PNG ``parameters`` chunk."""
+        ...
+
+    def free_memory(self) -> None:
+        """Give back memory that nothing holds (after a failure, say)."""
+        ...
+
+    def report(self) -> EngineReport:
+        """Device, dtype, models in memory, cache figures and device memory now."""
+        ...
+
+    def loaded_models(self) -> list[str]:
+        """Checkpoints in memory, least recently used first."""
+        ...
+
+    def unload(self, source: str | None = None) -> list[str]:
+        """Drop one checkpoint (or all) from memory; returns those dropped."""
+        ...
+
+    def unload_adapter(self, model: LoraModel) -> bool:
+        """Take ``model``'s LoRA off its base; True when it was loaded."""
+        ...
+
+    def check_adapter(self, base: str, path: Path) -> None:
+        """Raise InvalidAdapterError unless the LoRA file at ``path`` loads onto ``base``."""
+        ...

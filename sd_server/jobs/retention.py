@@ -1,0 +1,44 @@
+"""Retention: jobs that ended longer ago than SD_RETENTION_DAYS are deleted with their images, periodically."""
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from sd_server.domain.jobs import utc_now
+from sd_server.jobs.queue import JobQueue
+
+logger = logging.getLogger(__name__)
+
+
+class Retention:
+    """Deletes old finished jobs every SD_RETENTION_INTERVAL_S while SD_RETENTION_DAYS is set."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self.settings = queue.settings
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the periodic task on the running event loop (nothing when SD_RETENTION_DAYS is unset)."""
+        if self.settings.retention_days:
+            self._task = asyncio.create_task(self._run_periodically())
+
+    def stop(self) -> None:
+        """Stop the periodic task."""
+        if self._task:
+            self._task.cancel()
+
+    def apply(self) -> int:
+        """Delete the jobs that ended over SD_RETENTION_DAYS ago, and their images; returns how many."""
+        cutoff = utc_now() - timedelta(days=self.settings.retention_days or 0)
+        old_jobs = self.queue.store.finished_before(cutoff)
+        for job in old_jobs:
+            self.queue.delete(job)
+        if old_jobs:
+            logger.info("retention: deleted %d jobs that ended before %s", len(old_jobs), cutoff.isoformat())
+        return len(old_jobs)
+
+    async def _run_periodically(self) -> None:
+        while True:
+            await asyncio.to_thread(self.apply)
+            await asyncio.sleep(self.settings.retention_interval_s)

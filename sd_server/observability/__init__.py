@@ -1,0 +1,1 @@
+"""Logging with request ids, HTTP middleware, and Prometheus metrics."""

@@ -1,0 +1,90 @@
+"""ASGI middleware: request ids, HTTP metrics, refusing work while shutting down, and the body size cap."""
+
+import json
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sd_server.observability.logging import request_id_var
+
+ALWAYS_OPEN = {"/health", "/health/ready", "/metrics"}
+
+
+async def send_json(send: Send, status: int, body: dict) -> None:
+    """Answer with a JSON body, outside FastAPI's routing."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestContextMiddleware:
+    """Accepts or creates X-Request-ID (returned, and in every log line); counts and times requests; 503 while stopping."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            state = scope["app"].state
+            if getattr(state, "shutting_down", False) and scope["path"] not in ALWAYS_OPEN:
+                await send_json(send_with_id, 503, {"detail": "the server is shutting down; retry on another instance"})
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            metrics = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+                metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """413 for request bodies over their cap: by Content-Length, and by counting a body sent without it. Paths that
+    match ``upload_paths`` (LoRA uploads) get ``upload_bytes`` (SD_MAX_UPLOAD_BYTES), the rest ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int, upload_paths: re.Pattern[str]) -> None:
+        self.app = app
+        self.max_bytes, self.upload_bytes, self.upload_paths = max_bytes, upload_bytes, upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = bool(self.upload_paths.fullmatch(scope["path"]))
+        limit = self.upload_bytes if upload else self.max_bytes
+        message = f"request body over {limit} bytes ({'SD_MAX_UPLOAD_BYTES' if upload else 'SD_MAX_BODY_BYTES'})"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await send_json(send, 413, {"detail": message})
+        received, refused = 0, False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            message_in = await receive()
+            received += len(message_in.get("body", b""))
+            if received > limit and not refused:
+                refused = True
+                await send_json(send, 413, {"detail": message})
+            return {"type": "http.disconnect"} if refused else message_in
+
+        async def send_unless_refused(message_out: Message) -> None:
+            if not refused:  # the app's own answer to the cut-off body goes nowhere
+                await send(message_out)
+
+        await self.app(scope, counting_receive, send_unless_refused)

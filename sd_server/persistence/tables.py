@@ -1,0 +1,88 @@
+"""The tables: jobs and their images, API keys, and the user -> model registry's changes."""
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    """Base of every table."""
+
+
+class JobRow(Base):
+    """A job: who, which model, every parameter, and how it went."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(String(500))
+    model_spec: Mapped[str | None] = mapped_column(Text, doc="the user's model at submission, as JSON (null: a checkpoint)")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    num_inference_steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    num_images: Mapped[int] = mapped_column(Integer)
+    scheduler: Mapped[str | None] = mapped_column(String(32), doc="as requested (null: the model's own)")
+    scheduler_used: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    synchronous: Mapped[bool]
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    generation_seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_status: Mapped[int | None] = mapped_column(Integer)
+    request_id: Mapped[str | None] = mapped_column(String(128), doc="X-Request-ID of the request that submitted it")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    images: Mapped[list["ImageRow"]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="ImageRow.position", lazy="selectin"
+    )
+
+
+class ImageRow(Base):
+    """One image of a job: where it is stored, its size and checksum."""
+
+    __tablename__ = "job_images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str | None] = mapped_column(String(300), unique=True, doc="null: not stored")
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    job: Mapped[JobRow] = relationship(back_populates="images")
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is stored; the key itself is shown once, when created."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), doc="the first characters, to tell keys apart")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UserModelRow(Base):
+    """A user's model as set through the API; it overrides the settings' mapping, and ``removed`` hides a user."""
+
+    __tablename__ = "user_models"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str | None] = mapped_column(Text, doc="the model as JSON; null: removed")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,120 @@
+"""API keys and who a request acts as: keys are stored as SHA-256 hashes, compared in constant time."""
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session
+
+from config import Settings
+from sd_server.domain.jobs import utc_now
+from sd_server.errors import ForbiddenError
+from sd_server.persistence.tables import ApiKeyRow
+
+KEY_PREFIX = "sdk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: a user, an admin, or (with SD_AUTH=off) anyone."""
+
+    user_id: str | None
+    role: str
+    key_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """Admins act for every user and manage keys, the cache and the registry."""
+        return self.role == "admin"
+
+    def can_access(self, owner: str) -> bool:
+        """True when this principal may see a resource of ``owner``."""
+        return self.is_admin or self.user_id == owner
+
+    def acting_user(self, requested: str | None, default: str) -> str:
+        """The user a request acts for: an admin's ``requested`` (else ``default``); a user key's own user, which
+        ``requested`` may repeat but not change (ForbiddenError)."""
+        if self.is_admin:
+            return requested or default
+        if requested is not None and requested != self.user_id:
+            raise ForbiddenError(f"this key acts as user '{self.user_id}', not '{requested}'")
+        return self.user_id
+
+
+OPEN_ACCESS = Principal(user_id=None, role="admin")
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 of an API key: keys are 256 random bits, so a fast hash is as safe as a slow one."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """API keys in the database; the plain key exists only in the answer that creates it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.count = self._count()
+
+    def create(self, user_id: str, role: str, key: str | None = None) -> tuple[ApiKeyRow, str]:
+        """Store a new key (random unless given) for ``user_id``; returns its row and the plain key."""
+        key = key or KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKeyRow(
+            id=uuid.uuid4().hex, user_id=user_id, role=role, key_hash=hash_key(key), prefix=key[:8], created_at=utc_now()
+        )
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            session.add(row)
+        self.count = self._count()
+        return row, key
+
+    def ensure(self, key: str, user_id: str, role: str) -> None:
+        """Store ``key`` unless it is stored already (the SD_ADMIN_KEY at start-up)."""
+        with Session(self.engine) as session:
+            known = session.scalar(select(ApiKeyRow.id).where(ApiKeyRow.key_hash == hash_key(key)))
+        if not known:
+            self.create(user_id, role, key)
+
+    def list(self) -> list[ApiKeyRow]:
+        """Every key (without the key itself), oldest first."""
+        with Session(self.engine) as session:
+            return list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+
+    def delete(self, key_id: str) -> bool:
+        """Revoke a key; False when there was none with that id."""
+        with Session(self.engine) as session, session.begin():
+            deleted = session.execute(delete(ApiKeyRow).where(ApiKeyRow.id == key_id)).rowcount
+        self.count = self._count()
+        return bool(deleted)
+
+    def authenticate(self, key: str) -> Principal | None:
+        """The principal of ``key``, or None when no stored key matches."""
+        digest = hash_key(key)
+        with Session(self.engine) as session:
+            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == digest))
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return None
+        return Principal(user_id=row.user_id, role=row.role, key_id=row.id)
+
+    def _count(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(ApiKeyRow))
+
+
+class Authenticator:
+    """Decides whether a key is needed (SD_AUTH) and whose it is."""
+
+    def __init__(self, settings: Settings, keys: KeyStore) -> None:
+        self.settings = settings
+        self.keys = keys
+        if settings.admin_key:
+            keys.ensure(settings.admin_key, user_id="admin", role="admin")
+
+    @property
+    def required(self) -> bool:
+        """SD_AUTH=required, or (the default, auto) as soon as any key exists or SD_ADMIN_KEY is set."""
+        if self.settings.auth == "auto":
+            return bool(self.settings.admin_key) or self.keys.count > 0
+        return self.settings.auth == "required"

@@ -1,0 +1,100 @@
+"""A fake engine: the Engine interface in a few lines, no torch. Models load at once (or fail, or wait for a
+gate); a batch is a loop of steps that a test can hold at a gate; an image is a small picture coloured by its seed."""
+
+import threading
+from collections.abc import Callable, Set
+from pathlib import Path
+
+from PIL import Image
+
+from sd_server.domain.models import LoraModel, UserModel
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.png import encode_png
+
+GATE_TIMEOUT_S = 60  # a gate a test forgot to open lets the worker go on after this, so nothing hangs
+
+
+def empty_cache_report() -> dict:
+    """A cache report with nothing in it, in the shape /health shows."""
+    tier = {"models": [], "bytes": 0, "budget_bytes": 0, "hits": 0, "misses": 0, "evictions": 0, "load_seconds": 0.0}
+    adapters = {"resident": [], "bytes": 0, "max_adapters": 0, "hits": 0, "misses": 0, "evictions": 0, "load_seconds": 0.0}
+    return {"device": tier, "cpu": dict(tier), "adapters": adapters, "shared_components": 0}
+
+
+class FakeEngine:
+    """Records every batch it runs; ``step_gate`` (when set) makes each step wait for a release, ``load_gate`` each
+    load; ``broken`` maps a checkpoint to the error its load raises; ``failures`` are raised by the next batches."""
+
+    device = "cpu"
+    default_max_batch_size = 4
+
+    def __init__(self) -> None:
+        self.loaded: set[str] = set()
+        self.broken: dict[str, Exception] = {}
+        self.failures: list[Exception] = []
+        self.batches: list[tuple[BatchKey, list[BatchItem]]] = []
+        self.step_gate: threading.Semaphore | None = None
+        self.load_gate: threading.Event | None = None
+
+    def is_ready(self, model: UserModel) -> bool:
+        return model.base in self.loaded
+
+    def needs_loading(self, model: UserModel) -> bool:
+        return not self.is_ready(model)
+
+    def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
+        if model.base in self.broken:
+            raise self.broken[model.base]
+        if self.load_gate is not None:
+            self.load_gate.wait(GATE_TIMEOUT_S)
+        self.loaded.add(model.base)
+        return True
+
+    def run_batch(
+        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+    ) -> BatchOutput | None:
+        self.batches.append((key, items))
+        if self.failures:
+            raise self.failures.pop(0)
+        for step in range(1, key.num_inference_steps + 1):
+            if self.step_gate is not None:
+                self.step_gate.acquire(timeout=GATE_TIMEOUT_S)
+            on_step(step, key.num_inference_steps)
+            if should_stop():
+                return None
+        images = [[seed_image(item.seed + index) for index in range(item.num_images)] for item in items]
+        return BatchOutput(images, key.scheduler.value if key.scheduler else "pndm")
+
+    def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
+        return [encode_png(image, text) for image, text in zip(images, texts)]
+
+    def free_memory(self) -> None:
+        pass
+
+    def report(self) -> EngineReport:
+        return EngineReport(
+            device="cpu", dtype="float32", loaded_models=self.loaded_models(), cache=empty_cache_report(), device_memory_bytes=0
+        )
+
+    def loaded_models(self) -> list[str]:
+        return sorted(self.loaded)
+
+    def unload(self, source: str | None = None) -> list[str]:
+        dropped = [name for name in self.loaded_models() if source in (None, name)]
+        self.loaded -= set(dropped)
+        return dropped
+
+    def unload_adapter(self, model: LoraModel) -> bool:
+        return False
+
+    def check_adapter(self, base: str, path: Path) -> None:
+        pass
+
+    def batch_sizes(self) -> list[int]:
+        """Images per batch run so far, in order."""
+        return [sum(item.num_images for item in items) for _, items in self.batches]
+
+
+def seed_image(seed: int) -> Image.Image:
+    """An 8x8 picture whose colour is a function of ``seed``."""
+    return Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 128))

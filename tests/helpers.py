@@ -1,0 +1,146 @@
+"""Helpers the test modules share: free ports, pixels, and polls that wait with a generous deadline and fail
+saying what they last saw (the suite runs on busy 2-core machines)."""
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEADLINE_S = 300  # generous: a wait that ends early costs nothing, one that ends late fails on a busy machine
+TERMINAL = ("succeeded", "failed", "cancelled")
+SLOW = {"width": 512, "height": 512, "num_inference_steps": 60}  # seconds on 2 CPU cores: long enough to act on it
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def pixels(image_base64: str) -> np.ndarray:
+    """The RGB pixels of a base64 PNG, as signed integers (so differences do not wrap)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_base64))).convert("RGB")).astype(np.int16)
+
+
+def poll(read: Callable[[], Any], done: Callable[[Any], bool], what: str, timeout: float = DEADLINE_S, interval: float = 0.05) -> Any:
+    """Call ``read`` until ``done`` says yes; fails after ``timeout`` seconds with the last value read."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = read()
+        if done(last):
+            return last
+        time.sleep(interval)
+    pytest.fail(f"{what}: not reached within {timeout:g} s; last seen: {last}")
+
+
+def read_job(client, job_id: str, headers: dict | None = None) -> dict:
+    """GET /jobs/{id} as JSON; fails on any answer but 200 (a 429 body is not a job)."""
+    response = client.get(f"/jobs/{job_id}", headers=headers or {})
+    assert response.status_code == 200, f"GET /jobs/{job_id} answered {response.status_code}: {response.text}"
+    return response.json()
+
+
+def wait_for(client, job_id: str, status: str | None = None, headers: dict | None = None, timeout: float = DEADLINE_S) -> dict:
+    """Poll the job until it ends (or reaches ``status``); returns its JSON. ``client`` is a TestClient or an
+    httpx.Client with a base URL."""
+    reached = (lambda job: job["status"] == status) if status else (lambda job: job["status"] in TERMINAL)
+    return poll(lambda: read_job(client, job_id, headers), reached, f"job {job_id} reaching {status or 'an end'}", timeout)
+
+
+def wait_until_running(client, job_id: str, headers: dict | None = None) -> dict:
+    """Wait until the job has run at least one denoising step."""
+    return poll(
+        lambda: read_job(client, job_id, headers),
+        lambda job: job["status"] == "running" and job["progress"]["step"] >= 1,
+        f"job {job_id} running a step",
+    )
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """(event, data) pairs of an SSE stream."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = DEADLINE_S) -> None:
+    """Poll /health until it answers; fail if the process exits or the time runs out."""
+
+    def read() -> int | str:
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            return httpx.get(f"{url}/health", timeout=5).status_code
+        except httpx.TransportError as error:
+            return repr(error)
+
+    poll(read, lambda status: status == 200, f"{url}/health answering", timeout, interval=0.2)
+
+
+class WebhookReceiver:
+    """A local HTTP server that answers 500 to the first ``failures`` POSTs, then 200, and keeps the bodies."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.statuses: list[int] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = 500 if len(receiver.statuses) < failures else 200
+                receiver.bodies.append(body)
+                receiver.statuses.append(status)
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+
+
+class SilentReceiver:
+    """A TCP server that accepts connections and never answers: a webhook receiver that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        """Drop every connection and stop listening."""
+        for connection in self.connections:
+            connection.close()
+        self.listener.close()

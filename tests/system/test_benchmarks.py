@@ -1,0 +1,31 @@
+"""The benchmarks run end to end in a smoke size, so they cannot rot."""
+
+import subprocess
+import sys
+
+from helpers import DEADLINE_S, PROJECT_DIR
+
+
+def run_benchmark(*arguments: str) -> str:
+    """Run a benchmark script; its printed figures."""
+    result = subprocess.run(
+        [sys.executable, *arguments], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=DEADLINE_S
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_serving_benchmark_runs_and_prints_its_table(models_dir):
+    output = run_benchmark(
+        "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "4", "--concurrency", "2", "--steps", "2"
+    )
+
+    assert "raw pipeline" in output and "server / raw" in output
+    assert "no_batching" in output and "batching" in output
+
+
+def test_the_model_switching_benchmark_runs_and_prints_its_tables():
+    output = run_benchmark("benchmarks/bench_models.py", "--steps", "1", "--users", "1,3", "--min-images", "2")
+
+    assert "| time to first image | seconds |" in output and "| one more user | bytes on the device |" in output
+    assert "| 3 |" in output

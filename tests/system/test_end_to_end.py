@@ -1,0 +1,72 @@
+"""The real server in a subprocess, driven by the smoke client; and the Postman collection's coverage."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import DEADLINE_S, PROJECT_DIR, free_port, wait_until_healthy
+
+from sd_server.app import create_app
+
+
+@pytest.fixture
+def server_process(models_dir, tmp_path):
+    """`python main.py` serving the demo model on a free port, as start.sh runs it; yields its URL."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "SD_DEFAULT_MODEL": "demo",
+        "SD_MODELS_DIR": str(models_dir),
+        "SD_OUTPUT_DIR": str(tmp_path / "output"),
+        "SD_HOST": "127.0.0.1",
+        "SD_PORT": str(port),
+    }
+    process = subprocess.Popen([sys.executable, "main.py"], cwd=PROJECT_DIR, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=DEADLINE_S)
+
+
+def test_smoke_client_runs_against_the_real_server_and_writes_pngs(server_process, tmp_path):
+    out = tmp_path / "test_output"
+
+    result = subprocess.run(
+        [sys.executable, "test_api.py", "--url", server_process, "--out", str(out), "--steps", "2", "--size", "256"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all endpoints answered as expected" in result.stdout
+    written = sorted(path.name for path in out.glob("*.png"))
+    assert written == ["generate_image_seed7.png", "generate_seed42.png", "generate_seed43.png", "job_seed9.png"]
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in out.glob("*.png"))
+
+
+def without_variables(path: str) -> str:
+    """The path with each variable (OpenAPI's {job_id}, Postman's {{jobId}}) as {}."""
+    return re.sub(r"\{\{?\w+\}?\}", "{}", path)
+
+
+def test_every_route_in_the_openapi_schema_is_in_the_postman_collection():
+    collection = json.loads((PROJECT_DIR / "postman_collection.json").read_text())
+    requests = {
+        (item["request"]["method"], without_variables("/" + "/".join(item["request"]["url"]["path"])))
+        for folder in collection["item"]
+        for item in folder["item"]
+    }
+
+    routes = {
+        (method.upper(), without_variables(path)) for path, methods in create_app().openapi()["paths"].items() for method in methods
+    }
+
+    assert routes - requests == set()
