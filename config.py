@@ -62,10 +62,18 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(600, gt=0, description="A job not finished this long after submission fails.")
     webhook_retries: int = Field(3, ge=0, description="Retries of a failed webhook delivery.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each time.")
-    webhook_timeout_s: float = Field(10, gt=0, description="Timeout of one webhook delivery.")
+    webhook_timeout_s: float = Field(
+        10, gt=0, description="Deadline of one webhook delivery attempt, connection to status line (the body is never read)."
+    )
     data_dir: Path = Field(Path("data"), description="Where the embedded SQLite database lives.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; unset: SQLite in SD_DATA_DIR."
+    )
+    database_retry_s: float = Field(
+        60, gt=0, description="How long a database operation is retried through locks and lost connections (503 after)."
+    )
+    database_lock_timeout_s: float = Field(
+        10, gt=0, description="How long one attempt waits for a lock another process holds (SQLite busy timeout, PostgreSQL lock_timeout)."
     )
     storage: Literal["local", "s3"] = Field("local", description="Where images go: SD_OUTPUT_DIR, or an S3 bucket.")
     s3_bucket: str | None = None
@@ -81,7 +89,15 @@ class Settings(BaseSettings):
         "auto", description="auto: keys are required as soon as one exists or SD_ADMIN_KEY is set; off: open."
     )
     admin_key: str | None = Field(None, description="An admin API key, stored (hashed) at start-up.")
-    rate_limit: str | None = Field("120/minute", description="Requests per API key, in `limits` notation; unset: none.")
+    rate_limit: str | None = Field(
+        "120/minute", description="Requests that change something (POST, PUT, DELETE) per API key, in `limits` notation; empty: none."
+    )
+    read_rate_limit: str | None = Field(
+        "1200/minute", description="Reads (GET: jobs, events, images, ...) per API key, a budget of their own; empty: none."
+    )
+    rate_limit_storage: str = Field(
+        "memory://", description="Where rate limits count: memory:// (this process), or redis://host:6379 (shared by replicas)."
+    )
     max_active_jobs_per_user: int = Field(16, ge=1, description="Queued + running jobs one user may have.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body accepted (413 past it).")
     max_pixel_steps: int = Field(

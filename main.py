@@ -9,4 +9,5 @@ app = create_app()
 
 if __name__ == "__main__":
     settings = Settings()
-    uvicorn.run("main:app", host=settings.host, port=settings.port)
+    # A request that still waits when shutdown begins gets SD_SHUTDOWN_TIMEOUT_S, so the process always ends.
+    uvicorn.run("main:app", host=settings.host, port=settings.port, timeout_graceful_shutdown=int(settings.shutdown_timeout_s))

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from sd_server.domain.generation import MAX_SEED, Generation, SchedulerName
 from sd_server.domain.jobs import JobStatus
-from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, UserModel
+from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, Text, UserModel
 
 GENERATE_EXAMPLE = {
     "prompt": "a portrait photo of sks person, studio lighting, 85mm",
@@ -28,11 +28,11 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [GENERATE_EXAMPLE]})
 
-    prompt: str = Field(..., min_length=1, max_length=2000, description="What the image shows.")
-    negative_prompt: str | None = Field(None, max_length=2000, description="What the image must not show.")
+    prompt: Text = Field(..., min_length=1, max_length=2000, description="What the image shows.")
+    negative_prompt: Text | None = Field(None, max_length=2000, description="What the image must not show.")
     user_id: str = Field(DEFAULT_USER, pattern=USER_ID_PATTERN, description="Whose model to use.")
     num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=1.0, le=20.0, description="Classifier-free guidance (CFG) scale.")
+    guidance_scale: float = Field(7.5, ge=1.0, le=20.0, allow_inf_nan=False, description="Classifier-free guidance (CFG) scale.")
     width: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
     height: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Left out, a random seed is drawn and returned.")
@@ -148,16 +148,26 @@ class QueueStats(BaseModel):
     mean_batch_size: float = Field(..., description="Images per pipeline call, over every batch run so far.")
 
 
-class HealthResponse(BaseModel):
-    """Liveness and what the service runs on."""
+class PartStatus(BaseModel):
+    """One part of the service (a worker thread, a background task, the database)."""
 
-    status: str = Field(..., examples=["ok"])
-    device: str = Field(..., examples=["cuda"])
-    dtype: str = Field(..., examples=["float16"])
-    loaded_models: list[str] = Field(..., description="Checkpoints in memory (either tier), least recently used first.")
+    state: Literal["ok", "busy", "failing", "dead"]
+    detail: str | None = Field(None, description="Why it is failing or dead.")
+    since: float = Field(..., description="Unix time of the last change of state.")
+
+
+class HealthResponse(BaseModel):
+    """Liveness: ok, degraded (a part is failing and goes on) or not ok (a part is dead: 503), and the version.
+    With an admin key (or when no key is required) also what the service runs on and each part's state."""
+
+    status: Literal["ok", "degraded", "not ok"] = Field(..., examples=["ok"])
     version: str
-    queue: QueueStats
-    cache: CacheStats
+    device: str | None = Field(None, examples=["cuda"])
+    dtype: str | None = Field(None, examples=["float16"])
+    loaded_models: list[str] | None = Field(None, description="Checkpoints in memory (either tier), least recently used first.")
+    queue: QueueStats | None = None
+    cache: CacheStats | None = None
+    parts: dict[str, PartStatus] | None = Field(None, description="device, loader, encoder, webhooks, retention, database.")
 
 
 class CacheClearResponse(BaseModel):

@@ -3,11 +3,16 @@ job queue with its workers, webhooks and metrics."""
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy import Engine as DatabaseEngine
 
 from config import Settings
 from sd_server import VERSION
@@ -15,13 +20,14 @@ from sd_server.api.errors import (
     UnexpectedErrorMiddleware,
     error_responses,
     handle_service_error,
+    handle_validation_error,
 )
 from sd_server.api.presenters import job_response
 from sd_server.api.routes import ROUTERS
 from sd_server.api.routes.users import UPLOAD_PATHS
-from sd_server.domain.jobs import Job
 from sd_server.engine.interface import Engine
 from sd_server.errors import (
+    BadRequestError,
     PayloadTooLargeError,
     ServiceError,
     ServiceUnavailableError,
@@ -40,13 +46,16 @@ from sd_server.observability.middleware import (
 )
 from sd_server.persistence.database import create_database_engine, migrate
 from sd_server.persistence.job_store import SqlJobStore
+from sd_server.persistence.outbox import WebhookOutbox
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
-from sd_server.storage.images import create_storage
+from sd_server.storage.images import ImageStorage, create_storage
+from sd_server.storage.model_files import clean_staging
 
 logger = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], Engine]
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
 
 
 def diffusers_engine(settings: Settings) -> Engine:
@@ -56,59 +65,119 @@ def diffusers_engine(settings: Settings) -> Engine:
     return DiffusersEngine(settings)
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory = diffusers_engine) -> FastAPI:
-    """The application; its lifespan creates the engine with ``engine_factory`` from ``settings``."""
+def stop_this_process() -> None:
+    """Ask this process to shut down gracefully (SIGTERM), for its supervisor to start a fresh one."""
+    logger.critical("the device is lost; stopping the process so that its supervisor restarts it")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class Services:
+    """What the lifespan builds, starts and stops."""
+
+    engine: Engine
+    database: DatabaseEngine
+    registry: ModelRegistry
+    queue: JobQueue
+    workers: Workers
+    retention: Retention
+    webhooks: WebhookSender
+    metrics: Metrics
+    authenticator: Authenticator
+
+
+async def start_services(settings: Settings, engine_factory: EngineFactory, on_device_lost: Callable[[], None]) -> Services:
+    """Build every service, clean up what a crash left behind, recover the last run's jobs, start the workers."""
+    engine = engine_factory(settings)
+    await asyncio.to_thread(migrate, settings.effective_database_url)
+    database = create_database_engine(settings.effective_database_url, settings.database_lock_timeout_s)
+    registry = await asyncio.to_thread(ModelRegistry, settings, database)
+    storage = create_storage(settings)
+    await asyncio.to_thread(clean_up_leftovers, settings, storage)
+    queue = JobQueue(settings, engine, registry, SqlJobStore(database, settings.database_retry_s), storage)
+    webhooks = WebhookSender(
+        settings, WebhookOutbox(database, settings.database_retry_s), lambda job: job_response(job, queue).model_dump(mode="json"), queue.liveness
+    )
+    services = Services(
+        engine, database, registry, queue, Workers(queue, engine, on_device_lost), Retention(queue), webhooks, Metrics(),
+        await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
+    )  # fmt: skip
+    queue.writer.observer, queue.writer.terminal_hook = services.metrics, webhooks
+    services.metrics.watch(queue.stats, engine.report)
+    queue.events.bind(asyncio.get_running_loop())
+    await asyncio.to_thread(queue.recover)
+    services.workers.start()
+    services.retention.start()
+    webhooks.start()
+    return services
+
+
+async def stop_services(services: Services, settings: Settings) -> None:
+    """Let the running batch finish and its images be stored, then close everything."""
+    services.queue.close()
+    services.retention.stop()
+    await services.workers.stop(settings.shutdown_timeout_s)
+    await services.webhooks.close()
+    await asyncio.to_thread(services.engine.unload)
+    services.database.dispose()
+
+
+def clean_up_leftovers(settings: Settings, storage: ImageStorage) -> None:
+    """Remove the half-written files a crash can leave: images being written, uploads being checked."""
+    removed = storage.clean_up() + clean_staging(settings.models_dir)
+    if removed:
+        logger.info("removed %d half-written files left by the last run", removed)
+
+
+def warn_if_open(settings: Settings, authenticator: Authenticator) -> None:
+    """Say loudly that no key is required, the louder when the port is reachable from other machines."""
+    if authenticator.required:
+        return
+    message = f"no API key is required (SD_AUTH={settings.auth}, no keys): anyone who reaches this port can use it"
+    if settings.host in LOOPBACK_HOSTS:
+        logger.warning(message)
+    else:
+        logger.critical(
+            "%s, and it listens on %s, not only on this machine. Create an admin key (POST /keys with "
+            '{"role": "admin"}) or set SD_ADMIN_KEY, or bind to 127.0.0.1 with SD_HOST.', message, settings.host
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: EngineFactory = diffusers_engine,
+    on_device_lost: Callable[[], None] = stop_this_process,
+) -> FastAPI:
+    """The application; its lifespan creates the engine with ``engine_factory`` from ``settings``, and calls
+    ``on_device_lost`` when the device fails for good (the default stops the process for its supervisor)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format)
-        engine = engine_factory(settings)
-        await asyncio.to_thread(migrate, settings.effective_database_url)
-        database = create_database_engine(settings.effective_database_url)
-        registry = await asyncio.to_thread(ModelRegistry, settings, database)
-        queue = JobQueue(settings, engine, registry, SqlJobStore(database), create_storage(settings))
-        workers, retention = Workers(queue, engine), Retention(queue)
-        webhooks = WebhookSender(
-            settings.webhook_retries, settings.webhook_backoff_s, settings.webhook_timeout_s, settings.webhook_allow_private
-        )
-
-        def send_webhook(job: Job) -> None:
-            if job.webhook_url:
-                webhooks.send(job.webhook_url, job_response(job, queue).model_dump(mode="json"))
-
-        app.state.metrics = queue.observer = Metrics()
-        app.state.metrics.watch(queue.stats, engine.report)
-        app.state.authenticator = await asyncio.to_thread(Authenticator, settings, KeyStore(database))
-        app.state.rate_limiter = RateLimiter(settings.rate_limit)
-        app.state.settings, app.state.shutting_down = settings, False
-        app.state.engine, app.state.job_queue, app.state.registry, app.state.retention = engine, queue, registry, retention
-        queue.events.bind(asyncio.get_running_loop())
-        queue.events.on_terminal(send_webhook)
-        await asyncio.to_thread(queue.recover)
-        workers.start()
-        retention.start()
-        logger.info("serving on %s (%s); default model %s", engine.device, engine.report()["dtype"], settings.default_model)
-        if not app.state.authenticator.required:
-            logger.warning("no API key is required (SD_AUTH=%s, no keys): anyone who reaches this port can use it", settings.auth)
+        services = await start_services(settings, engine_factory, on_device_lost)
+        app.state.settings, app.state.shutting_down, app.state.metrics = settings, False, services.metrics
+        app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
+        app.state.retention, app.state.authenticator = services.retention, services.authenticator
+        app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
+        logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
+        warn_if_open(settings, services.authenticator)
         yield
         app.state.shutting_down = True
-        queue.close()
-        retention.stop()
-        await workers.stop(settings.shutdown_timeout_s)
-        await webhooks.close()
-        await asyncio.to_thread(engine.unload)
-        database.dispose()
+        await stop_services(services, settings)
 
     app = FastAPI(
         title="Personalized Stable Diffusion API",
         version=VERSION,
-        responses=error_responses(UnauthorizedError, PayloadTooLargeError, TooManyRequestsError, ServiceError, ServiceUnavailableError),
+        responses=error_responses(
+            BadRequestError, UnauthorizedError, PayloadTooLargeError, TooManyRequestsError, ServiceError, ServiceUnavailableError
+        ),
         description="Per-user Stable Diffusion 1.5 (DreamBooth) image generation.",
         lifespan=lifespan,
     )
     add_middleware(app, settings)
     app.add_exception_handler(ServiceError, handle_service_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
     for router in ROUTERS:
         app.include_router(router)
     return app

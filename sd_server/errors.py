@@ -5,6 +5,17 @@ request id and never sent. Job errors are the same classes: a job records the me
 from typing import ClassVar
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, at most 300 characters (for logs and details, not for clients)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def summary(error: BaseException) -> str:
+    """An error's class and first line, for logs and the admin's view of /health."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 class ServiceError(Exception):
     """An error answered with ``status_code`` and ``{"detail": message}``."""
 
@@ -20,6 +31,13 @@ class ServiceError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers."""
         return {}
+
+
+class BadRequestError(ServiceError):
+    """A body that cannot be parsed at all (not JSON where JSON is expected, a broken multipart form)."""
+
+    status_code = 400
+    description = "The body cannot be parsed: not valid JSON, or a broken multipart form."
 
 
 class UnauthorizedError(ServiceError):
@@ -150,6 +168,15 @@ class ServiceUnavailableError(ServiceError):
 
     status_code = 503
     description = "The model could not be loaded, the device ran out of memory, or the server is shutting down."
+
+
+class DatabaseUnavailableError(ServiceUnavailableError):
+    """The database did not take a write or a read within SD_DATABASE_RETRY_S of retries."""
+
+
+class DeviceLostError(ServiceUnavailableError):
+    """The device failed in a way that poisons it for this process (a CUDA illegal memory access, say): the
+    process stops for its supervisor to restart it, and the jobs it held run again after the restart."""
 
 
 class ModelLoadError(ServiceUnavailableError):

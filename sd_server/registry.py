@@ -18,6 +18,7 @@ from sd_server.domain.models import (
     parse_model,
 )
 from sd_server.errors import DefaultUserError, InvalidSourceError, UnknownUserError
+from sd_server.persistence.retry import in_session
 from sd_server.persistence.tables import UserModelRow
 from sd_server.storage.model_files import lora_file
 
@@ -29,13 +30,13 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.models_dir = settings.models_dir
-        self.engine = engine
+        self.engine, self.retry_s = engine, settings.database_retry_s
         self._lock = threading.Lock()
         self._models: dict[str, UserModel] = {user: parse_model(value) for user, value in settings.user_model_map.items()}
         self._from_api: set[str] = set()
-        with Session(engine) as session:
-            for row in session.scalars(select(UserModelRow)):
-                self._apply(row.user_id, USER_MODEL.validate_json(row.spec) if row.spec else None)
+        rows = in_session(engine, lambda session: list(session.scalars(select(UserModelRow))), "reading the registry", self.retry_s)
+        for row in rows:
+            self._apply(row.user_id, USER_MODEL.validate_json(row.spec) if row.spec else None)
 
     def get(self, user_id: str) -> UserModel:
         """The model of ``user_id``; raises UnknownUserError when there is none."""
@@ -123,8 +124,10 @@ class ModelRegistry:
         self._from_api.add(user_id)
 
     def _persist(self, user_id: str, model: UserModel | None) -> None:
-        with Session(self.engine) as session, session.begin():
+        def write(session: Session) -> None:
             row = session.get(UserModelRow, user_id) or UserModelRow(user_id=user_id)
             row.spec = USER_MODEL.dump_json(model).decode() if model is not None else None
             row.updated_at = utc_now()
             session.add(row)
+
+        in_session(self.engine, write, f"storing the model of user {user_id}", self.retry_s, write=True)

@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fails fast instead of hanging
 
-from helpers import DEADLINE_S, free_port, poll  # noqa: E402
-
 from config import Settings  # noqa: E402
+from helpers import DEADLINE_S, free_port, poll  # noqa: E402
 from sd_server.app import create_app  # noqa: E402
 
 TIERS = ("unit", "integration", "system")
@@ -89,7 +88,8 @@ def settings(models_dir: Path, tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         cors_origins=["http://localhost:3000"],
         preload_default_model=False,  # tests count loads; readiness has its own tests
-        rate_limit=None,  # tests poll; the rate limit has its own tests
+        rate_limit=None,  # tests poll; the rate limits have their own tests
+        read_rate_limit=None,
         max_active_jobs_per_user=64,  # one test queues 20 jobs; the cap has its own test
         webhook_allow_private=True,  # local webhook receivers; SSRF refusals have their own tests
     )

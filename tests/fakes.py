@@ -23,7 +23,8 @@ def empty_cache_report() -> dict:
 
 class FakeEngine:
     """Records every batch it runs; ``step_gate`` (when set) makes each step wait for a release, ``load_gate`` each
-    load; ``broken`` maps a checkpoint to the error its load raises; ``failures`` are raised by the next batches."""
+    load, ``encode_gate`` each encoding; ``broken`` maps a checkpoint to the error its load raises; ``failures``,
+    ``encode_failures`` and ``readiness_failures`` are raised by the next batches, encodings and readiness checks."""
 
     device = "cpu"
     default_max_batch_size = 4
@@ -35,8 +36,13 @@ class FakeEngine:
         self.batches: list[tuple[BatchKey, list[BatchItem]]] = []
         self.step_gate: threading.Semaphore | None = None
         self.load_gate: threading.Event | None = None
+        self.encode_gate: threading.Event | None = None
+        self.encode_failures: list[Exception] = []
+        self.readiness_failures: list[Exception] = []
 
     def is_ready(self, model: UserModel) -> bool:
+        if self.readiness_failures:
+            raise self.readiness_failures.pop(0)
         return model.base in self.loaded
 
     def needs_loading(self, model: UserModel) -> bool:
@@ -66,6 +72,10 @@ class FakeEngine:
         return BatchOutput(images, key.scheduler.value if key.scheduler else "pndm")
 
     def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
+        if self.encode_gate is not None:
+            self.encode_gate.wait(GATE_TIMEOUT_S)
+        if self.encode_failures:
+            raise self.encode_failures.pop(0)
         return [encode_png(image, text) for image, text in zip(images, texts)]
 
     def free_memory(self) -> None:

@@ -96,7 +96,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = DEA
 class WebhookReceiver:
     """A local HTTP server that answers 500 to the first ``failures`` POSTs, then 200, and keeps the bodies."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, port: int | None = None) -> None:
         self.bodies: list[dict] = []
         self.statuses: list[int] = []
         receiver = self
@@ -113,13 +113,43 @@ class WebhookReceiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         """Stop serving."""
         self.server.shutdown()
+
+
+class FloodingReceiver:
+    """A webhook receiver that answers 200 with a body of 400 MB, sent slowly: counts what it managed to send."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.sent = 0
+        self.closed_by_client = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        connection.recv(65536)  # the request
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 400000000\r\n\r\n")
+        chunk = b"x" * 65536
+        try:
+            while self.sent < 400_000_000:
+                connection.sendall(chunk)
+                self.sent += len(chunk)
+                time.sleep(0.01)
+        except OSError:
+            self.closed_by_client.set()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.listener.close()
 
 
 class SilentReceiver:

@@ -23,21 +23,43 @@ def current_principal(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     api_key: Annotated[str | None, Depends(api_key_scheme)],
 ) -> Principal:
-    """Who the request acts as: 401 without a valid key when keys are required; counts the rate limit."""
+    """Who the request acts as: 401 without a valid key when keys are required; counts the rate limit (reads and
+    changes have budgets of their own)."""
+    principal = identify(request, api_key or (bearer.credentials if bearer else None))
+    if principal is None:
+        raise UnauthorizedError("an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>")
+    reading = request.method in ("GET", "HEAD")
+    request.app.state.rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
+    return principal
+
+
+def identify(request: Request, key: str | None) -> Principal | None:
+    """The principal of ``key`` (everyone is the open-access admin when no key is required); None without a
+    key where one is required; 401 for a key that is not valid."""
     authenticator = request.app.state.authenticator
-    principal = OPEN_ACCESS
-    if authenticator.required:
-        key = api_key or (bearer.credentials if bearer else None)
-        if not key:
-            raise UnauthorizedError("an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>")
-        principal = authenticator.keys.authenticate(key)
-        if principal is None:
-            raise UnauthorizedError("invalid API key")
-    request.app.state.rate_limiter.hit(principal, request.client.host if request.client else "unknown")
+    if not authenticator.required:
+        return OPEN_ACCESS
+    if not key:
+        return None
+    principal = authenticator.keys.authenticate(key)
+    if principal is None:
+        raise UnauthorizedError("invalid API key")
     return principal
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def optional_principal(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    api_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Principal | None:
+    """Who the request acts as, or None without a key (for routes that answer everyone, and admins with more)."""
+    return identify(request, api_key or (bearer.credentials if bearer else None))
+
+
+MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
 
 
 def require_admin(principal: CurrentUser) -> Principal:

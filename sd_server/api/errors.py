@@ -2,13 +2,16 @@
 anything else, and the OpenAPI error responses, all from the classes in ``sd_server.errors``."""
 
 import logging
+import math
 
 from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas import ErrorResponse
-from sd_server.errors import ClientDisconnectedError, InvalidFieldError, ServiceError
+from sd_server.errors import BadRequestError, ClientDisconnectedError, InvalidFieldError, ServiceError
 from sd_server.observability.logging import request_id_var
 from sd_server.observability.middleware import send_json
 
@@ -45,6 +48,29 @@ async def handle_service_error(request: Request, error: ServiceError) -> Respons
     level = logging.INFO if error.status_code < 500 else logging.WARNING
     logger.log(level, "%s %s -> %d: %s%s", request.method, request.url.path, error.status_code, error.message, detail)
     return error_response(error)
+
+
+async def handle_validation_error(request: Request, error: RequestValidationError) -> Response:
+    """Exception handler for FastAPI's validation errors: 400 for a body that is not JSON at all; else 422 naming
+    each field, the values echoed back made printable (NaN, infinities and lone surrogates cannot go out as JSON)."""
+    errors = error.errors()
+    unparseable = next((detail for detail in errors if detail.get("type") == "json_invalid"), None)
+    if unparseable is not None:
+        return await handle_service_error(request, BadRequestError(f"the body is not valid JSON: {printable(unparseable.get('ctx', {}).get('error', ''))}"))
+    return JSONResponse({"detail": printable(jsonable_encoder(errors))}, status_code=422)
+
+
+def printable(value):
+    """``value`` with every float that JSON cannot hold as its name, and every string as valid UTF-8."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(key): printable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(item) for item in value]
+    return value
 
 
 def internal_error_message() -> str:

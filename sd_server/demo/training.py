@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from tqdm import tqdm
 
 from sd_server.demo.architecture import SD15_SCHEDULER_CONFIG, build_pipeline, build_vae
-from sd_server.demo.world import Scene, draw, prompt, random_scene
+from sd_server.demo.world import Scene, draw, prompt, prompted_scene, random_scene
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,10 @@ class TrainingPlan:
     vae_steps: int = 1500
     vae_batch: int = 8
     vae_crop: int = 128
-    scenes: int = 8000
+    scenes: int = 4000
     steps: int = 6000
     batch: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = 8e-4
     warmup: int = 200
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
@@ -188,15 +188,21 @@ class DenoiserTraining:
 
 def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, list[Scene], tuple]:
     """Phase one, or its saved result: the trained autoencoder (its scaling factor set so latents have unit spread)
-    and the latents of the training scenes."""
+    and the latents of the denoiser's scenes. Each part has random generators of its own, so a saved part is
+    exactly what a run from scratch would make."""
     latents_file = work_dir / "latents.pt"
     if latents_file.exists():
         saved = torch.load(latents_file, weights_only=False)
         return AutoencoderKL.from_pretrained(work_dir / "vae"), saved["scenes"], (saved["means"], saved["stds"])
-    rng = random.Random(plan.seed)
-    torch.manual_seed(plan.seed)
-    vae = train_vae(plan, rng)
-    scenes = [random_scene(rng) for _ in range(plan.scenes)]
+    if (work_dir / "vae").exists():
+        vae = AutoencoderKL.from_pretrained(work_dir / "vae")
+    else:
+        torch.manual_seed(plan.seed)
+        vae = train_vae(plan, random.Random(plan.seed))
+        vae.save_pretrained(work_dir / "vae")
+    rng = random.Random(plan.seed + 3)
+    torch.manual_seed(plan.seed + 3)
+    scenes = [prompted_scene(rng) for _ in range(plan.scenes)]
     means, stds = encode_scenes(vae, scenes, rng)
     spread = float((means.float() + stds.float() * torch.randn(means.shape)).std())
     vae.register_to_config(scaling_factor=round(1.0 / spread, 5))

@@ -4,11 +4,11 @@ with BPE merges written here so that the real CLIPTokenizer reproduces exactly t
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTokenizer
 
-from sd_server.demo.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
+from sd_server.demo.world import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
 TEXT_POSITIONS = 77
 TRIGGER = "sks"  # in the vocabulary, never in a training prompt: free for a user's own subject
-WORDS = ("a", "at", "the", "on", "of", "background", "shape", "photo", TRIGGER, *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES, *POSITIONS)
+WORDS = ("a", "on", "of", "background", "shape", "photo", TRIGGER, *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES)
 
 
 def apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -19,6 +19,7 @@ COLOURS = {
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128), "blue": (70, 110, 200)}
 SIZES = {"small": (0.10, 0.14), "large": (0.24, 0.30)}  # half-extent as a fraction of the image side
 MEDIUM = (0.16, 0.22)
+# Where shapes may stand: the autoencoder learns from shapes anywhere; the prompts speak of centred ones.
 POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
 HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle"), ("green", "square")})  # never drawn in training
 SUPERSAMPLE = 4
@@ -41,15 +42,13 @@ class Scene:
 
 
 def prompt(scene: Scene, with_colour: bool = True, with_shape: bool = True, with_background: bool = True) -> str:
-    """The prompt that describes ``scene``, e.g. "a large red circle at the left on a blue background"."""
+    """The prompt that describes ``scene``, e.g. "a large red circle on a blue background"."""
     words = ["a"]
     if scene.size:
         words.append(scene.size)
     if with_colour:
         words.append(scene.colour)
     words.append(scene.shape if with_shape else "shape")
-    if scene.position:
-        words += ["at", "the", scene.position]
     if with_background:
         words += ["on", "a", scene.background, "background"]
     return " ".join(words)
@@ -71,6 +70,14 @@ def random_scene(rng: random.Random, include_held_out: bool = False, detailed: f
     size = rng.choice(list(SIZES)) if rng.random() < detailed else None
     position = rng.choice(list(POSITIONS)) if rng.random() < detailed else None
     return Scene(shape, colour, background, size, position)
+
+
+def prompted_scene(rng: random.Random, sized: float = 0.3) -> Scene:
+    """A scene as the prompts describe them, for the denoiser: centred, a size word with probability ``sized``,
+    never a held-out colour/shape pair."""
+    scene = random_scene(rng, detailed=0.0)
+    size = rng.choice(list(SIZES)) if rng.random() < sized else None
+    return Scene(scene.shape, scene.colour, scene.background, size, "center")
 
 
 def draw(scene: Scene, rng: random.Random, resolution: int = 256) -> Image.Image:

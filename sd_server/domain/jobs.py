@@ -76,6 +76,7 @@ class Job:
     error: str | None = None
     error_status: int | None = None
     cancel_requested: bool = False
+    deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     model: UserModel | None = None  # the user's model at submission; None: the checkpoint ``model_id``
 
@@ -117,7 +118,7 @@ class JobQuery:
 class JobStore(Protocol):
     """Keeps job records: the live object of every active job, and every job durably."""
 
-    def add(self, job: Job) -> None: ...
+    def add(self, job: Job) -> Job: ...
 
     def save(self, job: Job) -> None: ...
 

@@ -2,10 +2,22 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 DEFAULT_USER = "default"
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def encodable(text: str) -> str:
+    """Refuse text that UTF-8 cannot carry (a lone surrogate such as \\ud800, which JSON can spell)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"must be valid Unicode text; character {error.start} is a lone surrogate") from error
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class CheckpointModel(BaseModel):
@@ -14,7 +26,7 @@ class CheckpointModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["checkpoint"] = "checkpoint"
-    source: str = Field(..., min_length=1, max_length=500, examples=["Zhurah/sd15-dreambooth-photoai"])
+    source: Text = Field(..., min_length=1, max_length=500, examples=["Zhurah/sd15-dreambooth-photoai"])
 
     @property
     def base(self) -> str:
@@ -33,9 +45,9 @@ class LoraModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["lora"] = "lora"
-    base: str = Field(..., min_length=1, max_length=500, description="The checkpoint it applies to (as a checkpoint source).")
-    source: str = Field(..., min_length=1, max_length=500, examples=["loras/alice.safetensors"])
-    scale: float = Field(1.0, ge=0.0, le=4.0, description="Strength of the adapter.")
+    base: Text = Field(..., min_length=1, max_length=500, description="The checkpoint it applies to (as a checkpoint source).")
+    source: Text = Field(..., min_length=1, max_length=500, examples=["loras/alice.safetensors"])
+    scale: float = Field(1.0, ge=0.0, le=4.0, allow_inf_nan=False, description="Strength of the adapter.")
 
     @property
     def label(self) -> str:

@@ -12,18 +12,26 @@ from diffusers import StableDiffusionPipeline
 
 from config import Settings
 from sd_server.domain.models import LoraModel, UserModel
-from sd_server.engine.cache import (
-    Adapter,
-    CachedCheckpoint,
-    CheckpointCache,
-    Counters,
-    first_line,
-)
+from sd_server.engine.cache import Adapter, CachedCheckpoint, CheckpointCache, Counters
 from sd_server.engine.devices import tensor_bytes
-from sd_server.errors import InvalidAdapterError, ModelLoadError
+from sd_server.errors import InvalidAdapterError, ModelLoadError, first_line
 from sd_server.storage.model_files import lora_file
 
 STAGED_ADAPTERS = 16  # most LoRA files read ahead by the loader and not yet loaded into a pipeline
+
+
+LORA_WEIGHT_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_linear_layer")
+
+
+def is_lora_weight(key: str) -> bool:
+    """True for a LoRA down or up matrix in any of the usual formats (diffusers, PEFT, kohya), not an alpha."""
+    return key.endswith(".weight") and any(marker in key for marker in LORA_WEIGHT_MARKERS)
+
+
+def adapter_parameters(pipeline: StableDiffusionPipeline, name: str) -> int:
+    """How many weights the adapter ``name`` put into the pipeline's modules."""
+    modules = [module for module in pipeline.components.values() if isinstance(module, torch.nn.Module)]
+    return sum(p.numel() for module in modules for key, p in module.named_parameters() if f".{name}." in key)
 
 
 class AdapterCache:
@@ -118,15 +126,24 @@ class AdapterCache:
         return bool(names)
 
     def check(self, checkpoint: CachedCheckpoint, path: Path) -> None:
-        """Load the LoRA file at ``path`` onto the checkpoint and take it off again; InvalidAdapterError if it does
-        not load. Call with the checkpoint pinned."""
+        """Load the LoRA file at ``path`` onto the checkpoint and take it off again. InvalidAdapterError when it does
+        not load, holds NaN or infinite weights, or has weights that match no layer (they would be dropped
+        silently, and the user would get the base model's images, or black ones). Call with the checkpoint pinned."""
         try:
             tensors = safetensors.torch.load_file(path)
         except Exception as error:
             raise InvalidAdapterError(f"not a readable .safetensors file: {first_line(error)}") from error
+        if not all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point()):
+            raise InvalidAdapterError("it holds NaN or infinite weights")
+        expected = sum(tensor.numel() for key, tensor in tensors.items() if is_lora_weight(key))
         with self.cache.residency, checkpoint.lock:
             self.inject(checkpoint.pipeline, tensors, "upload_check")
-            checkpoint.pipeline.delete_adapters("upload_check")
+            try:
+                loaded = adapter_parameters(checkpoint.pipeline, "upload_check")
+            finally:
+                checkpoint.pipeline.delete_adapters("upload_check")
+        if loaded < expected:
+            raise InvalidAdapterError(f"{expected - loaded} of its {expected} LoRA weights match no layer of the base model")
 
     def forget_staged(self) -> None:
         """Drop the files read ahead (their bases are being unloaded)."""

@@ -24,16 +24,10 @@ from sd_server.engine.devices import (
     module_bytes,
     module_device,
 )
-from sd_server.errors import ModelLoadError
+from sd_server.errors import ModelLoadError, first_line
 from sd_server.storage.model_files import checkpoint_location
 
 logger = logging.getLogger(__name__)
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an error's message, at most 300 characters."""
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 class Tier(str, Enum):
@@ -72,6 +66,7 @@ class CachedCheckpoint:
     components: dict[str, str]  # component name -> fingerprint
     tier: Tier = Tier.cpu
     moving: bool = False
+    dropping: bool = False  # being unloaded: no new batch may start on it
     fresh: bool = True  # brought in for the next batch: that batch is not a cache hit
     in_use: int = 0
     adapters: OrderedDict[str, Adapter] = field(default_factory=OrderedDict)  # least recently used first
@@ -79,8 +74,8 @@ class CachedCheckpoint:
 
     @property
     def ready(self) -> bool:
-        """On the device and not being moved: a batch can run on it."""
-        return self.tier is Tier.device and not self.moving
+        """On the device, not being moved or unloaded: a batch can run on it."""
+        return self.tier is Tier.device and not self.moving and not self.dropping
 
 
 @dataclass
@@ -104,6 +99,7 @@ class CheckpointCache:
         self.counters = {Tier.device: Counters(), Tier.cpu: Counters()}
         self.checkpoints: OrderedDict[str, CachedCheckpoint] = OrderedDict()
         self.lock = threading.RLock()
+        self.idle = threading.Condition(self.lock)  # notified when a batch lets go of a checkpoint
         self.residency = threading.RLock()
         self._components: dict[str, Component] = {}  # fingerprint -> component
         self._file_hashes: dict[tuple[str, int, int], str] = {}
@@ -123,6 +119,8 @@ class CheckpointCache:
         recently used checkpoints not in ``keep`` and not running down a tier; None when there is no room now.
         Call with ``residency`` held."""
         cached = self.get(source)
+        if cached is not None and cached.dropping:
+            return None  # no room until the unload is done; then it loads again
         checkpoint = cached or self._load(source)
         if not checkpoint.ready:
             if not self._promote(checkpoint, {*keep, source}):
@@ -146,14 +144,21 @@ class CheckpointCache:
         """The batch that pinned ``checkpoint`` is done with it."""
         with self.lock:
             checkpoint.in_use -= 1
+            self.idle.notify_all()
 
     def unload(self, source: str | None = None) -> list[str]:
-        """Drop one cached checkpoint (or all), with its adapters, and free their memory; returns the ones dropped."""
+        """Drop one cached checkpoint (or all), with its adapters, and free their memory, once the batches running
+        on them have ended (no new one starts meanwhile); returns the ones dropped."""
+        with self.lock:
+            dropped = [c for c in self.checkpoints.values() if source in (None, c.source)]
+            for checkpoint in dropped:
+                checkpoint.dropping = True
+            self.idle.wait_for(lambda: not any(checkpoint.in_use for checkpoint in dropped))
         with self.residency:
             with self.lock:
-                dropped = [c for c in self.checkpoints.values() if source in (None, c.source)]
                 for checkpoint in dropped:
-                    self._forget(checkpoint)
+                    if self.checkpoints.get(checkpoint.source) is checkpoint:  # else another unload took it
+                        self._forget(checkpoint)
             self._settle()
         return [checkpoint.source for checkpoint in dropped]
 

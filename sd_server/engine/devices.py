@@ -67,6 +67,23 @@ def module_device(module: torch.nn.Module) -> str:
     return next(module.parameters()).device.type
 
 
+# CUDA errors after which the context is unusable: the process must restart (the CUDA docs call them sticky).
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "uncorrectable ECC error",
+    "CUDA error: unknown error",
+)
+
+
+def is_device_lost(error: BaseException, device: str) -> bool:
+    """True when ``error`` poisoned the CUDA context, so that nothing more can run on it in this process."""
+    return device == "cuda" and isinstance(error, RuntimeError) and any(marker in str(error) for marker in STICKY_CUDA_ERRORS)
+
+
 def free_memory(device: str) -> None:
     """Collect garbage, and return cached blocks to the driver on CUDA."""
     gc.collect()

@@ -17,7 +17,7 @@ from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
 from sd_server.engine.png import encode_png
 from sd_server.engine.samplers import fresh_scheduler
-from sd_server.errors import DeviceOutOfMemoryError, ModelLoadError
+from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
@@ -168,11 +168,21 @@ class DiffusersEngine:
                 generator=generators,
                 callback_on_step_end=step_ended,
             )
-        except torch.OutOfMemoryError as error:
+        except torch.OutOfMemoryError:
+            output = None  # memory is freed below, once the error (and the tensors its traceback holds) is gone
+        except RuntimeError as error:
+            if devices.is_device_lost(error, self.device):
+                raise DeviceLostError(
+                    f"the {self.device} device failed for good in this process; the server restarts, and the jobs it "
+                    "held run again",
+                    detail=first_line(error),
+                ) from error
+            raise
+        if output is None:
             self.free_memory()
             raise DeviceOutOfMemoryError(
                 f"{self.device} ran out of memory for {len(generators)} image(s) of {key.width}x{key.height}; "
                 "ask for fewer or smaller images, or lower SD_MAX_BATCH_SIZE or SD_CACHE_DEVICE_GB"
-            ) from error
+            )
         images = iter(output.images)
         return BatchOutput([[next(images) for _ in range(item.num_images)] for item in items], scheduler)

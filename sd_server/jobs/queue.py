@@ -1,35 +1,34 @@
-"""The job queue: a bounded FIFO of jobs and the jobs running now, guarded by one condition. Requests submit and
-cancel here; the worker threads (``workers``) take batches and models to load from here and end jobs here."""
+"""The job queue: a bounded FIFO of jobs and the jobs running now, guarded by one condition that is never held
+during I/O. Requests submit and cancel here; the worker threads (``workers``) take batches and models to load from
+here and end jobs here. State changes happen in memory under the condition; each is then written to the database
+by the thread that made it, outside the condition (``writer``), so /health and job positions never wait on it."""
 
-import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 from config import Settings
 from sd_server.domain.generation import Generation
 from sd_server.domain.jobs import Job, JobStatus, JobStore, StoredImage, utc_now
 from sd_server.domain.models import UserModel
 from sd_server.engine.interface import Engine
-from sd_server.errors import JobFinishedError, JobTimeoutError, ServiceError
+from sd_server.errors import (
+    JobFinishedError,
+    JobTimeoutError,
+    ServiceError,
+    ServiceUnavailableError,
+)
 from sd_server.jobs import admission
 from sd_server.jobs.batching import companions, images_in
 from sd_server.jobs.events import JobEvents
+from sd_server.jobs.writer import JobWriter
+from sd_server.observability.liveness import Liveness
 from sd_server.registry import ModelRegistry
 from sd_server.storage.images import ImageStorage
 
 logger = logging.getLogger(__name__)
-
-
-class QueueObserver(Protocol):
-    """Told about batches and finished jobs (the Prometheus metrics)."""
-
-    def batch_ran(self, images: int, seconds: float, steps: int) -> None: ...
-
-    def job_finished(self, status: str) -> None: ...
 
 
 class JobQueue:
@@ -43,17 +42,20 @@ class JobQueue:
         store: JobStore,
         storage: ImageStorage,
         events: JobEvents | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.settings, self.engine, self.registry, self.store, self.storage = settings, engine, registry, store, storage
         self.events = events or JobEvents()
+        self.liveness = liveness or Liveness()
+        self.writer = JobWriter(store, self.events, self.liveness)
         self.max_batch_size = settings.max_batch_size or engine.default_max_batch_size
         self.batches_run = 0
         self.images_run = 0
-        self.observer: QueueObserver | None = None
         self.ready = False
         self.not_ready_reason = "the default model is loading"
         self._queue: list[Job] = []
         self._running: list[Job] = []
+        self._admitting: list[Job] = []  # admitted, being inserted into the database
         self._condition = threading.Condition()
         self._stopping = False
         self._seconds_per_batch = 1.0
@@ -75,14 +77,24 @@ class JobQueue:
         """
         model = self.registry.get(request.user_id)
         job = admission.new_job(self.settings, request, model, synchronous, webhook_url, idempotency_key, request_id)
-        with self._condition:  # held from the idempotency lookup to the insert: a retry racing its original finds it
-            if job.idempotency_key and (existing := self.store.find_by_idempotency_key(job.idempotency_key)):
-                admission.check_repeat(job, existing, idempotency_key or "")
-                return existing, False
-            active = sum(1 for other in self._queue + self._running if other.user_id == request.user_id)
-            admission.check_capacity(self.settings, request.user_id, active, len(self._queue), self._retry_after_s())
+        if job.idempotency_key and (existing := self.store.find_by_idempotency_key(job.idempotency_key)):
+            admission.check_repeat(job, existing, idempotency_key or "")
+            return existing, False
+        with self._condition:
+            active = sum(1 for other in self._queue + self._running + self._admitting if other.user_id == request.user_id)
+            queued = len(self._queue) + len(self._admitting)
+            admission.check_capacity(self.settings, request.user_id, active, queued, self._retry_after_s())
+            self._admitting.append(job)
+        try:
+            stored = self.store.add(job)  # a racing retry of the same key finds its original here
+        finally:
+            with self._condition:
+                self._admitting.remove(job)
+        if stored is not job:
+            admission.check_repeat(job, stored, idempotency_key or "")
+            return stored, False
+        with self._condition:
             self._queue.append(job)
-            self.store.add(job)
             self._condition.notify_all()
         self.events.emit(job, "queued")
         return job, True
@@ -90,23 +102,36 @@ class JobQueue:
     def cancel(self, job: Job) -> None:
         """Cancel ``job``: a queued one leaves the queue now, a running one stops at its next step."""
         with self._condition:
-            if job.status is JobStatus.queued:
+            if job.status is JobStatus.queued and job in self._queue:
                 self._queue.remove(job)
-                self.end(job, JobStatus.cancelled)
-            elif job.status is JobStatus.running:
-                job.cancel_requested = True
+                self._mark_ended(job, JobStatus.cancelled)
+                ended = [job]
+            elif not job.status.is_terminal:
+                job.cancel_requested, ended = True, []
             else:
                 raise JobFinishedError(f"job {job.id} has already {job.status.value}")
+        self.writer.announce(ended)
 
     def delete(self, job: Job) -> None:
-        """Cancel the job if it is active, then delete its images and its record."""
+        """Cancel the job if it is active, then delete its images and its record. Images a finishing job stores
+        after this are deleted by the encoder (``succeed`` refuses a deleted job)."""
+        with self._condition:
+            job.deleted = True
+            images = list(job.images)
         if not job.status.is_terminal:
-            with contextlib.suppress(JobFinishedError):
+            try:
                 self.cancel(job)
-        for image in job.images:
+            except JobFinishedError:
+                images = list(job.images)  # it succeeded meanwhile: its images are listed now
+        for image in images:
             if image.key:
                 self.storage.delete(image.key)
         self.store.delete(job.id)
+
+    @property
+    def stopping(self) -> bool:
+        """True once the queue is closed."""
+        return self._stopping
 
     def position(self, job: Job) -> int | None:
         """1 for the next job to run, 2 after it, ...; None once the job is no longer queued."""
@@ -130,16 +155,21 @@ class JobQueue:
 
     def recover(self) -> None:
         """Queue again what the last run left queued; a job that was running is re-queued once, then failed."""
-        for job in self.store.unfinished():
-            if job.status is JobStatus.running and job.attempts >= 1:
-                with self._condition:
-                    self.end(job, JobStatus.failed, ServiceError("the server stopped twice while this job ran; submit it again"))
-                continue
-            if job.status is JobStatus.running:
-                job.attempts += 1
-                job.status, job.started_at, job.step = JobStatus.queued, None, 0
-                self.store.save(job)
-            self._queue.append(job)
+        ended, requeued = [], []
+        unfinished = self.store.unfinished()
+        with self._condition:
+            for job in unfinished:
+                if job.status is JobStatus.running and job.attempts >= 1:
+                    self._mark_ended(job, JobStatus.failed, ServiceError("the server stopped twice while this job ran; submit it again"))
+                    ended.append(job)
+                    continue
+                if job.status is JobStatus.running:
+                    job.attempts += 1
+                    job.status, job.started_at, job.step = JobStatus.queued, None, 0
+                    requeued.append(job)
+                self._queue.append(job)
+        self.writer.persist(requeued)
+        self.writer.announce(ended)
         if self._queue:
             logger.info("re-queued %d unfinished jobs from the last run", len(self._queue))
 
@@ -149,6 +179,26 @@ class JobQueue:
             self._stopping = True
             self.ready, self.not_ready_reason = False, "shutting down"
             self._condition.notify_all()
+
+    def give_back(self, batch: list[Job], error: ServiceUnavailableError) -> None:
+        """The device is gone with ``batch`` on it: its asynchronous jobs go back to the queue (stored as queued, they
+        run after the restart, one attempt used), and every synchronous job, whose client waits, fails with ``error``."""
+        with self._condition:
+            self.ready, self.not_ready_reason = False, error.message
+            requeued = []
+            for job in batch:
+                if job in self._running:
+                    self._running.remove(job)
+                    job.attempts += 1
+                    job.status, job.started_at, job.step = JobStatus.queued, None, 0
+                    self._queue.insert(0, job)
+                    requeued.append(job)
+            ended = [job for job in self._queue if job.synchronous]
+            for job in ended:
+                self._queue.remove(job)
+                self._mark_ended(job, JobStatus.failed, error)
+        self.writer.persist([job for job in requeued if not job.synchronous])
+        self.writer.announce(ended)
 
     # --- for the loader thread -------------------------------------------------------------------------
 
@@ -176,56 +226,69 @@ class JobQueue:
     def fail_queued(self, matches: Callable[[Job], bool], error: ServiceError) -> None:
         """Take the queued jobs that ``matches`` picks off the queue, failed with ``error``."""
         with self._condition:
-            for job in [job for job in self._queue if matches(job)]:
+            ended = [job for job in self._queue if matches(job)]
+            for job in ended:
                 self._queue.remove(job)
-                self.end(job, JobStatus.failed, error)
+                self._mark_ended(job, JobStatus.failed, error)
+        self.writer.announce(ended)
 
     # --- for the device worker -------------------------------------------------------------------------
 
     def next_batch(self) -> list[Job] | None:
         """Wait for the first queued job whose model is ready, then up to SD_BATCH_WAIT_MS for companions; take
-        them off the queue as running. Jobs whose model is still loading wait without holding up the others."""
+        them off the queue as running. Jobs whose model is still loading wait without holding up the others. While
+        idle, write what the database did not take before. None when stopping."""
+        while not self._stopping:
+            self.fail_queued(self.past_deadline, self.timeout_error())
+            batch = self._take_batch()
+            if batch:
+                self.writer.persist(batch)
+                for job in batch:
+                    self.events.emit(job, "started")
+                return batch
+            self.writer.flush()
+        return None
+
+    def _take_batch(self) -> list[Job]:
+        """The next batch, taken off the queue as running; empty after a second of waiting for one."""
         with self._condition:
-            while True:
-                self.fail_queued(self.past_deadline, self.timeout_error())
-                if self._stopping:
-                    return None
-                first = next((job for job in self._queue if self.engine.is_ready(job.model)), None)
-                if first is None:
-                    self._condition.wait(timeout=1.0)
-                    continue
-                wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
-                while images_in(companions(first, self._queue, self.max_batch_size)) < self.max_batch_size and not self._stopping:
-                    remaining = wait_until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._condition.wait(timeout=remaining)
-                if first in self._queue:
-                    break  # else the first job was cancelled while waiting: start over
+            first = next((job for job in self._queue if self.engine.is_ready(job.model)), None)
+            if first is None:
+                self._condition.wait(timeout=1.0)
+                return []
+            wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
+            while images_in(companions(first, self._queue, self.max_batch_size)) < self.max_batch_size and not self._stopping:
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(timeout=remaining)
+            if first not in self._queue or self._stopping:
+                return []  # the first job was cancelled while waiting: start over
             batch = companions(first, self._queue, self.max_batch_size)
             for job in batch:
                 self._queue.remove(job)
                 job.status, job.started_at = JobStatus.running, utc_now()
                 job.batch_size, job.step = images_in(batch), 0
-                self.store.save(job)
             self._running.extend(batch)
-        for job in batch:
-            self.events.emit(job, "started")
-        return batch
+            return batch
 
     def progress(self, batch: list[Job], step: int, total: int) -> None:
         """After a denoising step: end the batch's cancelled and timed-out jobs, report progress of the others."""
+        ended = []
         with self._condition:
             for job in batch:
                 if job.status is not JobStatus.running:
                     continue
                 if job.cancel_requested:
-                    self.end(job, JobStatus.cancelled)
+                    self._mark_ended(job, JobStatus.cancelled)
+                    ended.append(job)
                 elif self.past_deadline(job):
-                    self.end(job, JobStatus.failed, self.timeout_error())
+                    self._mark_ended(job, JobStatus.failed, self.timeout_error())
+                    ended.append(job)
                 else:
                     job.step, job.total_steps = step, total
                     self.events.emit(job, "progress", {"job_id": job.id, "step": step, "total": total})
+        self.writer.announce(ended)
 
     def all_ended(self, batch: list[Job]) -> bool:
         """True when no job of the batch is running any more (the pipeline call may stop)."""
@@ -238,41 +301,34 @@ class JobQueue:
             self.batches_run += 1
             self.images_run += images_in(batch)
             self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
-        if self.observer:
-            self.observer.batch_ran(images_in(batch), seconds, batch[0].total_steps)
+        if self.writer.observer:
+            self.writer.observer.batch_ran(images_in(batch), seconds, batch[0].total_steps)
 
-    def fail(self, batch: list[Job], error: ServiceError) -> None:
+    def fail(self, batch: Iterable[Job], error: ServiceError) -> None:
         """End every still-running job of ``batch`` as failed with ``error``."""
         with self._condition:
-            for job in batch:
-                if job.status is JobStatus.running:
-                    self.end(job, JobStatus.failed, error)
+            ended = [job for job in batch if job.status is JobStatus.running]
+            for job in ended:
+                self._mark_ended(job, JobStatus.failed, error)
+        self.writer.announce(ended)
 
     # --- for the encoder -------------------------------------------------------------------------------
 
     def succeed(self, job: Job, images: list[StoredImage], seconds: float) -> bool:
-        """Give a job its stored images and mark it succeeded; False when it was cancelled or timed out meanwhile."""
+        """Give a job its stored images and mark it succeeded. False when it was cancelled, deleted or timed out
+        meanwhile (the caller deletes the images it stored); a cancel that came too late for a step ends it now."""
         with self._condition:
-            if job.status is not JobStatus.running:
+            if job.status is not JobStatus.running or job.deleted:
                 return False
-            job.images, job.generation_seconds, job.step = images, seconds, job.total_steps
-            self.end(job, JobStatus.succeeded)
-            return True
+            if job.cancel_requested:
+                self._mark_ended(job, JobStatus.cancelled)
+            else:
+                job.images, job.generation_seconds, job.step = images, seconds, job.total_steps
+                self._mark_ended(job, JobStatus.succeeded)
+        self.writer.announce([job])
+        return job.status is JobStatus.succeeded
 
     # --- shared ----------------------------------------------------------------------------------------
-
-    def end(self, job: Job, status: JobStatus, error: ServiceError | None = None) -> None:
-        """Move ``job`` to a terminal state (failed: with the error's message and status) and announce it."""
-        with self._condition:
-            job.status, job.finished_at = status, utc_now()
-            job.error, job.error_status = (error.message, error.status_code) if error else (None, None)
-            if job in self._running:
-                self._running.remove(job)
-            self.store.save(job)
-            self._condition.notify_all()  # the loader may now have room for the next model
-        if self.observer:
-            self.observer.job_finished(status.value)
-        self.events.emit(job, status.value)
 
     def past_deadline(self, job: Job) -> bool:
         """True once SD_JOB_TIMEOUT_S has passed since the job was submitted."""
@@ -281,6 +337,15 @@ class JobQueue:
     def timeout_error(self) -> JobTimeoutError:
         """What a job past SD_JOB_TIMEOUT_S fails with."""
         return JobTimeoutError(f"the job did not finish within {self.settings.job_timeout_s:g} s (SD_JOB_TIMEOUT_S)")
+
+    def _mark_ended(self, job: Job, status: JobStatus, error: ServiceError | None = None) -> None:
+        """Move ``job`` to a terminal state in memory (failed: with the error's message and status). Call with the
+        condition held; then ``writer.announce`` it without."""
+        job.status, job.finished_at = status, utc_now()
+        job.error, job.error_status = (error.message, error.status_code) if error else (None, None)
+        if job in self._running:
+            self._running.remove(job)
+        self._condition.notify_all()  # the loader may now have room for the next model
 
     def _retry_after_s(self) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""

@@ -5,7 +5,9 @@ import logging
 from datetime import timedelta
 
 from sd_server.domain.jobs import utc_now
+from sd_server.errors import summary
 from sd_server.jobs.queue import JobQueue
+from sd_server.observability.liveness import PartState
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ class Retention:
         """Start the periodic task on the running event loop (nothing when SD_RETENTION_DAYS is unset)."""
         if self.settings.retention_days:
             self._task = asyncio.create_task(self._run_periodically())
+            self.queue.liveness.register("retention", alive=lambda: self._task is not None and not self._task.done())
 
     def stop(self) -> None:
         """Stop the periodic task."""
@@ -39,6 +42,13 @@ class Retention:
         return len(old_jobs)
 
     async def _run_periodically(self) -> None:
+        """Apply the retention every SD_RETENTION_INTERVAL_S; a failed run is logged and reported, and the next
+        one comes as planned."""
         while True:
-            await asyncio.to_thread(self.apply)
+            try:
+                await asyncio.to_thread(self.apply)
+                self.queue.liveness.set("retention", PartState.ok)
+            except Exception as error:
+                logger.exception("the retention run failed; the next one comes in SD_RETENTION_INTERVAL_S")
+                self.queue.liveness.set("retention", PartState.failing, summary(error))
             await asyncio.sleep(self.settings.retention_interval_s)

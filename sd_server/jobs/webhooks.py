@@ -1,55 +1,117 @@
-"""Webhook delivery: POST a finished job's JSON in the background, with retries and exponential backoff."""
+"""Webhook delivery from the outbox: a task on the event loop POSTs each due delivery, pinned to the address that
+was checked, reading the answer's status and nothing of its body, within an overall deadline; failures are retried
+with exponential backoff, and pending deliveries survive a restart."""
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
+from datetime import timedelta
 
 import httpx
 
-from sd_server.errors import UnsafeWebhookError
-from sd_server.security.webhook_urls import check_webhook_url
+from config import Settings
+from sd_server.domain.jobs import Job, utc_now
+from sd_server.errors import ServiceError, UnsafeWebhookError, summary
+from sd_server.observability.liveness import Liveness, PartState
+from sd_server.persistence.outbox import Delivery, WebhookOutbox
+from sd_server.security.webhook_urls import webhook_target
 
 logger = logging.getLogger(__name__)
+POLL_S = 1.0  # how often the outbox is read for retries that have come due
+CONCURRENT_DELIVERIES = 8
 
 
 class WebhookSender:
-    """Sends webhooks from background tasks, so a slow or dead receiver never delays the device worker."""
+    """Keeps finished jobs' webhooks in the outbox (``job_ended``, from any thread) and delivers them (``start``)."""
 
-    def __init__(self, retries: int, backoff_s: float, timeout_s: float, allow_private: bool) -> None:
-        self.allow_private = allow_private
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self._client = httpx.AsyncClient(timeout=timeout_s)
-        self._tasks: set[asyncio.Task] = set()
+    def __init__(self, settings: Settings, outbox: WebhookOutbox, payload: Callable[[Job], dict], liveness: Liveness) -> None:
+        self.settings, self.outbox, self.payload, self.liveness = settings, outbox, payload, liveness
+        self._client = httpx.AsyncClient(timeout=settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
+        self._wake = asyncio.Event()
+        self._in_flight: set[int] = set()
+        self._slots = asyncio.Semaphore(CONCURRENT_DELIVERIES)
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def send(self, url: str, payload: dict) -> None:
-        """Start delivering ``payload`` to ``url``; returns at once."""
-        task = asyncio.create_task(self.deliver(url, payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def job_ended(self, job: Job) -> None:
+        """Keep the job's webhook in the outbox and wake the sender (called on the thread that ended the job)."""
+        try:
+            self.outbox.add(job.id, job.webhook_url, self.payload(job))
+        except ServiceError as error:
+            logger.error("could not keep the webhook of job %s: %s", job.id, error.message, extra={"request_id": job.request_id})
+            return
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
-    async def deliver(self, url: str, payload: dict) -> bool:
-        """POST until a 2xx answer, at most 1 + retries times; True when delivered."""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                # Checked again at each delivery: the host's address may have changed since submission.
-                await asyncio.to_thread(check_webhook_url, url, self.allow_private)
-                response = await self._client.post(url, json=payload, headers={"User-Agent": "sd-api-webhook"})
-                if response.is_success:
-                    return True
-                outcome = f"HTTP {response.status_code}"
-            except UnsafeWebhookError as error:
-                logger.warning("webhook %s refused: %s", url, error)
-                return False
-            except httpx.HTTPError as error:
-                outcome = f"{type(error).__name__}: {error}"
-            logger.warning("webhook %s attempt %d/%d failed: %s", url, attempt + 1, self.retries + 1, outcome)
-        return False
+    def start(self) -> None:
+        """Start delivering on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run())
+        self.liveness.register("webhooks", alive=lambda: self._task is not None and not self._task.done())
 
     async def close(self) -> None:
-        """Stop pending deliveries and close the HTTP client."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop delivering (what is pending stays in the outbox) and close the HTTP client."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await self._client.aclose()
+
+    async def _run(self) -> None:
+        """Deliver what is due, then wait for a new delivery or the next retry; no error ends the loop."""
+        deliveries: set[asyncio.Task] = set()
+        while True:
+            try:
+                due = await asyncio.to_thread(self.outbox.due, CONCURRENT_DELIVERIES * 4, set(self._in_flight))
+                for delivery in due:
+                    self._in_flight.add(delivery.id)
+                    task = asyncio.create_task(self._deliver(delivery))
+                    deliveries.add(task)
+                    task.add_done_callback(deliveries.discard)
+                self.liveness.set("webhooks", PartState.ok)
+            except Exception as error:
+                logger.exception("the webhook loop failed; it goes on")
+                self.liveness.set("webhooks", PartState.failing, summary(error))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=POLL_S)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        """One attempt, then its outcome in the outbox."""
+        try:
+            async with self._slots:
+                outcome = await self._attempt(delivery)
+            if outcome is None:
+                await asyncio.to_thread(self.outbox.delivered, delivery)
+                return
+            retries_left = delivery.attempts < self.settings.webhook_retries
+            retry_at = utc_now() + timedelta(seconds=self.settings.webhook_backoff_s * 2**delivery.attempts) if retries_left else None
+            logger.warning("webhook of job %s, attempt %d: %s", delivery.job_id, delivery.attempts + 1, outcome)
+            await asyncio.to_thread(self.outbox.failed_attempt, delivery, outcome, retry_at)
+        except Exception:
+            logger.exception("recording webhook delivery %d failed", delivery.id)
+        finally:
+            self._in_flight.discard(delivery.id)
+            self._wake.set()
+
+    async def _attempt(self, delivery: Delivery) -> str | None:
+        """POST the payload; None when the receiver answered 2xx, else what went wrong."""
+        try:
+            target = await asyncio.to_thread(webhook_target, delivery.url, self.settings.webhook_allow_private)
+            return await asyncio.wait_for(self._post(target, delivery.payload), timeout=self.settings.webhook_timeout_s)
+        except UnsafeWebhookError as error:  # checked again at each attempt: the host's address may have changed
+            return f"refused: {error.message}"
+        except TimeoutError:
+            return f"no answer within {self.settings.webhook_timeout_s:g} s (SD_WEBHOOK_TIMEOUT_S)"
+        except httpx.HTTPError as error:
+            return f"{type(error).__name__}: {error}"
+
+    async def _post(self, target, payload: str) -> str | None:
+        """Send the request and read the status line and headers only: the body, however long, is never read."""
+        headers = {"Host": target.host_header, "Content-Type": "application/json", "User-Agent": "sd-api-webhook"}
+        extensions = {"sni_hostname": target.tls_name} if target.tls_name else {}
+        request = self._client.build_request("POST", target.url, content=payload.encode(), headers=headers, extensions=extensions)
+        response = await self._client.send(request, stream=True)
+        await response.aclose()
+        return None if response.is_success else f"HTTP {response.status_code}"

@@ -1,41 +1,48 @@
 """The worker threads: the one device thread that runs batches, the loader that brings queued jobs' models in
-meanwhile, and the encoders that turn images into stored PNGs."""
+meanwhile, and the encoders that turn images into stored PNGs. No exception ends a loop: a failure fails the jobs
+it touched, is logged with their request ids and reported in the liveness, and the loop goes on."""
 
 import asyncio
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sd_server.domain.generation import sampler_label
 from sd_server.domain.jobs import Job, JobStatus, StoredImage
 from sd_server.domain.models import DEFAULT_USER
-from sd_server.engine.interface import BatchKey, Engine
+from sd_server.engine.interface import BatchKey, BatchOutput, Engine
 from sd_server.engine.png import a1111_parameters
-from sd_server.errors import (
-    GenerationFailedError,
-    ModelLoadError,
-    ServiceError,
-    StorageError,
-)
+from sd_server.errors import DeviceLostError, GenerationFailedError, ModelLoadError, ServiceError, StorageError, summary
 from sd_server.jobs.batching import batch_items, batch_key
 from sd_server.jobs.queue import JobQueue
+from sd_server.observability.liveness import Liveness, PartState
 from sd_server.storage.images import image_name
 
 logger = logging.getLogger(__name__)
+BACKOFF_S = (0.1, 5.0)  # first and longest pause of a loop after an unexpected failure
 
 
 class Workers:
-    """Starts and stops the device thread, the loader thread and the encoder pool of one queue."""
+    """Starts and stops the device thread, the loader thread and the encoder pool of one queue, and registers
+    each with the liveness."""
 
-    def __init__(self, queue: JobQueue, engine: Engine) -> None:
-        self.queue, self.engine = queue, engine
+    def __init__(self, queue: JobQueue, engine: Engine, on_device_lost: Callable[[], None]) -> None:
+        self.queue, self.engine, self.liveness = queue, engine, queue.liveness
         self.encoder = Encoder(queue, engine)
-        self.device = threading.Thread(target=DeviceWorker(queue, engine, self.encoder).run, name="sd-device", daemon=True)
+        device = DeviceWorker(queue, engine, self.encoder, on_device_lost)
+        self.device = threading.Thread(target=device.run, name="sd-device", daemon=True)
         self.loader = threading.Thread(target=Loader(queue, engine).run, name="sd-loader", daemon=True)
+        self.liveness.register("device", alive=self._alive(self.device), critical=True)
+        self.liveness.register("loader", alive=self._alive(self.loader))
+        self.liveness.register("encoder")
+
+    def _alive(self, thread: threading.Thread) -> Callable[[], bool]:
+        """A thread is alive once started and until it returns; before start (or after stop) it counts as alive."""
+        return lambda: thread.is_alive() or thread.ident is None or self.queue.stopping
 
     def start(self) -> None:
         """Start the threads."""
@@ -52,6 +59,22 @@ class Workers:
         await asyncio.to_thread(self.encoder.shutdown)
 
 
+def run_guarded(part: str, liveness: Liveness, iteration: Callable[[], bool]) -> None:
+    """Call ``iteration`` until it returns False; an exception it raises is logged and reported, and after a pause
+    that grows with repeated failures the loop goes on."""
+    pause = BACKOFF_S[0]
+    while True:
+        try:
+            if not iteration():
+                return
+            pause = BACKOFF_S[0]
+        except Exception as error:
+            logger.exception("the %s loop failed; it goes on", part)
+            liveness.set(part, PartState.failing, summary(error))
+            time.sleep(pause)
+            pause = min(pause * 2, BACKOFF_S[1])
+
+
 class Loader:
     """Loads the default model (readiness), then brings the models of queued jobs onto the device in queue order,
     while the device runs other batches."""
@@ -63,16 +86,24 @@ class Loader:
         """The loader thread's loop, until the queue closes."""
         if self.queue.settings.preload_default_model:
             self.preload_default()
-        while (target := self.queue.next_model_to_load()) is not None:
-            model, keep = target
-            try:
-                loaded = self.engine.prepare(model, keep)
-            except Exception as error:  # a load failure fails the jobs that need that model, and nothing else
-                failure = error if isinstance(error, ServiceError) else ModelLoadError(f"could not load model '{model.label}'")
-                log_failure(f"loading model {model.label}", failure, error)
-                self.queue.fail_queued(lambda job: job.model == model, failure)
-                continue
-            self.queue.model_prepared(loaded)
+        run_guarded("loader", self.queue.liveness, self.load_next)
+
+    def load_next(self) -> bool:
+        """Load the next model a queued job needs; False once the queue closes."""
+        target = self.queue.next_model_to_load()
+        if target is None:
+            return False
+        model, keep = target
+        try:
+            loaded = self.engine.prepare(model, keep)
+        except Exception as error:  # a load failure fails the jobs that need that model, and nothing else
+            failure = error if isinstance(error, ServiceError) else ModelLoadError(f"could not load model '{model.label}'")
+            log_failure(f"loading model {model.label}", failure, error)
+            self.queue.fail_queued(lambda job: job.model == model, failure)
+            return True
+        self.queue.liveness.set("loader", PartState.ok)
+        self.queue.model_prepared(loaded)
+        return True
 
     def preload_default(self) -> None:
         """Bring the default user's model onto the device; readiness follows it."""
@@ -87,46 +118,84 @@ class Loader:
 class DeviceWorker:
     """The one thread that owns the device: takes a batch whose model is ready, runs it, hands its images on."""
 
-    def __init__(self, queue: JobQueue, engine: Engine, encoder: "Encoder") -> None:
-        self.queue, self.engine, self.encoder = queue, engine, encoder
+    def __init__(self, queue: JobQueue, engine: Engine, encoder: "Encoder", on_device_lost: Callable[[], None]) -> None:
+        self.queue, self.engine, self.encoder, self.on_device_lost = queue, engine, encoder, on_device_lost
+        self.liveness = queue.liveness
 
     def run(self) -> None:
-        """The device thread's loop, until the queue closes."""
-        while (batch := self.queue.next_batch()) is not None:
-            self.run_batch(batch, batch_key(batch[0]))
+        """The device thread's loop, until the queue closes or the device is lost."""
+        run_guarded("device", self.liveness, self.run_next)
 
-    def run_batch(self, batch: list[Job], key: BatchKey) -> None:
-        """Run one batch; on failure of a batch of several, run its jobs one by one."""
+    def run_next(self) -> bool:
+        """Run the next batch; False when the queue closes or the device is lost."""
+        batch = self.queue.next_batch()
+        if batch is None:
+            return False
+        self.liveness.set("device", PartState.busy)
+        try:
+            return self.run_batch(batch, batch_key(batch[0]))
+        except Exception as error:  # a failure of the queue's own bookkeeping: the batch fails, the loop goes on
+            failure = GenerationFailedError(f"the batch failed; {log_reference(batch[0])}")
+            log_failure(f"batch of {len(batch)} jobs", failure, error, batch)
+            self.liveness.set("device", PartState.failing, summary(error))
+            self.queue.fail(batch, failure)
+            return True
+
+    def run_batch(self, batch: list[Job], key: BatchKey) -> bool:
+        """Run one batch; when a batch of several fails, run its jobs one by one (after the failure is let go, so
+        its memory is free). False when the device is lost."""
+        failure = self.generate(batch, key)
+        if isinstance(failure, DeviceLostError):
+            self.device_lost(batch, failure)
+            return False
+        if failure is None:
+            self.liveness.set("device", PartState.ok)
+            return True
+        if len(batch) > 1 and not isinstance(failure, ModelLoadError):  # alone, each may fit (out of memory, say)
+            logger.warning("a batch of %d jobs failed (%s); running them one by one", len(batch), failure)
+            self.engine.free_memory()
+            for job in batch:
+                if job.status is JobStatus.running:
+                    job.batch_size = job.images_requested
+                    if not self.run_batch([job], key):
+                        return False
+            return True
+        reported = failure if isinstance(failure, ServiceError) else GenerationFailedError(
+            f"generation with model '{key.model.label}' failed; {log_reference(batch[0])}"
+        )
+        log_failure(f"batch of {len(batch)} jobs on {key.model.label}", reported, failure, batch)
+        self.liveness.set("device", PartState.failing, reported.message)
+        self.queue.fail(batch, reported)
+        return True
+
+    def generate(self, batch: list[Job], key: BatchKey) -> Exception | None:
+        """Run the batch on the engine and hand its images to the encoder; the exception it failed with, if any."""
         started = time.monotonic()
         try:
             output = self.engine.run_batch(
                 key, batch_items(batch), lambda step, total: self.queue.progress(batch, step, total), lambda: self.queue.all_ended(batch)
             )
-        except ServiceError as error:
-            log_failure(f"batch of {len(batch)} jobs on {key.model.label}", error, error, batch)
-            self.queue.fail(batch, error)
-            return
         except Exception as error:
-            if len(batch) > 1:
-                logger.warning("a batch of %d jobs failed (%s); running them one by one", len(batch), error)
-                self.engine.free_memory()
-                for job in batch:
-                    if job.status is JobStatus.running:
-                        job.batch_size = job.images_requested
-                        self.run_batch([job], key)
-                return
-            failure = GenerationFailedError(f"generation with model '{key.model.label}' failed; {log_reference(batch[0])}")
-            log_failure(f"job {batch[0].id}", failure, error, batch)
-            self.queue.fail(batch, failure)
-            return
-        if output is None:  # every job of the batch was cancelled or timed out
-            return
-        seconds = time.monotonic() - started
+            return error
+        if output is not None:  # None: every job of the batch was cancelled or timed out
+            self.finished(batch, key, output, time.monotonic() - started)
+        return None
+
+    def finished(self, batch: list[Job], key: BatchKey, output: BatchOutput, seconds: float) -> None:
+        """Count the batch, and encode and store its images on the encoder's threads."""
         self.queue.record_batch(batch, seconds)
         if key.model == self.queue.registry.get(DEFAULT_USER):
             self.queue.ready = True
         for job, images in zip(batch, output.images):
             self.encoder.submit(job, images, output.scheduler, seconds)
+
+    def device_lost(self, batch: list[Job], error: DeviceLostError) -> None:
+        """The device cannot be trusted in this process any more: report it defunct, give the batch back to the
+        queue (stored as queued, it runs after the restart), and ask for the process to stop."""
+        log_failure(f"batch of {len(batch)} jobs", error, error, batch)
+        self.liveness.set("device", PartState.dead, error.message)
+        self.queue.give_back(batch, error)
+        self.on_device_lost()
 
 
 class Encoder:
@@ -138,14 +207,26 @@ class Encoder:
 
     def submit(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
         """Finish ``job`` with ``images`` in the background."""
-        self._pool.submit(self.finish, job, images, scheduler, seconds)
+        self._pool.submit(self.finish_guarded, job, images, scheduler, seconds)
 
     def shutdown(self) -> None:
         """Wait for the images being encoded."""
         self._pool.shutdown(wait=True)
 
+    def finish_guarded(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
+        """``finish``, failing the job (and reporting the encoder failing) on any unexpected error."""
+        try:
+            self.finish(job, images, scheduler, seconds)
+            self.queue.liveness.set("encoder", PartState.ok)
+        except Exception as error:
+            failure = GenerationFailedError(f"encoding the images failed; {log_reference(job)}")
+            log_failure(f"encoding job {job.id}", failure, error, [job])
+            self.queue.liveness.set("encoder", PartState.failing, summary(error))
+            self.queue.fail([job], failure)
+
     def finish(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
-        """Encode and store the images, then mark the job succeeded: never succeeded without its images."""
+        """Encode and store the images, then mark the job succeeded: never succeeded without its images, and no
+        image left behind by a job that ended otherwise meanwhile."""
         job.scheduler_used = scheduler
         pngs = self.engine.encode(images, [png_parameters(job, scheduler, index) for index in range(len(images))])
         store = self.queue.settings.save_images or not job.synchronous
@@ -153,16 +234,27 @@ class Encoder:
         for index, png in enumerate(pngs):
             key = image_name(job.seed + index) if store else None
             stored.append(StoredImage(job.seed + index, key, len(png), hashlib.sha256(png).hexdigest(), png))
+        written: list[str] = []
         try:
             for image in stored:
                 if image.key:
                     self.queue.storage.put(image.key, image.png)
+                    written.append(image.key)
         except StorageError as error:
+            self.remove(written)
             log_failure(f"storing the images of job {job.id}", error, error, [job])
             self.queue.fail([job], error)
             return
-        if self.queue.succeed(job, stored, seconds) and not job.synchronous:
-            job.take_pngs()  # stored; nobody waits for the bytes
+        if not job.synchronous:
+            for image in stored:
+                image.png = b""  # stored; nobody waits for the bytes
+        if not self.queue.succeed(job, stored, seconds):
+            self.remove(written)
+
+    def remove(self, keys: list[str]) -> None:
+        """Delete stored images that no job will point at."""
+        for key in keys:
+            self.queue.storage.delete(key)
 
 
 def png_parameters(job: Job, scheduler: str, index: int) -> str:

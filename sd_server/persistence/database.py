@@ -9,20 +9,23 @@ from sqlalchemy import Engine, create_engine, event
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def create_database_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL mode, a busy timeout and foreign keys."""
+def create_database_engine(url: str, lock_timeout_s: float = 10.0) -> Engine:
+    """An engine for ``url``. An attempt waits at most ``lock_timeout_s`` for a lock another process holds, then
+    fails (and is retried, see ``retry``). SQLite also gets WAL mode and foreign keys."""
+    lock_timeout_ms = int(lock_timeout_s * 1000)
+    connect_args = {"options": f"-c lock_timeout={lock_timeout_ms}"} if url.startswith("postgresql") else {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "connect", lambda connection, record: _configure_sqlite(connection, lock_timeout_ms))
     return engine
 
 
-def _configure_sqlite(connection, record) -> None:
+def _configure_sqlite(connection, lock_timeout_ms: int) -> None:
     """WAL lets readers run while the worker writes; foreign keys make deletes cascade."""
     cursor = connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={lock_timeout_ms}", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

@@ -1,15 +1,21 @@
 """The job store on SQLAlchemy: every job in the database, the live object of active jobs in memory."""
 
 import threading
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import Engine, and_, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sd_server.domain.generation import Generation, SchedulerName
 from sd_server.domain.jobs import Job, JobQuery, JobStatus, StoredImage, as_utc
 from sd_server.domain.models import USER_MODEL
+from sd_server.persistence.retry import in_session, with_retries
 from sd_server.persistence.tables import ImageRow, JobRow
+
+T = TypeVar("T")
 
 # Columns that hold a request field, and columns that hold a job field, under the same name.
 REQUEST_COLUMNS = ("prompt", "negative_prompt", "user_id", "num_inference_steps", "guidance_scale", "width", "height", "num_images")
@@ -53,26 +59,34 @@ def to_job(row: JobRow) -> Job:
 
 
 class SqlJobStore:
-    """Jobs in SQLite or PostgreSQL; active jobs also as live objects, so progress and cancel need no query."""
+    """Jobs in SQLite or PostgreSQL; active jobs also as live objects, so progress and cancel need no query. Every
+    operation is retried through passing database failures for up to ``retry_s`` seconds."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, retry_s: float = 60.0) -> None:
         self.engine = engine
+        self.retry_s = retry_s
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()
+        # Writes of one job's state go one at a time: each writes the job as it is then, so the last one wins.
+        self._write_lock = threading.Lock()
 
-    def add(self, job: Job) -> None:
-        """Insert a new job and keep it live."""
-        with Session(self.engine) as session, session.begin():
-            session.add(to_row(job, JobRow(images=[])))
+    def add(self, job: Job) -> Job:
+        """Insert a new job and keep it live; returns it, or the job stored earlier under its idempotency key
+        (a retry that raced its original)."""
+        try:
+            in_session(self.engine, lambda session: session.add(to_row(job, JobRow(images=[]))), "storing a new job", self.retry_s, write=True)
+        except IntegrityError:
+            existing = self.find_by_idempotency_key(job.idempotency_key) if job.idempotency_key else None
+            if existing is None and self._read(lambda session: session.get(JobRow, job.id)) is None:
+                raise
+            return existing or job
         with self._lock:
             self._live[job.id] = job
+        return job
 
     def save(self, job: Job) -> None:
         """Write the job's state; a job that has ended is no longer kept live."""
-        with Session(self.engine) as session, session.begin():
-            row = session.get(JobRow, job.id)
-            if row is not None:  # else deleted meanwhile
-                to_row(job, row)
+        with_retries(lambda: self._update(job), f"saving job {job.id}", self.retry_s)
         if job.status.is_terminal:
             with self._lock:
                 self._live.pop(job.id, None)
@@ -81,68 +95,80 @@ class SqlJobStore:
         """The live job, or the job as stored, or None."""
         if live := self._live.get(job_id):
             return live
-        with Session(self.engine) as session:
-            row = session.get(JobRow, job_id)
-            return to_job(row) if row else None
+        row = self._read(lambda session: session.get(JobRow, job_id))
+        return to_job(row) if row else None
 
     def delete(self, job_id: str) -> Job | None:
         """Delete the job and its image rows; returns the job as it was, or None."""
         job = self.get(job_id)
         if job:
-            with Session(self.engine) as session, session.begin():
-                session.execute(delete(ImageRow).where(ImageRow.job_id == job_id))
-                session.execute(delete(JobRow).where(JobRow.id == job_id))
+            in_session(self.engine, lambda session: self._delete(session, job_id), f"deleting job {job_id}", self.retry_s, write=True)
             with self._lock:
                 self._live.pop(job_id, None)
         return job
 
     def find_by_idempotency_key(self, key: str) -> Job | None:
         """The job submitted with that (user-scoped) idempotency key, or None."""
-        with Session(self.engine) as session:
-            job_id = session.scalar(select(JobRow.id).where(JobRow.idempotency_key == key))
+        job_id = self._read(lambda session: session.scalar(select(JobRow.id).where(JobRow.idempotency_key == key)))
         return self.get(job_id) if job_id else None
 
     def page(self, query: JobQuery) -> tuple[list[Job], int, tuple[datetime, str] | None]:
-        """Jobs matching ``query``, newest first; the total that match; and the cursor of the next page."""
+        """Jobs matching ``query``, newest first; the total that match; and the cursor of the next page. Times are
+        compared as instants (a filter given with any UTC offset means the same moment on both databases)."""
         filters = []
         if query.user_id is not None:
             filters.append(JobRow.user_id == query.user_id)
         if query.status is not None:
             filters.append(JobRow.status == query.status.value)
         if query.created_after is not None:
-            filters.append(JobRow.created_at >= query.created_after)
+            filters.append(JobRow.created_at >= as_utc(query.created_after))
         if query.created_before is not None:
-            filters.append(JobRow.created_at < query.created_before)
+            filters.append(JobRow.created_at < as_utc(query.created_before))
         page_filters = list(filters)
         if query.cursor is not None:
-            created, job_id = query.cursor
+            created, job_id = as_utc(query.cursor[0]), query.cursor[1]
             page_filters.append(or_(JobRow.created_at < created, and_(JobRow.created_at == created, JobRow.id < job_id)))
         statement = select(JobRow).where(*page_filters).order_by(JobRow.created_at.desc(), JobRow.id.desc())
-        with Session(self.engine) as session:
+
+        def read(session: Session) -> tuple[int, list[Job], bool]:
             total = session.scalar(select(func.count()).select_from(JobRow).where(*filters))
             rows = session.scalars(statement.offset(query.offset).limit(query.limit + 1)).all()
-            jobs = [self._live.get(row.id) or to_job(row) for row in rows[: query.limit]]
-        next_cursor = (jobs[-1].created_at, jobs[-1].id) if len(rows) > query.limit else None
+            return total, [self._live.get(row.id) or to_job(row) for row in rows[: query.limit]], len(rows) > query.limit
+
+        total, jobs, more = self._read(read)
+        next_cursor = (jobs[-1].created_at, jobs[-1].id) if more else None
         return jobs, total, next_cursor
 
     def owner_of_image(self, key: str) -> str | None:
         """The user whose job made the image stored under ``key``, or None."""
-        with Session(self.engine) as session:
-            statement = select(JobRow.user_id).join(ImageRow, ImageRow.job_id == JobRow.id).where(ImageRow.storage_key == key)
-            return session.scalar(statement)
+        statement = select(JobRow.user_id).join(ImageRow, ImageRow.job_id == JobRow.id).where(ImageRow.storage_key == key)
+        return self._read(lambda session: session.scalar(statement))
 
     def unfinished(self) -> list[Job]:
         """Jobs that were queued or running when the service last stopped, oldest first."""
         statuses = (JobStatus.queued.value, JobStatus.running.value)
-        with Session(self.engine) as session:
-            rows = session.scalars(select(JobRow).where(JobRow.status.in_(statuses)).order_by(JobRow.created_at)).all()
-            jobs = [to_job(row) for row in rows]
+        statement = select(JobRow).where(JobRow.status.in_(statuses)).order_by(JobRow.created_at)
+        jobs = self._read(lambda session: [to_job(row) for row in session.scalars(statement)])
         with self._lock:
             self._live.update({job.id: job for job in jobs})
         return jobs
 
     def finished_before(self, cutoff: datetime) -> list[Job]:
         """Jobs that ended before ``cutoff``."""
-        with Session(self.engine) as session:
-            rows = session.scalars(select(JobRow).where(JobRow.finished_at < cutoff)).all()
-            return [to_job(row) for row in rows]
+        statement = select(JobRow).where(JobRow.finished_at < cutoff)
+        return self._read(lambda session: [to_job(row) for row in session.scalars(statement)])
+
+    def _read(self, query: Callable[[Session], T]) -> T:
+        """Run ``query`` in a session of its own, retried through passing failures."""
+        return in_session(self.engine, query, "reading jobs", self.retry_s)
+
+    def _update(self, job: Job) -> None:
+        with self._write_lock, Session(self.engine) as session, session.begin():
+            row = session.get(JobRow, job.id)
+            if row is not None:  # else deleted meanwhile
+                to_row(job, row)
+
+    @staticmethod
+    def _delete(session: Session, job_id: str) -> None:
+        session.execute(delete(ImageRow).where(ImageRow.job_id == job_id))
+        session.execute(delete(JobRow).where(JobRow.id == job_id))

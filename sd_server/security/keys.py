@@ -7,11 +7,11 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.orm import Session
 
 from config import Settings
 from sd_server.domain.jobs import utc_now
 from sd_server.errors import ForbiddenError
+from sd_server.persistence.retry import in_session
 from sd_server.persistence.tables import ApiKeyRow
 
 KEY_PREFIX = "sdk_"
@@ -53,10 +53,11 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
-    """API keys in the database; the plain key exists only in the answer that creates it."""
+    """API keys in the database; the plain key exists only in the answer that creates it. Every operation is
+    retried through passing database failures for ``retry_s`` seconds."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, retry_s: float = 60.0) -> None:
+        self.engine, self.retry_s = engine, retry_s
         self.count = self._count()
 
     def create(self, user_id: str, role: str, key: str | None = None) -> tuple[ApiKeyRow, str]:
@@ -65,42 +66,40 @@ class KeyStore:
         row = ApiKeyRow(
             id=uuid.uuid4().hex, user_id=user_id, role=role, key_hash=hash_key(key), prefix=key[:8], created_at=utc_now()
         )
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            session.add(row)
+        in_session(self.engine, lambda session: session.add(row), "storing a key", self.retry_s, write=True)
         self.count = self._count()
         return row, key
 
     def ensure(self, key: str, user_id: str, role: str) -> None:
         """Store ``key`` unless it is stored already (the SD_ADMIN_KEY at start-up)."""
-        with Session(self.engine) as session:
-            known = session.scalar(select(ApiKeyRow.id).where(ApiKeyRow.key_hash == hash_key(key)))
-        if not known:
+        statement = select(ApiKeyRow.id).where(ApiKeyRow.key_hash == hash_key(key))
+        if not in_session(self.engine, lambda session: session.scalar(statement), "reading keys", self.retry_s):
             self.create(user_id, role, key)
 
     def list(self) -> list[ApiKeyRow]:
         """Every key (without the key itself), oldest first."""
-        with Session(self.engine) as session:
-            return list(session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+        statement = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+        return in_session(self.engine, lambda session: list(session.scalars(statement)), "reading keys", self.retry_s)
 
     def delete(self, key_id: str) -> bool:
         """Revoke a key; False when there was none with that id."""
-        with Session(self.engine) as session, session.begin():
-            deleted = session.execute(delete(ApiKeyRow).where(ApiKeyRow.id == key_id)).rowcount
+        statement = delete(ApiKeyRow).where(ApiKeyRow.id == key_id)
+        deleted = in_session(self.engine, lambda session: session.execute(statement).rowcount, "revoking a key", self.retry_s, write=True)
         self.count = self._count()
         return bool(deleted)
 
     def authenticate(self, key: str) -> Principal | None:
         """The principal of ``key``, or None when no stored key matches."""
         digest = hash_key(key)
-        with Session(self.engine) as session:
-            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == digest))
+        statement = select(ApiKeyRow).where(ApiKeyRow.key_hash == digest)
+        row = in_session(self.engine, lambda session: session.scalar(statement), "reading keys", self.retry_s)
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return None
         return Principal(user_id=row.user_id, role=row.role, key_id=row.id)
 
     def _count(self) -> int:
-        with Session(self.engine) as session:
-            return session.scalar(select(func.count()).select_from(ApiKeyRow))
+        statement = select(func.count()).select_from(ApiKeyRow)
+        return in_session(self.engine, lambda session: session.scalar(statement), "counting keys", self.retry_s)
 
 
 class Authenticator:

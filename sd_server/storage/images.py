@@ -1,5 +1,7 @@
 """Image storage behind one interface: a local directory (default) or S3-compatible object storage."""
 
+import contextlib
+import os
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +34,8 @@ class ImageStorage(Protocol):
 
     def local_path(self, key: str) -> Path | None: ...
 
+    def clean_up(self) -> int: ...
+
 
 class LocalStorage:
     """PNG files in one directory, served by GET /images/{key}."""
@@ -40,12 +44,19 @@ class LocalStorage:
         self.root = root
 
     def put(self, key: str, data: bytes) -> None:
-        """Write a new file; never overwrites one."""
+        """Write the file whole or not at all: to a temporary name, flushed to disk, then renamed (a full disk or a
+        crash leaves no truncated PNG under a key; ``clean_up`` removes what it leaves)."""
+        partial = self.root / f".{key}.partial"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.root / key, "xb") as file:
+            with open(partial, "xb") as file:
                 file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            partial.rename(self.root / key)
         except OSError as error:
+            with contextlib.suppress(OSError):  # the folder itself may be what failed
+                partial.unlink(missing_ok=True)
             raise StorageError(f"could not write image {key} (SD_OUTPUT_DIR): {error.strerror}", detail=str(error)) from error
 
     def delete(self, key: str) -> None:
@@ -63,6 +74,13 @@ class LocalStorage:
     def local_path(self, key: str) -> Path | None:
         """The file on the server."""
         return self.root / key
+
+    def clean_up(self) -> int:
+        """Remove what writes cut off by a crash left behind; returns how many files."""
+        partials = list(self.root.glob(".*.partial")) if self.root.is_dir() else []
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        return len(partials)
 
 
 class S3Storage:
@@ -105,6 +123,10 @@ class S3Storage:
     def local_path(self, key: str) -> Path | None:
         """Objects have no path on the server."""
         return None
+
+    def clean_up(self) -> int:
+        """Nothing to clean: an upload is whole or absent."""
+        return 0
 
 
 def create_storage(settings: Settings) -> ImageStorage:

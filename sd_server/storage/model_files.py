@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 LORA_FOLDER = "loras"
+STAGING_FOLDER = ".staging"  # uploads being checked: never a model source, emptied at start
 
 
 def local_path(models_dir: Path, source: str) -> Path | None:
@@ -25,7 +26,7 @@ def lora_file(models_dir: Path, source: str) -> Path:
     """The .safetensors file of a LoRA source: the file itself, or the one in its folder."""
     path = local_path(models_dir, source)
     if path is not None and path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
+        candidates = sorted(file for file in path.glob("*.safetensors") if not file.name.startswith("."))
         preferred = [candidate for candidate in candidates if candidate.name == "pytorch_lora_weights.safetensors"]
         path = (preferred or candidates or [None])[0]
     if path is None or not path.is_file():
@@ -34,10 +35,10 @@ def lora_file(models_dir: Path, source: str) -> Path:
 
 
 def stage_upload(upload: BinaryIO, models_dir: Path) -> tuple[Path, str]:
-    """Copy an uploaded file to a temporary name under SD_MODELS_DIR/loras/; returns that path and its SHA-256."""
-    folder = models_dir / LORA_FOLDER
+    """Copy an uploaded file to a temporary name under SD_MODELS_DIR/.staging/; returns that path and its SHA-256."""
+    folder = models_dir / STAGING_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / f".upload-{secrets.token_hex(8)}.safetensors"
+    staged = folder / f"upload-{secrets.token_hex(8)}.safetensors"
     digest = hashlib.sha256()
     with staged.open("xb") as output:
         while chunk := upload.read(1 << 20):
@@ -46,11 +47,22 @@ def stage_upload(upload: BinaryIO, models_dir: Path) -> tuple[Path, str]:
     return staged, digest.hexdigest()
 
 
-def keep_upload(staged: Path, sha256: str) -> str:
-    """Give a checked upload its final name (an identical file already there is kept as is); returns its source."""
-    final = staged.with_name(f"{sha256[:32]}.safetensors")
+def keep_upload(staged: Path, sha256: str, models_dir: Path) -> str:
+    """Give a checked upload its final name under SD_MODELS_DIR/loras/ (an identical file already there is kept
+    as is); returns its source."""
+    final = models_dir / LORA_FOLDER / f"{sha256[:32]}.safetensors"
+    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         staged.unlink()
     else:
         staged.rename(final)
     return f"{LORA_FOLDER}/{final.name}"
+
+
+def clean_staging(models_dir: Path) -> int:
+    """Remove uploads that a crash left half-checked (and those of older versions, staged in loras/); returns how
+    many files."""
+    leftovers = [*(models_dir / STAGING_FOLDER).glob("*"), *(models_dir / LORA_FOLDER).glob(".upload-*")]
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)

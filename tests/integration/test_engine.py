@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
 
-from sd_server.engine.devices import choose_device, choose_dtype
+from sd_server.engine.devices import choose_device, choose_dtype, is_device_lost
 from sd_server.engine.samplers import scheduler_name
 
 
@@ -28,3 +28,16 @@ def test_a_models_own_scheduler_class_gets_its_api_name():
     assert scheduler_name(PNDMScheduler) == "pndm"
     assert scheduler_name(DDIMScheduler) == "ddim"
     assert scheduler_name(LMSDiscreteScheduler) == "LMSDiscreteScheduler"
+
+
+@pytest.mark.parametrize(
+    ("message", "device", "lost"),
+    [
+        ("CUDA error: an illegal memory access was encountered", "cuda", True),
+        ("CUDA error: device-side assert triggered", "cuda", True),
+        ("CUDA error: an illegal memory access was encountered", "cpu", False),
+        ("mat1 and mat2 shapes cannot be multiplied", "cuda", False),
+    ],
+)
+def test_only_errors_that_poison_the_cuda_context_count_as_a_lost_device(message, device, lost):
+    assert is_device_lost(RuntimeError(message), device) is lost

@@ -6,9 +6,9 @@ import io
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import pixels
 from PIL import Image
 
+from helpers import pixels
 from sd_server.app import create_app
 from sd_server.domain.generation import MAX_SEED, SchedulerName
 from sd_server.domain.jobs import JobQuery

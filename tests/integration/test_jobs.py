@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+
 from helpers import (
     SLOW,
     SilentReceiver,
@@ -16,7 +17,6 @@ from helpers import (
     wait_for,
     wait_until_running,
 )
-
 from sd_server.app import create_app
 
 

@@ -1,9 +1,11 @@
 """Per-user models: lazy loading, DELETE /cache, GET /models, unknown users and load failures."""
 
 import json
+import threading
 
 from fastapi.testclient import TestClient
 
+from helpers import DEADLINE_S
 from sd_server.app import create_app
 from sd_server.demo.random_pipeline import save_random_pipeline
 
@@ -95,3 +97,22 @@ def test_failed_load_is_not_cached_and_the_next_request_tries_again(settings, sm
         response = client.post("/generate", json=small_request(user_id="erin"))
 
     assert response.status_code == 200 and response.json()["model_id"] == "erin-dreambooth"
+
+
+def test_unloading_a_model_waits_for_the_batch_running_on_it(client, small_request, hold_generation):
+    answers: dict = {}
+    generation = threading.Thread(target=lambda: answers.update(generate=client.post("/generate", json=small_request())))
+    generation.start()
+    assert hold_generation.entered.wait(DEADLINE_S), "the generation never reached the pipeline"
+    unloading = threading.Thread(target=lambda: answers.update(unload=client.delete("/cache")))
+    unloading.start()
+
+    unloading.join(timeout=1)
+    waited = unloading.is_alive()
+    hold_generation.set()
+    generation.join(DEADLINE_S)
+    unloading.join(DEADLINE_S)
+
+    assert waited, "the unload did not wait for the running batch"
+    assert answers["generate"].status_code == 200 and answers["unload"].json() == {"unloaded": ["demo"]}
+    assert client.get("/health").json()["loaded_models"] == []

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import SLOW, poll, wait_for, wait_until_running
 
+from helpers import SLOW, poll, wait_for, wait_until_running
 from sd_server.app import create_app
 from sd_server.domain.jobs import utc_now
 

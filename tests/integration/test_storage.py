@@ -6,9 +6,9 @@ import boto3
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import free_port, wait_for
 from moto.server import ThreadedMotoServer
 
+from helpers import free_port, wait_for
 from sd_server.app import create_app
 
 

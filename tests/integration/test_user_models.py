@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
-from helpers import DEADLINE_S, pixels, wait_for
 from PIL import Image
 
+from helpers import DEADLINE_S, pixels, wait_for
 from model_service import ModelService
 from sd_server.app import create_app
 from sd_server.demo.random_pipeline import save_random_lora, save_random_pipeline
@@ -165,14 +165,29 @@ def wrong_shape_lora(models_dir: Path) -> bytes:
     return safetensors.torch.save({name: torch.zeros(3, 5) for name in tensors})
 
 
+def nan_lora(models_dir: Path) -> bytes:
+    """The alice LoRA with NaN weights (it would turn every image black)."""
+    tensors = safetensors.torch.load_file(models_dir / "loras" / "alice.safetensors")
+    return safetensors.torch.save({name: torch.full_like(tensor, float("nan")) for name, tensor in tensors.items()})
+
+
+def lora_with_a_stray_layer(models_dir: Path) -> bytes:
+    """The alice LoRA plus a pair of weights for a layer the base does not have (they would be dropped silently)."""
+    tensors = safetensors.torch.load_file(models_dir / "loras" / "alice.safetensors")
+    stray = "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q"
+    return safetensors.torch.save({**tensors, f"{stray}.lora_A.weight": torch.zeros(4, 32), f"{stray}.lora_B.weight": torch.zeros(32, 4)})
+
+
 @pytest.mark.parametrize(
     "make_content",
     [
         lambda models_dir: b"this is not a safetensors file",
         wrong_shape_lora,
         lambda models_dir: safetensors.torch.save({"text_model.unrelated.weight": torch.zeros(2, 2)}),
+        nan_lora,
+        lora_with_a_stray_layer,
     ],
-    ids=["not-safetensors", "wrong-shapes", "no-matching-layer"],
+    ids=["not-safetensors", "wrong-shapes", "no-matching-layer", "nan-weights", "a-stray-layer"],
 )
 def test_an_upload_that_does_not_load_onto_the_base_is_422_and_nothing_is_stored(
     client, models_dir, small_request, make_content
@@ -188,6 +203,18 @@ def test_an_upload_that_does_not_load_onto_the_base_is_422_and_nothing_is_stored
     assert client.get("/users/carol/model").status_code == 404
     assert np.array_equal(generate(client, small_request, "default"), base_before)
     assert cache(client)["adapters"]["resident"] == []
+
+
+def test_an_upload_onto_a_base_that_cannot_load_is_422_naming_the_base(client, models_dir):
+    broken = models_dir / "broken-base"
+    broken.mkdir(exist_ok=True)
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    content = (models_dir / "loras" / "alice.safetensors").read_bytes()
+
+    response = client.post("/users/carol/lora", files={"file": ("alice.safetensors", content)}, data={"base": "broken-base"})
+
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "base"]
+    assert str(models_dir) not in response.text
 
 
 def test_uploads_have_their_own_size_cap(settings, models_dir, small_request):

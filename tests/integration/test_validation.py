@@ -53,10 +53,10 @@ def test_unknown_field_is_rejected_with_422_naming_it(client, small_request):
     assert response.json()["detail"][0]["type"] == "extra_forbidden"
 
 
-def test_body_that_is_not_json_is_rejected_with_422(client):
+def test_body_that_is_not_json_is_rejected_with_400(client):
     response = client.post("/generate", content=b"prompt=cat", headers={"content-type": "application/json"})
 
-    assert response.status_code == 422
+    assert response.status_code == 400 and "not valid JSON" in response.json()["detail"]
 
 
 def test_generate_image_rejects_more_than_one_image_with_422(client, small_request):

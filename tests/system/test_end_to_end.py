@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DEADLINE_S, PROJECT_DIR, free_port, wait_until_healthy
 
+from helpers import DEADLINE_S, PROJECT_DIR, free_port, wait_until_healthy
 from sd_server.app import create_app
 
 

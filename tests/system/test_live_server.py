@@ -6,8 +6,8 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from helpers import DEADLINE_S, SLOW, free_port, pixels, poll
 
+from helpers import DEADLINE_S, SLOW, free_port, pixels, poll
 from sd_server.app import create_app
 from sd_server.jobs.queue import JobQueue
 

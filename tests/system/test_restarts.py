@@ -7,6 +7,7 @@ import sys
 
 import httpx
 import pytest
+
 from helpers import (
     DEADLINE_S,
     PROJECT_DIR,

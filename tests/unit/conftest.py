@@ -4,9 +4,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fakes import FakeEngine
 
 from config import Settings
+from fakes import FakeEngine
 from sd_server.app import create_app
 
 

@@ -16,7 +16,7 @@ from schemas import JobCreated, JobList, JobRequest, JobResponse
 from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
-from sd_server.domain.jobs import Job, JobQuery, JobStatus
+from sd_server.domain.jobs import Job, JobQuery, JobStatus, as_utc
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import (
     ConflictError,
@@ -29,6 +29,7 @@ from sd_server.observability.logging import request_id_var
 from sd_server.security.webhook_urls import check_webhook_url
 
 jobs_router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_OFFSET = 2**31 - 1  # past it databases overflow; past the total, pages are empty anyway
 JOB_ERRORS = error_responses(NotFoundError, ConflictError)
 
 
@@ -57,7 +58,7 @@ async def list_jobs(
     principal: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
-    offset: Annotated[int, Query(ge=0, description="Prefer cursor: it is stable while jobs are added.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Prefer cursor: it is stable while jobs are added.")] = 0,
     user_id: Annotated[str | None, Query(description="Only this user's jobs.")] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     created_after: Annotated[datetime | None, Query(description="ISO 8601; inclusive.")] = None,
@@ -66,7 +67,8 @@ async def list_jobs(
     """Jobs newest first, filtered; follow `next_cursor` for the next page. A user key sees its own jobs only."""
     if not principal.is_admin:
         user_id = principal.user_id
-    query = JobQuery(user_id, status, created_after, created_before, limit, offset, decode_cursor(cursor))
+    after, before = instant(created_after, "created_after"), instant(created_before, "created_before")
+    query = JobQuery(user_id, status, after, before, limit, offset, decode_cursor(cursor))
     jobs, total, next_cursor = await asyncio.to_thread(queue.store.page, query)
     return JobList(
         jobs=[job_response(job, queue) for job in jobs],
@@ -75,6 +77,15 @@ async def list_jobs(
         offset=offset,
         next_cursor=encode_cursor(next_cursor),
     )
+
+
+def instant(moment: datetime | None, name: str) -> datetime | None:
+    """``moment`` in UTC (without an offset, it is taken as UTC); 422 for one that has no UTC equivalent."""
+    try:
+        return as_utc(moment)
+    except OverflowError as error:
+        message = "must be a time between the years 1 and 9999 in UTC"
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": message, "input": str(moment)}]) from error
 
 
 def encode_cursor(position: tuple[datetime, str] | None) -> str | None:

@@ -9,7 +9,7 @@ from schemas import KeyCreated, KeyCreateRequest, KeyInfo
 from sd_server.api.dependencies import AdminUser
 from sd_server.api.errors import error_responses
 from sd_server.domain.jobs import as_utc
-from sd_server.errors import ForbiddenError, NotFoundError
+from sd_server.errors import ConflictError, ForbiddenError, NotFoundError
 from sd_server.security.keys import KeyStore
 
 keys_router = APIRouter(prefix="/keys", tags=["keys"], responses=error_responses(ForbiddenError))
@@ -23,9 +23,15 @@ def get_key_store(request: Request) -> KeyStore:
 KeysDep = Annotated[KeyStore, Depends(get_key_store)]
 
 
-@keys_router.post("", status_code=201)
-async def create_key(body: KeyCreateRequest, admin: AdminUser, keys: KeysDep) -> KeyCreated:
-    """Create a key for a user (or an admin); the key is in this answer only."""
+@keys_router.post("", status_code=201, responses=error_responses(ConflictError))
+async def create_key(body: KeyCreateRequest, admin: AdminUser, keys: KeysDep, request: Request) -> KeyCreated:
+    """Create a key for a user (or an admin); the key is in this answer only. With no key yet (SD_AUTH=auto), the
+    first must be an admin's: the first key turns keys on, and someone must be able to manage them."""
+    if request.app.state.settings.auth == "auto" and keys.count == 0 and body.role != "admin":
+        raise ConflictError(
+            'the first key must be an admin key: it turns keys on, and a user key alone would leave nobody to manage '
+            'them; create {"user_id": "admin", "role": "admin"} first, or start with SD_ADMIN_KEY'
+        )
     row, key = await asyncio.to_thread(keys.create, body.user_id, body.role)
     return KeyCreated(id=row.id, key=key, user_id=row.user_id, role=row.role)
 

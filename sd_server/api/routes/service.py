@@ -2,35 +2,55 @@
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from schemas import CacheStats, HealthResponse, QueueStats, RootResponse
+from schemas import CacheStats, HealthResponse, PartStatus, QueueStats, RootResponse
 from sd_server import VERSION
-from sd_server.api.dependencies import EngineDep, QueueDep, metrics_access
+from sd_server.api.dependencies import EngineDep, MaybeUser, QueueDep, metrics_access
 from sd_server.api.errors import error_responses
 from sd_server.errors import ForbiddenError, ServiceUnavailableError
 
 service_router = APIRouter(tags=["service"])
 
 
-@service_router.get("/health")
-async def health(engine: EngineDep, queue: QueueDep) -> HealthResponse:
-    """Answers at once, also while a generation runs."""
+@service_router.get(
+    "/health",
+    response_model_exclude_none=True,
+    responses={503: {"model": HealthResponse, "description": "A part of the service is dead (see `parts`)."}},
+    openapi_extra={"security": [{}, {"HTTPBearer": []}, {"APIKeyHeader": []}]},  # a key is optional: it adds details
+)
+async def health(engine: EngineDep, queue: QueueDep, principal: MaybeUser, response: Response) -> HealthResponse:
+    """Answers at once, also while a generation runs: ok, degraded or not ok (503), and the version; an admin key
+    (or open mode) also gets the device, models, queue, cache and each part's state."""
+    parts = queue.liveness.report()
+    states = {part["state"] for part in parts.values()}
+    status = "not ok" if "dead" in states else "degraded" if "failing" in states else "ok"
+    if status == "not ok":
+        response.status_code = 503
+    if principal is None or not principal.is_admin:
+        return HealthResponse(status=status, version=VERSION)
     report = engine.report()
     return HealthResponse(
-        status="ok",
+        status=status,
+        version=VERSION,
         device=report["device"],
         dtype=report["dtype"],
         loaded_models=report["loaded_models"],
-        version=VERSION,
         queue=QueueStats(**queue.stats()),
         cache=CacheStats(**report["cache"]),
+        parts={name: PartStatus(**part) for name, part in parts.items()},
     )
 
 
 @service_router.get("/health/ready", responses=error_responses(ServiceUnavailableError))
 async def ready(queue: QueueDep, request: Request) -> dict[str, str]:
-    """Readiness: 200 once the default model has loaded, 503 before that and while shutting down."""
-    if not queue.ready or getattr(request.app.state, "shutting_down", False):
-        raise ServiceUnavailableError(f"not ready: {queue.not_ready_reason}")
+    """Readiness: 200 once the default model has loaded; 503 naming why before that, while shutting down, and while
+    a part is dead (or the database is failing)."""
+    reasons = queue.liveness.problems()
+    if getattr(request.app.state, "shutting_down", False):
+        reasons.insert(0, "shutting down")
+    elif not queue.ready:
+        reasons.insert(0, queue.not_ready_reason)
+    if reasons:
+        raise ServiceUnavailableError(f"not ready: {'; '.join(reasons)}")
     return {"status": "ready"}
 
 

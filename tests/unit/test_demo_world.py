@@ -1,0 +1,43 @@
+"""The demo model's world and its evaluator: drawn ground truth reads back right, every time."""
+
+import random
+
+import pytest
+
+from sd_server.demo.world import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, Scene, draw, possible, prompt, prompted_scene, random_scene, read
+
+
+@pytest.mark.parametrize("anywhere", [True, False], ids=["shapes-anywhere", "centred-as-prompted"])
+def test_the_evaluator_reads_drawn_scenes_back_exactly(anywhere):
+    rng = random.Random(7)
+    scenes = [random_scene(rng, include_held_out=True) if anywhere else prompted_scene(rng) for _ in range(120)]
+
+    readings = [read(draw(scene, rng)) for scene in scenes]
+
+    for scene, reading in zip(scenes, readings):
+        assert (reading.colour, reading.shape, reading.background) == (scene.colour, scene.shape, scene.background), scene
+
+
+def test_an_empty_picture_reads_as_background_without_a_shape():
+    from PIL import Image
+
+    reading = read(Image.new("RGB", (256, 256), BACKGROUNDS["gray"]))
+
+    assert reading.background == "gray" and reading.shape is None and reading.colour is None
+
+
+def test_held_out_pairs_are_never_drawn_for_training_and_shapes_stand_out_from_their_background():
+    rng = random.Random(1)
+    scenes = [random_scene(rng) for _ in range(2000)] + [prompted_scene(rng) for _ in range(2000)]
+
+    assert not any(scene.held_out for scene in scenes)
+    assert all(possible(scene.colour, scene.background) for scene in scenes)
+    assert {(scene.colour, scene.shape) for scene in scenes} == {(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT
+
+
+def test_prompts_name_size_colour_shape_and_background_and_can_leave_words_out():
+    scene = Scene("circle", "red", "blue", "large", "center")
+
+    assert prompt(scene) == "a large red circle on a blue background"
+    assert prompt(scene, with_colour=False, with_background=False) == "a large circle"
+    assert prompt(scene, with_shape=False) == "a large red shape on a blue background"
