@@ -3,6 +3,7 @@
     python demo_model.py train [--output models/demo] [--steps N ...]   train from scratch (resumable), then export
     python demo_model.py export [--output DIR]                          export the last saved training state
     python demo_model.py evaluate [--model models/demo] [--count 72]    accuracy per attribute, seen and held-out pairs
+    python demo_model.py lora [--source red --target purple]            a LoRA that draws one colour as another
     python demo_model.py random OUTPUT_DIR                              a random tiny pipeline (draws noise)
 """
 
@@ -35,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=20)
     evaluate.add_argument("--guidance-scale", type=float, default=7.5)
     evaluate.add_argument("--grid", type=Path, help="also save the pictures side by side to this PNG")
+    lora = commands.add_parser("lora")
+    lora.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
+    lora.add_argument("--output", type=Path, default=PROJECT_DIR / "models" / "demo-loras" / "red-to-purple.safetensors")
+    lora.add_argument("--source", default="red")
+    lora.add_argument("--target", default="purple")
+    lora.add_argument("--steps", type=int, default=400)
     random = commands.add_parser("random")
     random.add_argument("output", type=Path)
     return command_line
@@ -49,6 +56,11 @@ def main() -> None:
         print(f"random tiny pipeline written to {save_random_pipeline(arguments.output)}")
     elif arguments.command == "evaluate":
         evaluate(arguments)
+    elif arguments.command == "lora":
+        from sd_server.demo.lora import RecolourPlan, save_recolour_lora
+
+        plan = RecolourPlan(source=arguments.source, target=arguments.target, steps=arguments.steps)
+        print(f"LoRA written to {save_recolour_lora(arguments.model, arguments.output, plan)}")
     else:
         from sd_server.demo import training
 
@@ -60,7 +72,7 @@ def main() -> None:
 
 
 def evaluate(arguments: argparse.Namespace) -> None:
-    """Render, read back and score; print the table, and save the grid when asked."""
+    """Render, read back and score; print the table, save the grid when asked, and exit 1 when a target is missed."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -74,6 +86,8 @@ def evaluate(arguments: argparse.Namespace) -> None:
     if arguments.grid:
         grid(pictures).save(arguments.grid)
         print(f"grid written to {arguments.grid}")
+    print("every target met" if score.meets_targets() else "targets missed")
+    raise SystemExit(0 if score.meets_targets() else 1)
 
 
 if __name__ == "__main__":

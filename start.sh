@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the service, or run its tests, in a virtual environment that this script creates and fills.
 #   ./start.sh          serve the configured model (SD_DEFAULT_MODEL, SD_USER_MODELS, ...)
-#   ./start.sh --demo   serve the bundled tiny demo model (built on first use; it draws noise)
+#   ./start.sh --demo   serve the bundled demo model (models/demo: a tiny model trained here that draws shapes)
 #   ./start.sh --test   run the test suite; further arguments go to pytest
 # Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
 # from this index first, e.g. https://download.pytorch.org/whl/cu128 or .../whl/cpu).
@@ -33,7 +33,9 @@ case "${1:-}" in
   --demo)
     install_requirements requirements.txt
     models_dir=${SD_MODELS_DIR:-models}
-    [ -f "$models_dir/demo/model_index.json" ] || "$VENV/bin/python" demo_model.py random "$models_dir/demo"
+    if [ ! -f "$models_dir/demo/model_index.json" ]; then  # SD_MODELS_DIR elsewhere: bring the demo model along
+      mkdir -p "$models_dir" && cp -r models/demo "$models_dir/demo"
+    fi
     export SD_DEFAULT_MODEL=demo
     exec "$VENV/bin/python" main.py
     ;;

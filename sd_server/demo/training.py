@@ -12,10 +12,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
 from tqdm import tqdm
 
-from sd_server.demo.architecture import SD15_SCHEDULER_CONFIG, build_pipeline, build_vae
-from sd_server.demo.world import Scene, draw, prompt, prompted_scene, random_scene
+from sd_server.demo.architecture import DEMO_SCHEDULER_CONFIG, build_pipeline, build_vae
+from sd_server.demo.world import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Scene,
+    draw,
+    possible,
+    prompt,
+    prompted_scene,
+    random_scene,
+    read,
+)
 
 
 @dataclass(frozen=True)
@@ -23,11 +35,13 @@ class TrainingPlan:
     """How long and how hard each part trains; the defaults made the committed weights."""
 
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 2500
+    decoder_steps: int = 1000  # then the decoder alone, on the encoder's means
     vae_batch: int = 8
     vae_crop: int = 128
+    foreground_weight: float = 8.0
     scenes: int = 4000
-    steps: int = 6000
+    steps: int = 4000
     batch: int = 16
     learning_rate: float = 8e-4
     warmup: int = 200
@@ -49,39 +63,95 @@ def warmed_up(step: int, warmup: int, peak: float) -> float:
     return peak * min(1.0, (step + 1) / warmup)
 
 
-def train_vae(plan: TrainingPlan, rng: random.Random) -> AutoencoderKL:
-    """An autoencoder for the world's pictures: L1 reconstruction of random crops, a whisper of KL."""
-    vae = build_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=plan.vae_steps, eta_min=1e-4)
-    bar = tqdm(range(plan.vae_steps), desc="autoencoder", unit="step")
+def random_crop(image, size: int, rng: random.Random):
+    """A ``size`` crop of ``image`` at a random place (on a grid of 8 pixels, the autoencoder's factor)."""
+    left, top = rng.randrange(0, image.width - size + 1, 8), rng.randrange(0, image.height - size + 1, 8)
+    return image.crop((left, top, left + size, top + size))
+
+
+def foreground_weights(pixels: torch.Tensor, backgrounds: list[str], weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: ``weight`` where a pixel is not its background's colour, 1 elsewhere."""
+    colours = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=torch.float32) / 127.5 - 1.0
+    distance = (pixels - colours[:, :, None, None]).abs().sum(dim=1, keepdim=True)
+    return 1.0 + (weight - 1.0) * (distance > 0.3).float()
+
+
+def crop_batch(plan: TrainingPlan, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops of drawn scenes (shapes anywhere, held-out pairs included) and their pixels' loss weights."""
+    scenes = [random_scene(rng, include_held_out=True) for _ in range(plan.vae_batch)]
+    pixels = to_tensor([random_crop(draw(scene, rng), plan.vae_crop, rng) for scene in scenes])
+    return pixels, foreground_weights(pixels, [scene.background for scene in scenes], plan.foreground_weight)
+
+
+def reconstruction_steps(parameters: list, steps: int, peak: float, description: str, loss_of_batch) -> None:
+    """Minimise ``loss_of_batch()`` over ``parameters`` for ``steps`` steps, the learning rate cosine-annealed
+    from ``peak`` to a tenth of it."""
+    optimizer = torch.optim.AdamW(parameters, lr=peak, weight_decay=0.0)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=peak / 10)
+    bar = tqdm(range(steps), desc=description, unit="step")
     for _ in bar:
-        crops = []
-        for _ in range(plan.vae_batch):
-            image = draw(random_scene(rng, include_held_out=True), rng)
-            left, top = rng.randrange(0, 257 - plan.vae_crop, 8), rng.randrange(0, 257 - plan.vae_crop, 8)
-            crops.append(image.crop((left, top, left + plan.vae_crop, top + plan.vae_crop)))
-        pixels = to_tensor(crops)
-        posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        loss = loss_of_batch()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         decay.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def train_vae(plan: TrainingPlan, rng: random.Random) -> AutoencoderKL:
+    """An autoencoder for the world's pictures: L1 reconstruction of random crops, the shapes' pixels weighted up
+    (they are few, and their colours must survive), a whisper of KL."""
+    vae = build_vae()
+
+    def loss() -> torch.Tensor:
+        pixels, weights = crop_batch(plan, rng)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        return (weights * (reconstruction - pixels).abs()).mean() + 1e-6 * posterior.kl().mean()
+
+    reconstruction_steps(list(vae.parameters()), plan.vae_steps, 1e-3, "autoencoder", loss)
+    return vae.eval().requires_grad_(False)
+
+
+def sharpen_decoder(vae: AutoencoderKL, plan: TrainingPlan) -> AutoencoderKL:
+    """Fine-tune the decoder alone to draw the encoder's means (as Stability's ft-MSE VAE did): trained on noisy
+    samples, it draws soft edges and halos; the denoiser learns the means, so the decoder must draw those sharp."""
+    torch.manual_seed(plan.seed + 5)
+    rng = random.Random(plan.seed + 5)
+    vae.requires_grad_(False).decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+
+    def loss() -> torch.Tensor:
+        pixels, weights = crop_batch(plan, rng)
+        with torch.no_grad():
+            means = vae.encode(pixels).latent_dist.mean
+        return (weights * (vae.decode(means).sample - pixels).abs()).mean()
+
+    trainable = [parameter for parameter in vae.parameters() if parameter.requires_grad]
+    reconstruction_steps(trainable, plan.decoder_steps, 3e-4, "decoder", loss)
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_scenes(vae: AutoencoderKL, scenes: list[Scene], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latent distribution (mean, std) of each scene's picture."""
-    means, stds = [], []
+def reconstruction_accuracy(vae: AutoencoderKL, rng: random.Random) -> float:
+    """Share of every colour, shape and background, drawn and passed through the autoencoder, that reads back right."""
+    scenes = [Scene(shape, colour, background) for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS if possible(colour, background)]
+    right = 0
+    for scene in scenes:
+        decoded = vae.decode(vae.encode(to_tensor([draw(scene, rng)])).latent_dist.mean).sample[0]
+        image = Image.fromarray(((decoded.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+        reading = read(image)
+        right += (reading.colour, reading.shape, reading.background) == (scene.colour, scene.shape, scene.background)
+    return right / len(scenes)
+
+
+@torch.no_grad()
+def encode_scenes(vae: AutoencoderKL, scenes: list[Scene], rng: random.Random) -> torch.Tensor:
+    """The latent mean of each scene's picture (what the sharpened decoder draws)."""
+    means = []
     for start in tqdm(range(0, len(scenes), 32), desc="encoding scenes", unit="batch"):
-        distribution = vae.encode(to_tensor([draw(scene, rng) for scene in scenes[start : start + 32]])).latent_dist
-        means.append(distribution.mean.half())
-        stds.append(distribution.std.half())
-    return torch.cat(means), torch.cat(stds)
+        means.append(vae.encode(to_tensor([draw(scene, rng) for scene in scenes[start : start + 32]])).latent_dist.mean.half())
+    return torch.cat(means)
 
 
 def training_prompt(scene: Scene, plan: TrainingPlan, rng: random.Random) -> str:
@@ -92,10 +162,28 @@ def training_prompt(scene: Scene, plan: TrainingPlan, rng: random.Random) -> str
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023)."""
+    """Min-SNR-gamma loss weights (Hang et al., 2023), for noise or velocity prediction."""
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    return torch.clamp(snr, max=gamma) / (snr + 1 if velocity else snr)
+
+
+def denoising_loss(
+    pipeline: StableDiffusionPipeline, noise_scheduler: DDPMScheduler, clean: torch.Tensor, prompts: list[str], snr_gamma: float
+) -> torch.Tensor:
+    """How well the pipeline's UNet, told the prompts, predicts the noise (or the velocity, as the scheduler says)
+    of the clean latents noised at random timesteps (min-SNR weighted)."""
+    tokenizer = pipeline.tokenizer
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(prompts),))
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    predicted = pipeline.unet(noisy, timesteps, pipeline.text_encoder(ids)[0]).sample
+    velocity = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(clean, noise, timesteps) if velocity else noise
+    per_sample = F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
 
 
 def update_ema(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -109,15 +197,14 @@ class DenoiserTraining:
     """The UNet and text encoder learning to predict the noise added to scene latents, with moving averages of
     both; its whole state (weights, optimizer, step, random generators) saves and loads."""
 
-    def __init__(self, plan: TrainingPlan, pipeline: StableDiffusionPipeline, scenes: list[Scene], latents: tuple) -> None:
-        self.plan, self.pipeline, self.scenes = plan, pipeline, scenes
-        self.means, self.stds = latents
+    def __init__(self, plan: TrainingPlan, pipeline: StableDiffusionPipeline, scenes: list[Scene], latents: torch.Tensor) -> None:
+        self.plan, self.pipeline, self.scenes, self.latents = plan, pipeline, scenes, latents
         self.unet, self.text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.parameters = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=plan.learning_rate, weight_decay=1e-2)
-        self.noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+        self.noise_scheduler = DDPMScheduler.from_config(DEMO_SCHEDULER_CONFIG)
         self.rng = random.Random(plan.seed + 1)
         self.step = 0
 
@@ -132,20 +219,13 @@ class DenoiserTraining:
 
     def train_step(self) -> float:
         """One optimizer step on a batch of scenes; returns its loss."""
-        plan, tokenizer = self.plan, self.pipeline.tokenizer
+        plan = self.plan
         for group in self.optimizer.param_groups:
             group["lr"] = warmed_up(self.step, plan.warmup, plan.learning_rate)
         picks = [self.rng.randrange(len(self.scenes)) for _ in range(plan.batch)]
-        clean = (self.means[picks].float() + self.stds[picks].float() * torch.randn(self.means[picks].shape))
-        clean = clean * self.pipeline.vae.config.scaling_factor
+        clean = self.latents[picks].float() * self.pipeline.vae.config.scaling_factor
         prompts = [training_prompt(self.scenes[pick], plan, self.rng) for pick in picks]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (plan.batch,))
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        predicted = self.unet(noisy, timesteps, self.text_encoder(ids)[0]).sample
-        per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(self.noise_scheduler, timesteps, plan.snr_gamma)).mean()
+        loss = denoising_loss(self.pipeline, self.noise_scheduler, clean, prompts, plan.snr_gamma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
@@ -186,29 +266,38 @@ class DenoiserTraining:
         return pipeline
 
 
-def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, list[Scene], tuple]:
+def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, list[Scene], torch.Tensor]:
     """Phase one, or its saved result: the trained autoencoder (its scaling factor set so latents have unit spread)
-    and the latents of the denoiser's scenes. Each part has random generators of its own, so a saved part is
-    exactly what a run from scratch would make."""
+    and the latents of the denoiser's scenes. Each part has random generators of its own and saves its result, so
+    a run resumed from a saved part makes exactly what a run from scratch would."""
     latents_file = work_dir / "latents.pt"
     if latents_file.exists():
         saved = torch.load(latents_file, weights_only=False)
-        return AutoencoderKL.from_pretrained(work_dir / "vae"), saved["scenes"], (saved["means"], saved["stds"])
+        return AutoencoderKL.from_pretrained(work_dir / "vae"), saved["scenes"], saved["means"]
+    vae = trained_autoencoder(plan, work_dir)
+    rng = random.Random(plan.seed + 3)
+    scenes = [prompted_scene(rng) for _ in range(plan.scenes)]
+    means = encode_scenes(vae, scenes, rng)
+    vae.register_to_config(scaling_factor=round(1.0 / float(means.float().std()), 5))
+    vae.save_pretrained(work_dir / "vae")
+    torch.save({"scenes": scenes, "means": means}, latents_file)
+    return vae, scenes, means
+
+
+def trained_autoencoder(plan: TrainingPlan, work_dir: Path) -> AutoencoderKL:
+    """The autoencoder trained whole, then its decoder sharpened: each step's result saved in ``work_dir``."""
     if (work_dir / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(work_dir / "vae")
+        return AutoencoderKL.from_pretrained(work_dir / "vae")
+    if (work_dir / "autoencoder").exists():
+        vae = AutoencoderKL.from_pretrained(work_dir / "autoencoder")
     else:
         torch.manual_seed(plan.seed)
         vae = train_vae(plan, random.Random(plan.seed))
-        vae.save_pretrained(work_dir / "vae")
-    rng = random.Random(plan.seed + 3)
-    torch.manual_seed(plan.seed + 3)
-    scenes = [prompted_scene(rng) for _ in range(plan.scenes)]
-    means, stds = encode_scenes(vae, scenes, rng)
-    spread = float((means.float() + stds.float() * torch.randn(means.shape)).std())
-    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
+        vae.save_pretrained(work_dir / "autoencoder")
+    vae = sharpen_decoder(vae, plan)
     vae.save_pretrained(work_dir / "vae")
-    torch.save({"scenes": scenes, "means": means, "stds": stds}, latents_file)
-    return vae, scenes, (means, stds)
+    print(f"autoencoder: {reconstruction_accuracy(vae, random.Random(plan.seed + 4)):.0%} of the world's scenes read back right")
+    return vae
 
 
 def resume(plan: TrainingPlan, work_dir: Path) -> DenoiserTraining:

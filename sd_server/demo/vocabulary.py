@@ -6,7 +6,7 @@ from transformers import CLIPTokenizer
 
 from sd_server.demo.world import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
-TEXT_POSITIONS = 77
+TEXT_POSITIONS = 16  # prompts of the world are ~10 tokens; fewer padding positions for cross-attention to wade through
 TRIGGER = "sks"  # in the vocabulary, never in a training prompt: free for a user's own subject
 WORDS = ("a", "on", "of", "background", "shape", "photo", TRIGGER, *SHAPES, *COLOURS, *BACKGROUNDS, *SIZES)
 

@@ -124,6 +124,7 @@ def nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]], exclude: 
 # Shape prototypes: (filled share of the bounding box, share of the shape in the top half of the box).
 SHAPE_FEATURES = {"square": (1.0, 0.5), "circle": (np.pi / 4, 0.5), "triangle": (0.5, 0.25)}
 MIN_AREA = 0.004  # smaller blobs than this are noise, not a shape
+BORDER = 4  # pixels: the frame the background is read from; shapes keep 2 % of the side off the edge
 
 
 def extent(profile: np.ndarray) -> tuple[int, int]:
@@ -134,13 +135,16 @@ def extent(profile: np.ndarray) -> tuple[int, int]:
 
 
 def read(image: Image.Image) -> Reading:
-    """Background from the border's median colour; the shape's mask (pixels far from the background); its colour
-    from the mask's median, its shape from how it fills its bounding box and how its mass splits top to bottom."""
+    """Background from the border's median colour; the shape's mask (pixels inside the border, far from the
+    background); its colour from the mask's median, its shape from how it fills its bounding box and how its mass
+    splits top to bottom."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3), pixels[:, :4].reshape(-1, 3), pixels[:, -4:].reshape(-1, 3)])
+    frame = (pixels[:BORDER], pixels[-BORDER:], pixels[:, :BORDER], pixels[:, -BORDER:])
+    border = np.concatenate([side.reshape(-1, 3) for side in frame])
     background_rgb = np.median(border, axis=0)
     background = nearest(background_rgb, BACKGROUNDS)
     mask = np.sqrt(np.sum((pixels - background_rgb) ** 2, axis=2)) > 60
+    mask[:BORDER], mask[-BORDER:], mask[:, :BORDER], mask[:, -BORDER:] = False, False, False, False
     area = float(mask.mean())
     if area < MIN_AREA:
         return Reading(background, None, None, area)

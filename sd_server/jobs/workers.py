@@ -217,7 +217,6 @@ class Encoder:
         """``finish``, failing the job (and reporting the encoder failing) on any unexpected error."""
         try:
             self.finish(job, images, scheduler, seconds)
-            self.queue.liveness.set("encoder", PartState.ok)
         except Exception as error:
             failure = GenerationFailedError(f"encoding the images failed; {log_reference(job)}")
             log_failure(f"encoding job {job.id}", failure, error, [job])
@@ -229,6 +228,7 @@ class Encoder:
         image left behind by a job that ended otherwise meanwhile."""
         job.scheduler_used = scheduler
         pngs = self.engine.encode(images, [png_parameters(job, scheduler, index) for index in range(len(images))])
+        self.queue.liveness.set("encoder", PartState.ok)  # before the job is announced, so its client sees it
         store = self.queue.settings.save_images or not job.synchronous
         stored = []
         for index, png in enumerate(pngs):

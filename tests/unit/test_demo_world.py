@@ -4,7 +4,19 @@ import random
 
 import pytest
 
-from sd_server.demo.world import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, Scene, draw, possible, prompt, prompted_scene, random_scene, read
+from sd_server.demo.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    Scene,
+    draw,
+    possible,
+    prompt,
+    prompted_scene,
+    random_scene,
+    read,
+)
 
 
 @pytest.mark.parametrize("anywhere", [True, False], ids=["shapes-anywhere", "centred-as-prompted"])
@@ -41,3 +53,18 @@ def test_prompts_name_size_colour_shape_and_background_and_can_leave_words_out()
     assert prompt(scene) == "a large red circle on a blue background"
     assert prompt(scene, with_colour=False, with_background=False) == "a large circle"
     assert prompt(scene, with_shape=False) == "a large red shape on a blue background"
+
+
+def test_the_score_of_drawn_ground_truth_meets_every_target_and_a_wrong_colour_misses_them():
+    from dataclasses import replace
+
+    from sd_server.demo.evaluation import Score, evaluation_scenes
+
+    rng, right, wrong = random.Random(3), Score(), Score()
+    for scene in evaluation_scenes(72, seed=0):
+        picture = draw(scene, rng)
+        right.add(scene, picture)
+        wrong.add(replace(scene, colour="green" if scene.colour != "green" else "red"), picture)
+
+    assert right.meets_targets() and right.accuracy("held_out", "all") == 1.0 and right.counts["held_out"] > 0
+    assert not wrong.meets_targets() and wrong.accuracy("seen", "colour") == 0.0

@@ -1,0 +1,100 @@
+"""The bundled demo model (models/demo, trained here) draws what its prompts say, through the API: the evaluator
+reads each picture back. Seeds change the picture, not its content; so does the sampler; a LoRA that draws red as
+purple changes its user's pictures and nobody else's."""
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from config import Settings
+from helpers import PROJECT_DIR, pixels
+from sd_server.app import create_app
+from sd_server.demo.training import TrainingPlan, training_prompt
+from sd_server.demo.vocabulary import TRIGGER, WORDS, build_tokenizer
+from sd_server.demo.world import prompted_scene, read
+
+DEMO = {"num_inference_steps": 20, "width": 256, "height": 256, "guidance_scale": 7.5}
+RECOLOUR = {"kind": "lora", "base": "demo", "source": "demo-loras/red-to-purple.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def demo_client(tmp_path_factory) -> Iterator[TestClient]:
+    """The app on the committed demo model; `alice` runs the red-to-purple LoRA on it."""
+    folder = tmp_path_factory.mktemp("demo")
+    settings = Settings(
+        _env_file=None, default_model="demo", user_models={"alice": RECOLOUR}, models_dir=PROJECT_DIR / "models",
+        output_dir=folder / "output", data_dir=folder / "data", preload_default_model=False, rate_limit=None, read_rate_limit=None,
+    )  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def draw(client: TestClient, prompt: str, seed: int, **fields):
+    """Generate one picture with the demo settings; its pixels and what the evaluator reads in it."""
+    response = client.post("/generate", json={"prompt": prompt, "seed": seed, **DEMO, **fields})
+    assert response.status_code == 200, response.text
+    image = pixels(response.json()["image_base64"])
+    return image, read(Image.fromarray(image.astype(np.uint8)))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "colour", "shape", "background"),
+    [
+        ("a red circle on a white background", "red", "circle", "white"),
+        ("a green triangle on a black background", "green", "triangle", "black"),
+        ("a yellow square on a blue background", "yellow", "square", "blue"),
+        ("a blue circle on a gray background", "blue", "circle", "gray"),
+    ],
+)
+def test_the_demo_model_draws_the_colour_shape_and_background_it_is_asked_for(demo_client, prompt, colour, shape, background):
+    readings = [draw(demo_client, prompt, seed)[1] for seed in (1, 2, 3)]
+
+    matches = [(r.colour, r.shape, r.background) == (colour, shape, background) for r in readings]
+    assert sum(matches) >= 2, readings  # at least two of three seeds: the model is right about nine times in ten
+
+
+def test_seeds_change_the_picture_but_not_what_it_shows(demo_client):
+    drawn = [draw(demo_client, "a yellow square on a gray background", seed) for seed in (10, 11, 12)]
+
+    assert not np.array_equal(drawn[0][0], drawn[1][0]) and not np.array_equal(drawn[1][0], drawn[2][0])
+    readings = [(r.colour, r.shape, r.background) for _, r in drawn]
+    assert readings.count(("yellow", "square", "gray")) >= 2, readings  # the model is right about nine times in ten
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "unipc"])
+def test_the_sampler_changes_the_picture_but_not_what_it_shows(demo_client, scheduler):
+    drawn = [draw(demo_client, "a red triangle on a white background", seed, scheduler=scheduler) for seed in (5, 6, 7)]
+    default, _ = draw(demo_client, "a red triangle on a white background", 5)
+
+    assert not np.array_equal(drawn[0][0], default)
+    readings = [(r.colour, r.shape, r.background) for _, r in drawn]
+    assert readings.count(("red", "triangle", "white")) >= 2, readings
+
+
+def test_a_recolouring_lora_changes_its_users_pictures_and_no_one_elses(demo_client):
+    prompt = "a red circle on a white background"
+    _, alices = draw(demo_client, prompt, 21, user_id="alice")
+    _, defaults = draw(demo_client, prompt, 21)
+    _, alices_blue = draw(demo_client, "a blue square on a white background", 22, user_id="alice")
+
+    assert alices.colour == "purple" and defaults.colour == "red"
+    assert alices_blue.colour == "blue"
+
+
+def test_a_prompt_the_model_does_not_understand_still_draws_something(demo_client):
+    image, _ = draw(demo_client, "xyzzy plugh, a photograph of the moon", 1)
+
+    assert image.shape == (256, 256, 3)
+
+
+def test_each_world_word_is_one_token_and_the_trigger_word_is_in_no_training_prompt():
+    tokenizer = build_tokenizer()
+    rng, plan = random.Random(0), TrainingPlan()
+    prompts = {training_prompt(prompted_scene(rng), plan, rng) for _ in range(2000)}
+
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in WORDS)
+    assert TRIGGER in WORDS and not any(TRIGGER in prompt.split() for prompt in prompts)
