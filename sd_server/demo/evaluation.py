@@ -9,11 +9,8 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from sd_server.demo.world import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
     Scene,
-    possible,
+    every_scene,
     prompt,
     read,
 )
@@ -66,13 +63,7 @@ class Score:
 def evaluation_scenes(count: int, seed: int) -> list[Scene]:
     """``count`` scenes cycling through every possible colour, shape and background (held-out pairs included),
     in an order drawn from ``seed``."""
-    combos = [
-        Scene(shape, colour, background)
-        for shape in SHAPES
-        for colour in COLOURS
-        for background in BACKGROUNDS
-        if possible(colour, background)
-    ]
+    combos = every_scene()
     random.Random(seed).shuffle(combos)
     return [combos[index % len(combos)] for index in range(count)]
 

@@ -18,11 +18,9 @@ from tqdm import tqdm
 from sd_server.demo.architecture import DEMO_SCHEDULER_CONFIG, build_pipeline, build_vae
 from sd_server.demo.world import (
     BACKGROUNDS,
-    COLOURS,
-    SHAPES,
     Scene,
     draw,
-    possible,
+    every_scene,
     prompt,
     prompted_scene,
     random_scene,
@@ -135,7 +133,7 @@ def sharpen_decoder(vae: AutoencoderKL, plan: TrainingPlan) -> AutoencoderKL:
 @torch.no_grad()
 def reconstruction_accuracy(vae: AutoencoderKL, rng: random.Random) -> float:
     """Share of every colour, shape and background, drawn and passed through the autoencoder, that reads back right."""
-    scenes = [Scene(shape, colour, background) for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS if possible(colour, background)]
+    scenes = every_scene()
     right = 0
     for scene in scenes:
         decoded = vae.decode(vae.encode(to_tensor([draw(scene, rng)])).latent_dist.mean).sample[0]

@@ -59,6 +59,11 @@ def possible(colour: str, background: str) -> bool:
     return colour != background
 
 
+def every_scene() -> list[Scene]:
+    """One scene for each possible colour, shape and background (held-out pairs included)."""
+    return [Scene(shape, colour, background) for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS if possible(colour, background)]
+
+
 def random_scene(rng: random.Random, include_held_out: bool = False, detailed: float = 0.5) -> Scene:
     """A scene drawn at random; held-out colour/shape pairs only when asked; size and position words
     each with probability ``detailed``."""
