@@ -32,6 +32,7 @@ class WebhookSender:
         self._in_flight: set[int] = set()
         self._slots = asyncio.Semaphore(CONCURRENT_DELIVERIES)
         self._task: asyncio.Task | None = None
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def job_ended(self, job: Job) -> None:
@@ -52,6 +53,7 @@ class WebhookSender:
 
     async def close(self) -> None:
         """Stop delivering (what is pending stays in the outbox) and close the HTTP client."""
+        self._closing = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -61,7 +63,7 @@ class WebhookSender:
     async def _run(self) -> None:
         """Deliver what is due, then wait for a new delivery or the next retry; no error ends the loop."""
         deliveries: set[asyncio.Task] = set()
-        while True:
+        while not self._closing:
             try:
                 due = await asyncio.to_thread(self.outbox.due, CONCURRENT_DELIVERIES * 4, set(self._in_flight))
                 for delivery in due:
@@ -75,7 +77,8 @@ class WebhookSender:
                 self.liveness.set("webhooks", PartState.failing, summary(error))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=POLL_S)
+                async with asyncio.timeout(POLL_S):  # not wait_for: in 3.11 it can swallow the cancel of close()
+                    await self._wake.wait()
 
     async def _deliver(self, delivery: Delivery) -> None:
         """One attempt, then its outcome in the outbox."""
@@ -99,7 +102,8 @@ class WebhookSender:
         """POST the payload; None when the receiver answered 2xx, else what went wrong."""
         try:
             target = await asyncio.to_thread(webhook_target, delivery.url, self.settings.webhook_allow_private)
-            return await asyncio.wait_for(self._post(target, delivery.payload), timeout=self.settings.webhook_timeout_s)
+            async with asyncio.timeout(self.settings.webhook_timeout_s):
+                return await self._post(target, delivery.payload)
         except UnsafeWebhookError as error:  # checked again at each attempt: the host's address may have changed
             return f"refused: {error.message}"
         except TimeoutError:

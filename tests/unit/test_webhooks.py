@@ -1,6 +1,7 @@
 """Webhooks: kept in an outbox until delivered, never reading the receiver's body, within a deadline per attempt,
 to a checked address pinned for the connection."""
 
+import asyncio
 import socket
 
 import pytest
@@ -10,7 +11,10 @@ from sqlalchemy.orm import Session
 
 from helpers import FloodingReceiver, SilentReceiver, WebhookReceiver, free_port, poll, wait_for
 from sd_server.errors import UnsafeWebhookError
-from sd_server.persistence.database import create_database_engine
+from sd_server.jobs.webhooks import WebhookSender
+from sd_server.observability.liveness import Liveness
+from sd_server.persistence.database import create_database_engine, migrate
+from sd_server.persistence.outbox import WebhookOutbox
 from sd_server.persistence.tables import WebhookDeliveryRow
 from sd_server.security.webhook_urls import check_webhook_url, is_public, webhook_target
 
@@ -23,6 +27,35 @@ def deliveries(settings) -> list[WebhookDeliveryRow]:
             return list(session.scalars(select(WebhookDeliveryRow).order_by(WebhookDeliveryRow.id)))
     finally:
         engine.dispose()
+
+
+def test_closing_the_sender_stops_it_even_when_a_wake_up_completes_as_the_close_begins(settings):
+    migrate(settings.effective_database_url)
+    database = create_database_engine(settings.effective_database_url)
+
+    async def close_as_a_wake_up_completes() -> None:
+        sender = WebhookSender(settings, WebhookOutbox(database), payload=dict, liveness=Liveness())
+        sender.start()
+        await poll_async(lambda: len(sender._wake._waiters) > 0)  # the sender waits for work
+        sender._wake.set()
+        await asyncio.sleep(0)  # the sender's wait has completed; it has not resumed yet
+        closing = asyncio.create_task(sender.close())
+        await asyncio.wait({closing}, timeout=30)  # unlike wait_for, a deadline that cancels nothing
+        assert closing.done(), "close() is still waiting for the delivery loop to end"
+
+    try:
+        asyncio.run(close_as_a_wake_up_completes())
+    finally:
+        database.dispose()
+
+
+async def poll_async(condition, rounds: int = 100) -> None:
+    """Let the event loop run until ``condition`` holds (at most ``rounds`` short sleeps)."""
+    for _ in range(rounds):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 def test_a_receiver_that_streams_a_huge_body_is_not_read_and_the_delivery_counts(settings, app_factory, small_request):

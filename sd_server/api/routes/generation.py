@@ -40,7 +40,8 @@ async def run_job(request: GenerateRequest, principal: CurrentUser, queue: JobQu
     job, _ = await asyncio.to_thread(queue.submit, generation, synchronous=True, request_id=request_id_var.get())
     while not job.finished.is_set():
         with suppress(TimeoutError):
-            await asyncio.wait_for(job.finished.wait(), timeout=0.25)
+            async with asyncio.timeout(0.25):
+                await job.finished.wait()
         if not job.finished.is_set() and await http_request.is_disconnected():
             with suppress(JobFinishedError):
                 await asyncio.to_thread(queue.cancel, job)
