@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(False, description="Allow webhooks to private, loopback, link-local hosts.")
     metrics_require_admin: bool = Field(False, description="Require an admin key for GET /metrics.")
     log_format: Literal["text", "json"] = "text"
+    max_training_steps: int = Field(3000, ge=1, description="Most steps one training may ask for (422 past it).")
+    training_slice_steps: int = Field(
+        5, ge=1, description="Training steps run between two generation batches: a generation waits at most one slice."
+    )
+    training_checkpoint_every: int = Field(50, ge=1, description="A training writes a checkpoint every this many steps.")
+    training_min_photo_side: int = Field(256, ge=64, description="Shortest side a training photo may have (422 below it).")
     shutdown_timeout_s: float = Field(60, gt=0, description="How long shutdown waits for the running batch.")
     host: str = "0.0.0.0"
     port: int = 8000

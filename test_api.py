@@ -7,12 +7,14 @@ Exits non-zero on the first endpoint that answers wrongly.
 
 import argparse
 import base64
+import io
 import os
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 
 def check(response: httpx.Response, status: int = 200) -> httpx.Response:
@@ -61,6 +63,8 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         check(client.post("/generate", json={**request, "user_id": "smoke-test"}), status=404)
         check(client.put("/users/smoke-test/model", json={"kind": "checkpoint", "source": "../outside"}), status=422)
 
+        run_training(client, out)
+
         check(client.post("/generate", json={"prompt": ""}), status=422)
         check(client.post("/generate", json={**request, "user_id": "nobody-has-this-user"}), status=404)
         check(client.delete("/cache"))
@@ -75,6 +79,30 @@ def run_job(client: httpx.Client, request: dict) -> dict:
     if job["status"] != "succeeded":
         sys.exit(f"job {job['job_id']} {job['status']}: {job['error']}")
     return job
+
+
+def run_training(client: httpx.Client, out: Path) -> None:
+    """Train a tiny LoRA (5 steps, 3 made-up photos, not activated) for a smoke-test user; save a sample, delete it."""
+    photos = [("images", (f"photo-{index}.png", photo_png(index), "image/png")) for index in range(3)]
+    fields = {"steps": "5", "resolution": "256", "activate": "false"}
+    created = check(client.post("/users/default/trainings", files=photos, data=fields), status=202).json()
+    while (training := check(client.get(created["links"]["self"])).json())["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+    if training["status"] != "succeeded":
+        sys.exit(f"training {training['training_id']} {training['status']}: {training['error']}")
+    path = out / "training_sample.png"
+    path.write_bytes(check(client.get(training["samples"][0])).content)
+    print(f"  wrote {path} (training {training['training_id']}: LoRA {training['model']['source']})")
+    check(client.delete(created["links"]["self"]), status=204)
+
+
+def photo_png(index: int, size: int = 256) -> bytes:
+    """A made-up photo: a coloured square on a background, different for each index."""
+    image = Image.new("RGB", (size, size), (40 * index, 120, 200))
+    image.paste((230, 60 + 50 * index, 40), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def main() -> None:

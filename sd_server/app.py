@@ -22,7 +22,7 @@ from sd_server.api.errors import (
     handle_service_error,
     handle_validation_error,
 )
-from sd_server.api.presenters import job_response
+from sd_server.api.presenters import job_response, training_response
 from sd_server.api.routes import ROUTERS
 from sd_server.api.routes.users import UPLOAD_PATHS
 from sd_server.engine.interface import Engine
@@ -36,6 +36,7 @@ from sd_server.errors import (
 )
 from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.retention import Retention
+from sd_server.jobs.trainings import Trainings
 from sd_server.jobs.webhooks import WebhookSender
 from sd_server.jobs.workers import Workers
 from sd_server.observability.logging import configure_logging
@@ -47,6 +48,7 @@ from sd_server.observability.middleware import (
 from sd_server.persistence.database import create_database_engine, migrate
 from sd_server.persistence.job_store import SqlJobStore
 from sd_server.persistence.outbox import WebhookOutbox
+from sd_server.persistence.training_store import SqlTrainingStore
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
@@ -82,6 +84,7 @@ class Services:
     workers: Workers
     retention: Retention
     webhooks: WebhookSender
+    trainings: Trainings
     metrics: Metrics
     authenticator: Authenticator
 
@@ -98,14 +101,20 @@ async def start_services(settings: Settings, engine_factory: EngineFactory, on_d
     webhooks = WebhookSender(
         settings, WebhookOutbox(database, settings.database_retry_s), lambda job: job_response(job, queue).model_dump(mode="json"), queue.liveness
     )
+    trainings = Trainings(
+        settings, engine, registry, SqlTrainingStore(database, settings.database_retry_s), storage, queue.events, queue.liveness
+    )
+    trainings.wake_device = queue.wake
+    trainings.terminal_hook = lambda training: webhooks.training_ended(training, training_response(training).model_dump(mode="json"))
     services = Services(
-        engine, database, registry, queue, Workers(queue, engine, on_device_lost), Retention(queue), webhooks, Metrics(),
-        await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
+        engine, database, registry, queue, Workers(queue, engine, trainings, on_device_lost), Retention(queue), webhooks,
+        trainings, Metrics(), await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
     )  # fmt: skip
     queue.writer.observer, queue.writer.terminal_hook = services.metrics, webhooks
     services.metrics.watch(queue.stats, engine.report)
     queue.events.bind(asyncio.get_running_loop())
     await asyncio.to_thread(queue.recover)
+    await asyncio.to_thread(trainings.recover)
     services.workers.start()
     services.retention.start()
     webhooks.start()
@@ -116,7 +125,8 @@ async def stop_services(services: Services, settings: Settings) -> None:
     """Let the running batch finish and its images be stored, then close everything."""
     services.queue.close()
     services.retention.stop()
-    await services.workers.stop(settings.shutdown_timeout_s)
+    if await services.workers.stop(settings.shutdown_timeout_s):
+        await asyncio.to_thread(services.trainings.suspend)
     await services.webhooks.close()
     await asyncio.to_thread(services.engine.unload)
     services.database.dispose()
@@ -159,6 +169,7 @@ def create_app(
         app.state.settings, app.state.shutting_down, app.state.metrics = settings, False, services.metrics
         app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
         app.state.retention, app.state.authenticator = services.retention, services.authenticator
+        app.state.trainings = services.trainings
         app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
         warn_if_open(settings, services.authenticator)

@@ -128,6 +128,13 @@ class InvalidAdapterError(InvalidFieldError):
     default_location = ("body", "file")
 
 
+class InvalidPhotoError(InvalidFieldError):
+    """An uploaded training photo that is not an image, is too small or too large; the message names the file."""
+
+    def __init__(self, message: str, *, field: str = "images", detail: str | None = None) -> None:
+        super().__init__(message, field=field, detail=detail)
+
+
 class TooManyRequestsError(ServiceError):
     """Come back later: answered with Retry-After."""
 
@@ -149,6 +156,16 @@ class QueueFullError(TooManyRequestsError):
 
 class QuotaExceededError(TooManyRequestsError):
     """A rate limit or the per-user job cap was reached."""
+
+
+class TrainingLimitError(TooManyRequestsError):
+    """The user already has a training running (one at a time)."""
+
+
+class TrainingFailedError(ServiceError):
+    """A training failed for a reason of its own: its loss diverged, or the device failed in it."""
+
+    description = "The training failed; the message says why and what to change."
 
 
 class GenerationFailedError(ServiceError):

@@ -48,6 +48,14 @@ class ModelRegistry:
             )
         return model
 
+    def base_for_training(self, user_id: str) -> str:
+        """The checkpoint a new LoRA of ``user_id`` trains on: the base of their model, else the default user's."""
+        with self._lock:
+            model = self._models.get(user_id) or self._models.get(DEFAULT_USER)
+        if model is None:
+            raise UnknownUserError(f"user '{user_id}' has no model and there is no default model (SD_DEFAULT_MODEL)")
+        return model.base
+
     def origin(self, user_id: str) -> str:
         """``api`` when the user's model was set through the API, else ``settings``."""
         return "api" if user_id in self._from_api else "settings"

@@ -80,6 +80,14 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
+def png_bytes(seed: int = 0, size: int = 256) -> bytes:
+    """A photo-like PNG of random pixels (distinct for each seed)."""
+    noise = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = DEADLINE_S) -> None:
     """Poll /health until it answers; fail if the process exits or the time runs out."""
 

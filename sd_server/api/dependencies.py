@@ -8,9 +8,11 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import USER_ID_PATTERN
+from sd_server.domain.trainings import Training
 from sd_server.engine.interface import Engine
 from sd_server.errors import ForbiddenError, NotFoundError, UnauthorizedError
 from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.trainings import Trainings
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import OPEN_ACCESS, Principal
 
@@ -96,9 +98,15 @@ def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
+def get_trainings(request: Request) -> Trainings:
+    """The trainings, created in the lifespan."""
+    return request.app.state.trainings
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+TrainingsDep = Annotated[Trainings, Depends(get_trainings)]
 
 
 def get_job(
@@ -112,6 +120,21 @@ def get_job(
 
 
 JobDep = Annotated[Job, Depends(get_job)]
+
+
+def get_training(
+    training_id: Annotated[str, Path(max_length=64, description="The id the training's POST answered.")],
+    trainings: TrainingsDep,
+    principal: CurrentUser,
+) -> Training:
+    """The training with that id, if the caller may see it; 404 otherwise (another user's is not revealed)."""
+    training = trainings.get(training_id)
+    if training is None or not principal.can_access(training.user_id):
+        raise NotFoundError(f"no training '{training_id}' (deleted, or never made)")
+    return training
+
+
+TrainingDep = Annotated[Training, Depends(get_training)]
 
 
 def visible_user(

@@ -1,4 +1,4 @@
-"""Presenters: a job (or its images) as the API shows it, written once for every route, event and webhook."""
+"""Presenters: a job (or its images) or a training as the API shows it, written once for every route, event and webhook."""
 
 import base64
 from dataclasses import asdict
@@ -12,9 +12,15 @@ from schemas import (
     JobProgress,
     JobResponse,
     JobResult,
+    TrainingLinks,
+    TrainingParameters,
+    TrainingProgress,
+    TrainingResponse,
 )
 from sd_server.domain.jobs import Job, StoredImage
+from sd_server.domain.trainings import Training
 from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.trainings import progress
 from sd_server.storage.images import ImageStorage
 
 
@@ -85,3 +91,29 @@ def generate_response(job: Job, storage: ImageStorage) -> GenerateResponse:
         for png, image in zip(job.take_pngs(), job.images)
     ]
     return GenerateResponse(image_base64=images[0].image_base64, images=images, image_path=images[0].image_path, **outcome(job))
+
+
+def training_links(training: Training) -> TrainingLinks:
+    """The URLs to follow a training."""
+    path = f"/trainings/{training.id}"
+    return TrainingLinks(self=path, events=f"{path}/events", cancel=f"{path}/cancel")
+
+
+def training_response(training: Training) -> TrainingResponse:
+    """The training as the API (its routes, events and webhook) shows it."""
+    return TrainingResponse(
+        training_id=training.id,
+        status=training.status,
+        user_id=training.user_id,
+        base=training.base,
+        photos=training.photo_count,
+        progress=TrainingProgress(**progress(training)),
+        settings=TrainingParameters(**asdict(training.settings)),
+        created_at=training.created_at,
+        started_at=training.started_at,
+        finished_at=training.finished_at,
+        samples=[f"/trainings/{training.id}/samples/{index}" for index in range(len(training.samples))],
+        model=training.model,
+        error=training.error,
+        links=training_links(training),
+    )

@@ -11,13 +11,16 @@ from PIL import Image
 
 from config import Settings
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
+from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.lora_training import LoraTrainer
 from sd_server.engine.png import encode_png
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
+from sd_server.storage.model_files import checkpoint_location
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
@@ -120,6 +123,15 @@ class DiffusersEngine:
             return None
         finally:
             self.cache.unpin(checkpoint)
+
+    def start_training(self, base: str, photos: list[Path], settings: TrainingSettings) -> LoraTrainer:
+        """A LoRA training on ``base``'s own copy of the components (the cached pipelines, which other users' batches
+        run on, are never touched), its photos encoded."""
+        location = checkpoint_location(self.settings.models_dir, base)
+        try:
+            return LoraTrainer(location, photos, settings, self.device, loading=self.cache.residency)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not load base '{base}' for training", detail=first_line(error)) from error
 
     def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
         """PNG-encode each image with its text as the ``parameters`` chunk."""

@@ -8,6 +8,7 @@ from typing import Any, Protocol, TypedDict
 
 from sd_server.domain.generation import SchedulerName
 from sd_server.domain.models import LoraModel, UserModel
+from sd_server.domain.trainings import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,32 @@ class EngineReport(TypedDict):
     loaded_models: list[str]
     cache: dict
     device_memory_bytes: int
+
+
+class TrainingRun(Protocol):
+    """One training on the device, run a few steps at a time by the device worker between batches."""
+
+    step: int
+
+    def run(self, steps: int) -> float:
+        """Train ``steps`` more steps; their mean loss (TrainingFailedError when it stops being a number)."""
+        ...
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write the whole training state (adapter, optimizer, step, random generator) to ``path``."""
+        ...
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from a state ``save_checkpoint`` wrote."""
+        ...
+
+    def export(self, path: Path) -> None:
+        """Save the adapter as a LoRA file in diffusers' format."""
+        ...
+
+    def samples(self, prompts: list[str]) -> list[Any]:
+        """Images of ``prompts`` drawn with the adapter (the engine's image objects, for ``encode``)."""
+        ...
 
 
 class Engine(Protocol):
@@ -103,4 +130,8 @@ class Engine(Protocol):
 
     def check_adapter(self, base: str, path: Path) -> None:
         """Raise InvalidAdapterError unless the LoRA file at ``path`` loads onto ``base``."""
+        ...
+
+    def start_training(self, base: str, photos: list[Path], settings: TrainingSettings) -> TrainingRun:
+        """Load ``base`` for training and encode the prepared ``photos``: a training at step 0 (device thread)."""
         ...

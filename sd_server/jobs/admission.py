@@ -7,6 +7,7 @@ from config import Settings
 from sd_server.domain.generation import MAX_SEED, Generation
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import UserModel
+from sd_server.domain.trainings import Training
 from sd_server.errors import (
     IdempotencyConflictError,
     JobTooLargeError,
@@ -36,8 +37,8 @@ def new_job(
     return Job(request, model.label, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id, model=model)
 
 
-def check_repeat(job: Job, existing: Job, idempotency_key: str) -> None:
-    """An idempotent retry must carry the same body as the job its key made."""
+def check_repeat(job: Job | Training, existing: Job | Training, idempotency_key: str) -> None:
+    """An idempotent retry must carry the same body as the job (or training) its key made."""
     if existing.fingerprint != job.fingerprint:
         raise IdempotencyConflictError(f"Idempotency-Key '{idempotency_key}' was used for another request body")
 

@@ -234,27 +234,37 @@ class JobQueue:
 
     # --- for the device worker -------------------------------------------------------------------------
 
-    def next_batch(self) -> list[Job] | None:
+    def next_batch(self, other_work: Callable[[], bool] = lambda: False) -> list[Job] | None:
         """Wait for the first queued job whose model is ready, then up to SD_BATCH_WAIT_MS for companions; take
         them off the queue as running. Jobs whose model is still loading wait without holding up the others. While
-        idle, write what the database did not take before. None when stopping."""
+        idle, write what the database did not take before. An empty list, without waiting, when no batch is ready
+        and ``other_work()`` says the device has something else to do (a training slice). None when stopping."""
         while not self._stopping:
             self.fail_queued(self.past_deadline, self.timeout_error())
-            batch = self._take_batch()
+            busy_elsewhere = other_work()
+            batch = self._take_batch(wait_s=0.0 if busy_elsewhere else 1.0)
             if batch:
                 self.writer.persist(batch)
                 for job in batch:
                     self.events.emit(job, "started")
                 return batch
+            if busy_elsewhere:
+                return []
             self.writer.flush()
         return None
 
-    def _take_batch(self) -> list[Job]:
-        """The next batch, taken off the queue as running; empty after a second of waiting for one."""
+    def wake(self) -> None:
+        """Wake the device worker (new work that is not a job: a training)."""
+        with self._condition:
+            self._condition.notify_all()
+
+    def _take_batch(self, wait_s: float) -> list[Job]:
+        """The next batch, taken off the queue as running; empty after ``wait_s`` seconds of waiting for one."""
         with self._condition:
             first = next((job for job in self._queue if self.engine.is_ready(job.model)), None)
             if first is None:
-                self._condition.wait(timeout=1.0)
+                if wait_s:
+                    self._condition.wait(timeout=wait_s)
                 return []
             wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
             while images_in(companions(first, self._queue, self.max_batch_size)) < self.max_batch_size and not self._stopping:

@@ -12,6 +12,7 @@ import httpx
 
 from config import Settings
 from sd_server.domain.jobs import Job, utc_now
+from sd_server.domain.trainings import Training
 from sd_server.errors import ServiceError, UnsafeWebhookError, summary
 from sd_server.observability.liveness import Liveness, PartState
 from sd_server.persistence.outbox import Delivery, WebhookOutbox
@@ -23,7 +24,7 @@ CONCURRENT_DELIVERIES = 8
 
 
 class WebhookSender:
-    """Keeps finished jobs' webhooks in the outbox (``job_ended``, from any thread) and delivers them (``start``)."""
+    """Keeps finished jobs' and trainings' webhooks in the outbox (``job_ended``, ``training_ended``, from any thread) and delivers them (``start``)."""
 
     def __init__(self, settings: Settings, outbox: WebhookOutbox, payload: Callable[[Job], dict], liveness: Liveness) -> None:
         self.settings, self.outbox, self.payload, self.liveness = settings, outbox, payload, liveness
@@ -37,10 +38,17 @@ class WebhookSender:
 
     def job_ended(self, job: Job) -> None:
         """Keep the job's webhook in the outbox and wake the sender (called on the thread that ended the job)."""
+        self._keep(job.webhook_url, self.payload(job), job.request_id, job_id=job.id)
+
+    def training_ended(self, training: Training, payload: dict) -> None:
+        """Keep the training's webhook (``payload``: its JSON) in the outbox and wake the sender."""
+        self._keep(training.webhook_url, payload, training.request_id, training_id=training.id)
+
+    def _keep(self, url: str | None, payload: dict, request_id: str | None, **subject: str) -> None:
         try:
-            self.outbox.add(job.id, job.webhook_url, self.payload(job))
+            self.outbox.add(url, payload, **subject)
         except ServiceError as error:
-            logger.error("could not keep the webhook of job %s: %s", job.id, error.message, extra={"request_id": job.request_id})
+            logger.error("could not keep the webhook of %s: %s", subject, error.message, extra={"request_id": request_id})
             return
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
@@ -90,7 +98,7 @@ class WebhookSender:
                 return
             retries_left = delivery.attempts < self.settings.webhook_retries
             retry_at = utc_now() + timedelta(seconds=self.settings.webhook_backoff_s * 2**delivery.attempts) if retries_left else None
-            logger.warning("webhook of job %s, attempt %d: %s", delivery.job_id, delivery.attempts + 1, outcome)
+            logger.warning("webhook of %s, attempt %d: %s", delivery.subject, delivery.attempts + 1, outcome)
             await asyncio.to_thread(self.outbox.failed_attempt, delivery, outcome, retry_at)
         except Exception:
             logger.exception("recording webhook delivery %d failed", delivery.id)

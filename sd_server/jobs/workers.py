@@ -19,6 +19,7 @@ from sd_server.engine.png import a1111_parameters
 from sd_server.errors import DeviceLostError, GenerationFailedError, ModelLoadError, ServiceError, StorageError, summary
 from sd_server.jobs.batching import batch_items, batch_key
 from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.trainings import Trainings
 from sd_server.observability.liveness import Liveness, PartState
 from sd_server.storage.images import image_name
 
@@ -30,15 +31,16 @@ class Workers:
     """Starts and stops the device thread, the loader thread and the encoder pool of one queue, and registers
     each with the liveness."""
 
-    def __init__(self, queue: JobQueue, engine: Engine, on_device_lost: Callable[[], None]) -> None:
+    def __init__(self, queue: JobQueue, engine: Engine, trainings: Trainings, on_device_lost: Callable[[], None]) -> None:
         self.queue, self.engine, self.liveness = queue, engine, queue.liveness
         self.encoder = Encoder(queue, engine)
-        device = DeviceWorker(queue, engine, self.encoder, on_device_lost)
+        device = DeviceWorker(queue, engine, self.encoder, trainings, on_device_lost)
         self.device = threading.Thread(target=device.run, name="sd-device", daemon=True)
         self.loader = threading.Thread(target=Loader(queue, engine).run, name="sd-loader", daemon=True)
         self.liveness.register("device", alive=self._alive(self.device), critical=True)
         self.liveness.register("loader", alive=self._alive(self.loader))
         self.liveness.register("encoder")
+        self.liveness.register("trainer")
 
     def _alive(self, thread: threading.Thread) -> Callable[[], bool]:
         """A thread is alive once started and until it returns; before start (or after stop) it counts as alive."""
@@ -49,14 +51,15 @@ class Workers:
         self.device.start()
         self.loader.start()
 
-    async def stop(self, timeout_s: float) -> None:
-        """After ``queue.close()``: let the running batch finish (up to ``timeout_s``) and its images be stored; a
-        batch cut off by the timeout runs again after the restart."""
+    async def stop(self, timeout_s: float) -> bool:
+        """After ``queue.close()``: let the running batch (or training slice) finish, up to ``timeout_s``, and its
+        images be stored; a batch cut off by the timeout runs again after the restart. True when the device stopped."""
         await asyncio.to_thread(self.device.join, timeout_s)
         if self.device.is_alive():
             logger.warning("the running batch did not finish within SD_SHUTDOWN_TIMEOUT_S; it runs again after restart")
-            return
+            return False
         await asyncio.to_thread(self.encoder.shutdown)
+        return True
 
 
 def run_guarded(part: str, liveness: Liveness, iteration: Callable[[], bool]) -> None:
@@ -116,22 +119,29 @@ class Loader:
 
 
 class DeviceWorker:
-    """The one thread that owns the device: takes a batch whose model is ready, runs it, hands its images on."""
+    """The one thread that owns the device: takes a batch whose model is ready, runs it, hands its images on; between
+    batches, runs a slice of the training in progress."""
 
-    def __init__(self, queue: JobQueue, engine: Engine, encoder: "Encoder", on_device_lost: Callable[[], None]) -> None:
+    def __init__(
+        self, queue: JobQueue, engine: Engine, encoder: "Encoder", trainings: Trainings, on_device_lost: Callable[[], None]
+    ) -> None:
         self.queue, self.engine, self.encoder, self.on_device_lost = queue, engine, encoder, on_device_lost
-        self.liveness = queue.liveness
+        self.trainings, self.liveness = trainings, queue.liveness
 
     def run(self) -> None:
         """The device thread's loop, until the queue closes or the device is lost."""
         run_guarded("device", self.liveness, self.run_next)
 
     def run_next(self) -> bool:
-        """Run the next batch; False when the queue closes or the device is lost."""
-        batch = self.queue.next_batch()
+        """Run the next batch, or else a training slice; False when the queue closes or the device is lost."""
+        batch = self.queue.next_batch(other_work=self.trainings.has_work)
         if batch is None:
             return False
         self.liveness.set("device", PartState.busy)
+        if not batch:
+            self.trainings.run_slice()
+            self.liveness.set("device", PartState.ok)
+            return True
         try:
             return self.run_batch(batch, batch_key(batch[0]))
         except Exception as error:  # a failure of the queue's own bookkeeping: the batch fails, the loop goes on

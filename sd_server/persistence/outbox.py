@@ -15,10 +15,10 @@ from sd_server.persistence.tables import WebhookDeliveryRow
 
 @dataclass(frozen=True)
 class Delivery:
-    """A pending delivery: which job, where to, what, and how many attempts so far."""
+    """A pending delivery: of what ("job <id>" or "training <id>"), where to, what, and how many attempts so far."""
 
     id: int
-    job_id: str
+    subject: str
     url: str
     payload: str
     attempts: int
@@ -30,11 +30,13 @@ class WebhookOutbox:
     def __init__(self, engine: Engine, retry_s: float = 60.0) -> None:
         self.engine, self.retry_s = engine, retry_s
 
-    def add(self, job_id: str, url: str, payload: dict) -> None:
-        """Keep a new delivery, due now."""
+    def add(self, url: str, payload: dict, job_id: str | None = None, training_id: str | None = None) -> None:
+        """Keep a new delivery of a job's or a training's webhook, due now."""
         now = utc_now()
-        row = WebhookDeliveryRow(job_id=job_id, url=url, payload=json.dumps(payload), attempts=0, next_attempt_at=now, created_at=now)
-        in_session(self.engine, lambda session: session.add(row), f"keeping the webhook of job {job_id}", self.retry_s, write=True)
+        row = WebhookDeliveryRow(
+            job_id=job_id, training_id=training_id, url=url, payload=json.dumps(payload), attempts=0, next_attempt_at=now, created_at=now
+        )
+        in_session(self.engine, lambda session: session.add(row), f"keeping the webhook of {subject(row)}", self.retry_s, write=True)
 
     def due(self, limit: int, skip: set[int]) -> list[Delivery]:
         """Up to ``limit`` pending deliveries whose time has come, oldest first, but those in ``skip``."""
@@ -48,7 +50,7 @@ class WebhookOutbox:
 
         def read(session: Session) -> list[Delivery]:
             rows = session.scalars(statement).all()
-            return [Delivery(row.id, row.job_id, row.url, row.payload, row.attempts) for row in rows if row.id not in skip]
+            return [Delivery(row.id, subject(row), row.url, row.payload, row.attempts) for row in rows if row.id not in skip]
 
         return in_session(self.engine, read, "reading the webhook outbox", self.retry_s)[:limit]
 
@@ -64,3 +66,8 @@ class WebhookOutbox:
     def _update(self, delivery: Delivery, **fields) -> None:
         statement = update(WebhookDeliveryRow).where(WebhookDeliveryRow.id == delivery.id).values(**fields)
         in_session(self.engine, lambda session: session.execute(statement), f"recording webhook delivery {delivery.id}", self.retry_s, write=True)
+
+
+def subject(row: WebhookDeliveryRow) -> str:
+    """What the delivery tells of: "job <id>" or "training <id>"."""
+    return f"job {row.job_id}" if row.job_id else f"training {row.training_id}"

@@ -1,4 +1,5 @@
-"""The tables: jobs and their images, API keys, and the user -> model registry's changes."""
+"""The tables: jobs and their images, API keys, the user -> model registry's changes, the webhook outbox, and
+trainings."""
 
 from datetime import datetime
 
@@ -94,12 +95,42 @@ class WebhookDeliveryRow(Base):
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    training_id: Mapped[str | None] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
     url: Mapped[str] = mapped_column(Text)
-    payload: Mapped[str] = mapped_column(Text, doc="the job JSON to POST")
+    payload: Mapped[str] = mapped_column(Text, doc="the job (or training) JSON to POST")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainingRow(Base):
+    """A training: whose, on which base, its settings, how far it got, and the LoRA it produced."""
+
+    __tablename__ = "trainings"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(64), index=True)
+    base: Mapped[str] = mapped_column(String(500))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    settings: Mapped[str] = mapped_column(Text, doc="the TrainingSettings as JSON")
+    photo_count: Mapped[int] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer)
+    checkpoint_step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    seconds_per_step: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[str] = mapped_column(Text, doc="storage keys of the sample images, as a JSON list")
+    model_spec: Mapped[str | None] = mapped_column(Text, doc="the LoRA model it produced, as JSON")
+    error: Mapped[str | None] = mapped_column(Text)
+    error_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -29,3 +29,10 @@ def test_the_model_switching_benchmark_runs_and_prints_its_tables():
 
     assert "| time to first image | seconds |" in output and "| one more user | bytes on the device |" in output
     assert "| 3 |" in output
+
+
+def test_the_training_benchmark_runs_and_prints_its_tables():
+    output = run_benchmark("benchmarks/bench_training.py", "--steps", "1", "--requests", "2", "--resolution", "64")
+
+    assert "| demo | cpu | 64 | 1 |" in output
+    assert "| with / without |" in output

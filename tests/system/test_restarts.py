@@ -1,4 +1,5 @@
-"""Kill and restart: a job running when the process dies by SIGKILL is queued again once, and loses no image."""
+"""Kill and restart: a job running when the process dies by SIGKILL is queued again once, and loses no image; a
+training resumes from its last checkpoint, once."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ from helpers import (
     PROJECT_DIR,
     SLOW,
     free_port,
+    png_bytes,
     poll,
     read_job,
     wait_until_healthy,
@@ -25,18 +27,21 @@ def database_url(both_databases: str) -> str:
     return both_databases
 
 
-def start_server(models_dir, tmp_path, database_url: str) -> tuple[subprocess.Popen, str]:
-    """`python main.py` on the demo model and the given database; returns the process and its URL."""
+def start_server(models_dir, tmp_path, database_url: str, **overrides: str) -> tuple[subprocess.Popen, str]:
+    """`python main.py` on the demo model and the given database (with settings ``overrides``, e.g.
+    SD_TRAINING_CHECKPOINT_EVERY); returns the process and its URL."""
     port = free_port()
     environment = {
         **os.environ,
         "SD_DEFAULT_MODEL": "demo",
         "SD_MODELS_DIR": str(models_dir),
         "SD_OUTPUT_DIR": str(tmp_path / "output"),
+        "SD_DATA_DIR": str(tmp_path / "data"),
         "SD_DATABASE_URL": database_url,
         "SD_PORT": str(port),
         "SD_HOST": "127.0.0.1",
         "SD_RATE_LIMIT": "",  # the test polls; rate limits have tests of their own
+        **overrides,
     }
     process = subprocess.Popen([sys.executable, "main.py"], cwd=PROJECT_DIR, env=environment)
     url = f"http://127.0.0.1:{port}"
@@ -91,5 +96,32 @@ def test_a_job_running_at_two_kills_is_failed_with_a_clear_error(models_dir, tmp
     try:
         job = httpx.get(f"{url}/jobs/{job_id}").json()
         assert job["status"] == "failed" and "stopped twice" in job["error"]
+    finally:
+        kill(process)
+
+
+def read_training(url: str, training_id: str) -> dict:
+    """The training as a live server shows it."""
+    return httpx.get(f"{url}/trainings/{training_id}", timeout=DEADLINE_S).json()
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint_and_a_second_crash_there_fails_it(models_dir, tmp_path, database_url):
+    photos = [("images", (f"{index}.png", png_bytes(seed=index), "image/png")) for index in range(3)]
+    fields = {"steps": "3000", "resolution": "64", "rank": "4", "caption": "a {trigger}"}
+    process, url = start_server(models_dir, tmp_path, database_url, SD_TRAINING_CHECKPOINT_EVERY="10", SD_TRAINING_MIN_PHOTO_SIDE="64")
+    training_id = httpx.post(f"{url}/users/default/trainings", files=photos, data=fields, timeout=DEADLINE_S).json()["training_id"]
+    poll(lambda: read_training(url, training_id), lambda training: training["progress"]["step"] >= 15, "the training passing step 15")
+    kill(process)
+
+    # No checkpoint in this run: a crash in it happens at the same point as the first.
+    process, url = start_server(models_dir, tmp_path, database_url, SD_TRAINING_CHECKPOINT_EVERY="100000", SD_TRAINING_MIN_PHOTO_SIDE="64")
+    resumed = poll(lambda: read_training(url, training_id), lambda training: training["status"] == "training", "the training resuming")
+    assert resumed["progress"]["step"] >= 10, "the training started again from zero, not from its checkpoint"
+    kill(process)
+
+    process, url = start_server(models_dir, tmp_path, database_url)
+    try:
+        failed = poll(lambda: read_training(url, training_id), lambda training: training["status"] == "failed", "the training failing")
+        assert "stopped twice" in failed["error"]
     finally:
         kill(process)

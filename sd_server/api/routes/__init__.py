@@ -6,6 +6,7 @@ from sd_server.api.routes.jobs import jobs_router
 from sd_server.api.routes.keys import keys_router
 from sd_server.api.routes.models import models_router
 from sd_server.api.routes.service import service_router
+from sd_server.api.routes.trainings import trainings_router
 from sd_server.api.routes.users import users_router
 
-ROUTERS = (generation_router, jobs_router, images_router, models_router, users_router, keys_router, service_router)
+ROUTERS = (generation_router, jobs_router, images_router, models_router, users_router, trainings_router, keys_router, service_router)

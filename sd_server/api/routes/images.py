@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from sd_server.api.dependencies import CurrentUser, QueueDep
 from sd_server.api.errors import error_responses
 from sd_server.errors import NotFoundError
-from sd_server.storage.images import LocalStorage
+from sd_server.storage.images import ImageStorage, LocalStorage
 
 images_router = APIRouter(tags=["images"])
 
@@ -31,6 +31,11 @@ async def get_image(
     owner = await asyncio.to_thread(queue.store.owner_of_image, name)
     if owner is None or not principal.can_access(owner) or not await asyncio.to_thread(storage.exists, name):
         raise NotFoundError(f"no image '{name}'")
+    return stored_image(storage, name)
+
+
+def stored_image(storage: ImageStorage, key: str) -> Response:
+    """A stored PNG as the answer: the file (local storage), or a redirect to its presigned URL (S3)."""
     if isinstance(storage, LocalStorage):
-        return FileResponse(storage.local_path(name), media_type="image/png")
-    return RedirectResponse(storage.url(name), status_code=307)
+        return FileResponse(storage.local_path(key), media_type="image/png")
+    return RedirectResponse(storage.url(key), status_code=307)

@@ -3,8 +3,6 @@
 import asyncio
 import base64
 import binascii
-import json
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
@@ -16,7 +14,8 @@ from schemas import JobCreated, JobList, JobRequest, JobResponse
 from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
-from sd_server.domain.jobs import Job, JobQuery, JobStatus, as_utc
+from sd_server.api.sse import event_response, follow
+from sd_server.domain.jobs import JobQuery, JobStatus, as_utc
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import (
     ConflictError,
@@ -24,7 +23,6 @@ from sd_server.errors import (
     NotFoundError,
     UnknownUserError,
 )
-from sd_server.jobs.queue import JobQueue
 from sd_server.observability.logging import request_id_var
 from sd_server.security.webhook_urls import check_webhook_url
 
@@ -123,31 +121,8 @@ async def get_job(job: JobDep, queue: QueueDep) -> JobResponse:
 )
 async def job_events(job: JobDep, queue: QueueDep) -> StreamingResponse:
     """Server-Sent Events: the current state first, then each change; the stream ends with the job."""
-    return StreamingResponse(
-        event_stream(job, queue), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-
-
-async def event_stream(job: Job, queue: JobQueue) -> AsyncIterator[str]:
-    """The job's events as SSE text: its current state, then what happens next, until a terminal event."""
-    events = queue.events.subscribe(job)
-    try:
-        current = job.status.value if job.status.is_terminal else ("started" if job.started_at else "queued")
-        yield sse(current, job_response(job, queue).model_dump(mode="json"))
-        sent = {current}
-        while not job.status.is_terminal or job.status.value not in sent:
-            name, data = await events.get()
-            if name in sent and name != "progress":
-                continue  # already told in the first event
-            sent.add(name)
-            yield sse(name, data if name == "progress" else job_response(job, queue).model_dump(mode="json"))
-    finally:
-        queue.events.unsubscribe(job, events)
-
-
-def sse(event: str, data: dict) -> str:
-    """One Server-Sent Event."""
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+    state = lambda: job.status.value if job.status.is_terminal else ("started" if job.started_at else "queued")  # noqa: E731
+    return event_response(follow(queue.events, job, state, lambda: job_response(job, queue).model_dump(mode="json")))
 
 
 @jobs_router.post("/{job_id}/cancel", responses=JOB_ERRORS)

@@ -13,7 +13,6 @@ from schemas import USER_MODEL_EXAMPLES, UserModelResponse
 from sd_server.api.dependencies import EngineDep, ManagedUser, RegistryDep, VisibleUser
 from sd_server.api.errors import error_responses
 from sd_server.domain.models import DEFAULT_USER, LoraModel, Text, UserModel
-from sd_server.engine.interface import Engine
 from sd_server.errors import (
     DefaultUserError,
     ForbiddenError,
@@ -22,11 +21,12 @@ from sd_server.errors import (
     ModelLoadError,
     UnknownUserError,
 )
+from sd_server.jobs.model_changes import unload_if_unused
 from sd_server.registry import ModelRegistry
 from sd_server.storage.model_files import keep_upload, stage_upload
 
 users_router = APIRouter(prefix="/users/{user_id}", tags=["users"])
-UPLOAD_PATHS = re.compile(r"/users/[^/]+/lora")  # routes whose bodies may reach SD_MAX_UPLOAD_BYTES
+UPLOAD_PATHS = re.compile(r"/users/[^/]+/(lora|trainings)")  # routes whose bodies may reach SD_MAX_UPLOAD_BYTES
 NOT_FOUND = error_responses(UnknownUserError)
 ADMIN_ONLY = error_responses(ForbiddenError, UnknownUserError)
 
@@ -34,16 +34,6 @@ ADMIN_ONLY = error_responses(ForbiddenError, UnknownUserError)
 def model_response(user_id: str, model: UserModel, registry: ModelRegistry) -> UserModelResponse:
     """The API's view of one registry entry."""
     return UserModelResponse(user_id=user_id, model=model, origin=registry.origin(user_id))
-
-
-def unload_if_unused(model: UserModel | None, registry: ModelRegistry, engine: Engine) -> None:
-    """Unload a model that no user runs on any more: a LoRA comes off its base, a checkpoint leaves memory."""
-    if model is None or registry.is_used(model):
-        return
-    if isinstance(model, LoraModel):
-        engine.unload_adapter(model)
-    else:
-        engine.unload(model.source)
 
 
 @users_router.get("/model", responses=NOT_FOUND)

@@ -1,0 +1,40 @@
+"""Server-Sent Events of a job or a training: its state now, then each change, until it ends."""
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+
+from sd_server.domain.jobs import Job
+from sd_server.domain.trainings import Training
+from sd_server.jobs.events import JobEvents
+
+
+def sse(event: str, data: dict) -> str:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def event_response(stream: AsyncIterator[str]) -> StreamingResponse:
+    """A streaming answer of SSE text that proxies pass through unbuffered."""
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def follow(
+    events: JobEvents, subject: Job | Training, state: Callable[[], str], present: Callable[[], dict]
+) -> AsyncIterator[str]:
+    """The subject's ``state()`` now with ``present()``, then each event (progress with its own data, the others
+    with ``present()``), until the terminal one. The state is read once subscribed, so no change falls between."""
+    queue = events.subscribe(subject)
+    try:
+        first = state()
+        yield sse(first, present())
+        sent = {first}
+        while not subject.status.is_terminal or subject.status.value not in sent:
+            name, data = await queue.get()
+            if name in sent and name != "progress":
+                continue  # already told in the first event
+            sent.add(name)
+            yield sse(name, data if name == "progress" else present())
+    finally:
+        events.unsubscribe(subject, queue)

@@ -1,0 +1,100 @@
+"""Trainings: a user's own LoRA, learned from their photos. The settings a training runs with, its states, and
+the record the API, the database and the device worker share."""
+
+import asyncio
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sd_server.domain.jobs import utc_now
+from sd_server.domain.models import LoraModel
+
+DEFAULT_CAPTION = "a photo of {trigger} {class_word}"
+SAMPLE_PROMPTS = ("a photo of {trigger} {class_word}", "a close-up photo of {trigger} {class_word}")
+
+
+class TrainingStatus(str, enum.Enum):
+    """Where a training is: waiting, loading the base and encoding the photos, training, or ended."""
+
+    queued = "queued"
+    preparing = "preparing"
+    training = "training"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for the states a training never leaves."""
+        return self in (TrainingStatus.succeeded, TrainingStatus.failed, TrainingStatus.cancelled)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a training learns and how: the words its captions use, and the DreamBooth-LoRA hyperparameters."""
+
+    trigger: str = "sks"
+    class_word: str = "person"
+    caption: str = DEFAULT_CAPTION
+    steps: int = 500
+    rank: int = 8
+    learning_rate: float = 1e-4
+    resolution: int = 512
+    seed: int = 0
+    batch_size: int = 1
+    snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    activate: bool = True
+
+    def captioned(self, template: str) -> str:
+        """``template`` with this training's trigger and class word filled in."""
+        return template.format(trigger=self.trigger, class_word=self.class_word)
+
+    @property
+    def caption_text(self) -> str:
+        """The caption every photo is trained with."""
+        return self.captioned(self.caption)
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        """The fixed prompts of the samples drawn with the trained adapter."""
+        return [self.captioned(template) for template in SAMPLE_PROMPTS]
+
+
+@dataclass
+class Training:
+    """One training, from upload to the LoRA it produced (or its error)."""
+
+    user_id: str
+    base: str
+    settings: TrainingSettings
+    photo_count: int
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    request_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    status: TrainingStatus = TrainingStatus.queued
+    created_at: datetime = field(default_factory=utc_now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    step: int = 0
+    checkpoint_step: int = 0
+    loss: float | None = None
+    seconds_per_step: float | None = None
+    attempts: int = 0
+    samples: list[str] = field(default_factory=list)
+    model: LoraModel | None = None
+    error: str | None = None
+    error_status: int | None = None
+    cancel_requested: bool = False
+    deleted: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the recent pace, once there is one."""
+        if self.seconds_per_step is None or self.status.is_terminal:
+            return None
+        return round((self.settings.steps - self.step) * self.seconds_per_step, 1)
