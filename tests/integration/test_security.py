@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
 
-from helpers import SLOW, poll, wait_for, wait_until_running
+from helpers import SLOW, png_bytes, poll, wait_for, wait_until_running
 from sd_server.app import create_app
 
 ADMIN_KEY = "admin-key-for-tests-0123456789abcdef"
@@ -36,10 +36,25 @@ def bobs_job(client, headers, small_request) -> dict:
     return wait_for(client, job_id, headers=headers["bob"])
 
 
-def protected_routes(client: TestClient, job: dict, key_id: str, small_request) -> list[tuple[str, str, dict]]:
+TRAINING_PHOTOS = [("images", (f"{index}.png", png_bytes(seed=index), "image/png")) for index in range(3)]
+TRAINING_FIELDS = {"steps": "2", "resolution": "64", "activate": "false"}
+
+
+def bobs_training(client, headers) -> dict:
+    """A finished (two-step) training of bob's."""
+    created = client.post("/users/bob/trainings", files=TRAINING_PHOTOS, data=TRAINING_FIELDS, headers=headers["bob"]).json()
+    return poll(
+        lambda: client.get(created["links"]["self"], headers=headers["bob"]).json(),
+        lambda training: training["status"] == "succeeded",
+        "bob's training succeeding",
+    )
+
+
+def protected_routes(client: TestClient, job: dict, key_id: str, small_request, training: dict) -> list[tuple[str, str, dict]]:
     """Every route that needs a key: (method, path, request arguments), with ids of bob's resources."""
     image = job["result"]["image_url"]
     lora = (client.app.state.settings.models_dir / "loras" / "bob.safetensors").read_bytes()
+    trained = f"/trainings/{training['training_id']}"
     return [
         ("POST", "/generate", {"json": small_request()}),
         ("POST", "/generate/image", {"json": small_request()}),
@@ -59,17 +74,25 @@ def protected_routes(client: TestClient, job: dict, key_id: str, small_request) 
         ("POST", "/users/bob/lora", {"files": {"file": ("bob.safetensors", lora)}, "data": {"base": "demo"}}),
         ("DELETE", "/users/bob/model", {"json": None}),
         ("DELETE", f"/keys/{key_id}", {"json": None}),
+        ("POST", "/users/bob/trainings", {"files": TRAINING_PHOTOS, "data": TRAINING_FIELDS}),
+        ("GET", "/trainings", {"json": None}),
+        ("GET", trained, {"json": None}),
+        ("GET", f"{trained}/events", {"json": None}),
+        ("GET", f"{trained}/samples/0", {"json": None}),
+        ("POST", f"{trained}/cancel", {"json": None}),
+        ("DELETE", trained, {"json": None}),
     ]
 
 
 def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
     client, headers, created = keys
-    routes = protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request)
+    routes = protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request, bobs_training(client, headers))
     open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics")}
 
     schema = client.get("/openapi.json").json()
     templates = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
-    covered = {(method, re.sub(r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png|(?<=/users)/\w+", "/{}", path)) for method, path, _ in routes}
+    variables = r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png|(?<=/users)/\w+|(?<=/samples)/\d+"
+    covered = {(method, re.sub(variables, "/{}", path)) for method, path, _ in routes}
     schema_templates = {(method, re.sub(r"\{\w+\}", "{}", path)) for method, path in templates}
 
     assert schema_templates == covered | open_routes
@@ -77,7 +100,8 @@ def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
 
 def test_every_protected_route_answers_401_without_a_key_or_with_a_wrong_one(keys, small_request):
     client, headers, created = keys
-    for method, path, arguments in protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request):
+    job, training = bobs_job(client, headers, small_request), bobs_training(client, headers)
+    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request, training):
         for bad in ({}, {"Authorization": "Bearer not-a-key"}, {"X-API-Key": "not-a-key"}):
             response = client.request(method, path, **arguments, headers=bad)
             assert response.status_code == 401, (method, path, bad, response.text)
@@ -86,14 +110,14 @@ def test_every_protected_route_answers_401_without_a_key_or_with_a_wrong_one(key
 
 def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, small_request):
     client, headers, created = keys
-    job = bobs_job(client, headers, small_request)
-    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request):
+    job, training = bobs_job(client, headers, small_request), bobs_training(client, headers)
+    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request, training):
         response = client.request(method, path, **arguments, headers=headers["alice"])
         if path.startswith(("/models", "/cache", "/keys")):
             assert response.status_code == 403, (method, path)
         elif path.startswith("/users/bob"):
             assert response.status_code == 404, (method, path)
-        elif job["job_id"] in path or path.startswith("/images"):
+        elif job["job_id"] in path or training["training_id"] in path or path.startswith("/images"):
             assert response.status_code == 404, (method, path)
     assert client.get(f"/jobs/{job['job_id']}", headers=headers["bob"]).json()["status"] == "succeeded"
     listed = client.get("/jobs", headers=headers["alice"]).json()["jobs"]
@@ -102,8 +126,8 @@ def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, sma
 
 def test_admin_key_reaches_every_route(keys, small_request):
     client, headers, created = keys
-    job = bobs_job(client, headers, small_request)
-    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request):
+    job, training = bobs_job(client, headers, small_request), bobs_training(client, headers)
+    for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request, training):
         response = client.request(method, path, **arguments, headers=headers["admin"])
         assert response.status_code < 300 or (path.endswith("/cancel") and response.status_code == 409), (method, path)
 
