@@ -58,6 +58,7 @@ class Trainings:
         self.terminal_hook: Callable[[Training], None] | None = None  # the webhook, set by the composition root
         self.wake_device: Callable[[], None] = lambda: None
         self._active: list[Training] = []
+        self._admitting: list[Training] = []  # admitted, their photos and record being written
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
 
@@ -88,22 +89,26 @@ class Trainings:
             admission.check_repeat(training, existing, idempotency_key or "")
             return self.get(existing.id) or existing, False
         with self._lock:
-            running = next((other for other in self._active if other.user_id == user_id), None)
+            running = next((other for other in self._active + self._admitting if other.user_id == user_id), None)
             if running is not None:
                 raise TrainingLimitError(
                     f"user '{user_id}' already has training {running.id} {running.status.value}; one at a time "
                     f"(cancel it with POST /trainings/{running.id}/cancel)",
                     max(1, int(running.eta_s or 60)),
                 )
-            self._active.append(training)  # holds the user's place while the photos are written
+            self._admitting.append(training)  # holds the user's place while the photos are written
+        stored = None
         try:
             save_photos(photos, self.folder / training.id / "photos")
             stored = self.store.add(training)
-        except BaseException:
-            self._drop(training)
-            raise
+        finally:
+            with self._lock:
+                self._admitting.remove(training)
+                if stored is training:
+                    self._active.append(training)
+            if stored is not training:  # failed, or a racing repeat of the same key stored first
+                shutil.rmtree(self.folder / training.id, ignore_errors=True)
         if stored is not training:
-            self._drop(training)
             admission.check_repeat(training, stored, idempotency_key or "")
             return stored, False
         self.events.emit(training, "queued")
@@ -122,7 +127,9 @@ class Trainings:
             if training.status.is_terminal:
                 raise JobFinishedError(f"training {training.id} has already {training.status.value}")
             training.cancel_requested = True
-            ends_now = training.status is TrainingStatus.queued
+            ends_now = training.status is TrainingStatus.queued  # not claimed by the device worker (run_slice)
+            if ends_now and training in self._active:
+                self._active.remove(training)
         if ends_now:
             self._end(training, TrainingStatus.cancelled)
 
@@ -139,11 +146,6 @@ class Trainings:
             self.storage.delete(key)
         shutil.rmtree(self.folder / training.id, ignore_errors=True)
         self.store.delete(training.id)
-
-    def active_count(self) -> int:
-        """Trainings queued or running now."""
-        with self._lock:
-            return len(self._active)
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -188,6 +190,8 @@ class Trainings:
         """Advance the first active training by one slice (or prepare it); a failure fails that training only."""
         with self._lock:
             training = self._active[0] if self._active else None
+            if training is not None and training.status is TrainingStatus.queued:
+                training.status = TrainingStatus.preparing  # claimed: from now on a cancel waits for the slice
         if training is None:
             return
         try:
@@ -227,7 +231,7 @@ class Trainings:
 
     def _prepare(self, training: Training) -> None:
         """Load the base and encode the photos; continue from the checkpoint a crash left, if any."""
-        training.status, training.started_at = TrainingStatus.preparing, training.started_at or utc_now()
+        training.started_at = training.started_at or utc_now()
         self._announce(training)
         folder = self.folder / training.id
         run = self.engine.start_training(training.base, photo_paths(folder / "photos"), training.settings)

@@ -20,6 +20,8 @@ def test_history_api_pages_with_next_cursor_and_filters(client, small_request):
     ids = [client.post("/jobs", json=small_request(seed=seed)).json()["job_id"] for seed in range(3)]
     for job_id in ids:
         wait_for(client, job_id)
+    # A job's end is stored just after it is visible on the job itself: the history follows within moments.
+    poll(lambda: client.get("/jobs", params={"status": "succeeded"}).json()["total"], lambda total: total == 3, "the history listing 3 succeeded jobs")
 
     first = client.get("/jobs", params={"limit": 2, "status": "succeeded"}).json()
     second = client.get("/jobs", params={"limit": 2, "cursor": first["next_cursor"], "status": "succeeded"}).json()

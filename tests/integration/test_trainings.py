@@ -270,3 +270,17 @@ def check_own_trainings(demo_client: TestClient, alice: dict, carol: dict) -> No
     assert demo_client.get("/trainings", headers=carol).json()["total"] == 0
     assert demo_client.get("/trainings", headers=alice).json()["total"] == 1
     poll(lambda: demo_client.get(link, headers=alice).json(), lambda training: training["status"] == "succeeded", "alice's training")
+
+
+def test_a_training_queued_behind_another_is_cancelled_at_once_and_never_runs(demo_client):
+    running = start_training(demo_client, "carol", **{**QUICK, "steps": "3000", "activate": "false"})
+    wait_for_training(demo_client, running["training_id"], ("training",))
+    queued = start_training(demo_client, "alice", **QUICK)
+
+    cancelled = demo_client.post(queued["links"]["cancel"]).json()
+
+    assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+    assert demo_client.get(running["links"]["self"]).json()["status"] == "training"
+    demo_client.post(running["links"]["cancel"])
+    assert wait_for_training(demo_client, running["training_id"])["status"] == "cancelled"
+    assert demo_client.get(queued["links"]["self"]).json()["progress"]["step"] == 0
