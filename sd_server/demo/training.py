@@ -26,6 +26,7 @@ from sd_server.demo.world import (
     random_scene,
     read,
 )
+from sd_server.engine.lora_training import min_snr_weights
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,6 @@ def training_prompt(scene: Scene, plan: TrainingPlan, rng: random.Random) -> str
     if rng.random() < plan.unconditional:
         return ""
     return prompt(scene, *(rng.random() >= plan.dropped_word for _ in range(3)))
-
-
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., 2023), for noise or velocity prediction."""
-    alphas = scheduler.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    velocity = scheduler.config.prediction_type == "v_prediction"
-    return torch.clamp(snr, max=gamma) / (snr + 1 if velocity else snr)
 
 
 def denoising_loss(
