@@ -32,9 +32,14 @@ def new_job(
             "(SD_MAX_PIXEL_STEPS); ask for fewer pixels, steps or images"
         )
     fingerprint = hashlib.sha256(f"{request.canonical_json()}|{webhook_url}".encode()).hexdigest()
-    scoped_key = f"{request.user_id}:{idempotency_key}" if idempotency_key else None
+    scoped = scoped_key(request.user_id, idempotency_key)
     seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED - request.num_images + 1)
-    return Job(request, model.label, seed, synchronous, webhook_url, scoped_key, fingerprint, request_id, model=model)
+    return Job(request, model.label, seed, synchronous, webhook_url, scoped, fingerprint, request_id, model=model)
+
+
+def scoped_key(user_id: str, idempotency_key: str | None) -> str | None:
+    """An Idempotency-Key as stored: per user, so that two users' keys never meet."""
+    return f"{user_id}:{idempotency_key}" if idempotency_key else None
 
 
 def check_repeat(job: Job | Training, existing: Job | Training, idempotency_key: str) -> None:

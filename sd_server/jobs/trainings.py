@@ -81,13 +81,13 @@ class Trainings:
             settings=settings,
             photo_count=len(photos),
             webhook_url=webhook_url,
-            idempotency_key=f"{user_id}:{idempotency_key}" if idempotency_key else None,
+            idempotency_key=admission.scoped_key(user_id, idempotency_key),
             fingerprint=fingerprint(settings, photos, webhook_url),
             request_id=request_id,
         )
         if training.idempotency_key and (existing := self.store.find_by_idempotency_key(training.idempotency_key)):
             admission.check_repeat(training, existing, idempotency_key or "")
-            return self.get(existing.id) or existing, False
+            return self.live(existing.id) or existing, False
         with self._lock:
             running = next((other for other in self._active + self._admitting if other.user_id == user_id), None)
             if running is not None:
@@ -115,11 +115,14 @@ class Trainings:
         self.wake_device()
         return training, True
 
+    def live(self, training_id: str) -> Training | None:
+        """The live training, while it is active (its progress is not stored at every slice)."""
+        with self._lock:
+            return next((training for training in self._active if training.id == training_id), None)
+
     def get(self, training_id: str) -> Training | None:
         """The live training when it is active, else its record; None when there is none."""
-        with self._lock:
-            live = next((training for training in self._active if training.id == training_id), None)
-        return live or self.store.get(training_id)
+        return self.live(training_id) or self.store.get(training_id)
 
     def cancel(self, training: Training) -> None:
         """Cancel: a queued training ends now, a running one at the end of its slice; 409 once ended."""
@@ -144,8 +147,7 @@ class Trainings:
                 pass  # it ended meanwhile
         for key in training.samples:
             self.storage.delete(key)
-        shutil.rmtree(self.folder / training.id, ignore_errors=True)
-        self.store.delete(training.id)
+        self.store.delete(training.id)  # its folder went when it ended (``_end``)
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class Trainings:
         """At shutdown, with the device stopped: checkpoint each running training where it is and leave it queued,
         to resume there after the restart (a clean stop is not a crash)."""
         for training_id, run in list(self._runs.items()):
-            training = self.get(training_id)
+            training = self.live(training_id)
             if training is None or training.status.is_terminal:
                 continue
             run.save_checkpoint(self.folder / training.id / CHECKPOINT)
@@ -252,9 +254,9 @@ class Trainings:
         model = LoraModel(base=training.base, source=source, scale=1.0)
         prompts = training.settings.sample_prompts
         pngs = self.engine.encode(run.samples(prompts), prompts)
-        for index, png in enumerate(pngs):
-            self.storage.put(sample_key(training, index), png)
         training.samples = [sample_key(training, index) for index in range(len(pngs))]
+        for key, png in zip(training.samples, pngs):
+            self.storage.put(key, png)
         training.model = model
         if training.settings.activate and not training.deleted:
             previous = self.registry.set(training.user_id, model)

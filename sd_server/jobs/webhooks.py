@@ -24,7 +24,8 @@ CONCURRENT_DELIVERIES = 8
 
 
 class WebhookSender:
-    """Keeps finished jobs' and trainings' webhooks in the outbox (``job_ended``, ``training_ended``, from any thread) and delivers them (``start``)."""
+    """Keeps finished jobs' and trainings' webhooks in the outbox (``job_ended``, ``training_ended``, from any
+    thread) and delivers them (``start``)."""
 
     def __init__(self, settings: Settings, outbox: WebhookOutbox, payload: Callable[[Job], dict], liveness: Liveness) -> None:
         self.settings, self.outbox, self.payload, self.liveness = settings, outbox, payload, liveness
@@ -48,7 +49,8 @@ class WebhookSender:
         try:
             self.outbox.add(url, payload, **subject)
         except ServiceError as error:
-            logger.error("could not keep the webhook of %s: %s", subject, error.message, extra={"request_id": request_id})
+            what = " ".join(f"{name.removesuffix('_id')} {value}" for name, value in subject.items())  # "job <id>"
+            logger.error("could not keep the webhook of %s: %s", what, error.message, extra={"request_id": request_id})
             return
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)

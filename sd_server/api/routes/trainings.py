@@ -128,7 +128,7 @@ async def list_trainings(
     if not principal.is_admin:
         user_id = principal.user_id
     page, total = await asyncio.to_thread(trainings.store.page, user_id, limit, offset)
-    shown = [trainings.get(training.id) or training for training in page]  # live progress for active ones
+    shown = [trainings.live(training.id) or training for training in page]  # live progress for active ones
     return TrainingList(trainings=[training_response(training) for training in shown], total=total, limit=limit, offset=offset)
 
 
