@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Most images in one pipeline call; unset: 8 on CUDA, 4 elsewhere (see README)."
     )
     batch_wait_ms: float = Field(10, ge=0, description="How long a job waits for companions to batch with.")
+    batch_across_adapters: bool = Field(
+        True, description="Jobs of different LoRAs (and checkpoint users) on one base share a batch, each image with its own adapter."
+    )
     max_queue: int = Field(64, ge=1, description="Queued jobs past which new ones get 429.")
     job_timeout_s: float = Field(600, gt=0, description="A job not finished this long after submission fails.")
     webhook_retries: int = Field(3, ge=0, description="Retries of a failed webhook delivery.")

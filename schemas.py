@@ -146,6 +146,7 @@ class QueueStats(BaseModel):
     max_queue: int
     max_batch_size: int
     batches_run: int
+    mixed_batches_run: int = Field(..., description="Batches whose jobs ran on more than one model (different LoRAs on one base).")
     mean_batch_size: float = Field(..., description="Images per pipeline call, over every batch run so far.")
 
 

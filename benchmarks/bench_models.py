@@ -46,8 +46,8 @@ def first_image_seconds(service: ModelService, model: UserModel, arguments: argp
     """Seconds from asking for ``model`` to its first image: load or move as the loader would, then one batch."""
     started = time.perf_counter()
     assert service.prepare(model), "no room on the device"
-    key = BatchKey(model, arguments.size, arguments.size, arguments.steps, 7.5, None)
-    service.run_batch(key, [BatchItem("a photo of sks person", None, 1, 1)], lambda step, total: None, lambda: False)
+    key = BatchKey(model.base, arguments.size, arguments.size, arguments.steps, 7.5, None)
+    service.run_batch(key, [BatchItem(model, "a photo of sks person", None, 1, 1)], lambda step, total: None, lambda: False)
     if service.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

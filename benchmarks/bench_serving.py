@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -57,10 +58,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    """``python main.py`` serving ``model`` with SD_MAX_BATCH_SIZE, its database and images in ``data_dir`` (never
-    the default folders: their keys would refuse the benchmark, and its jobs would fill their history); returns the
-    process and its URL once healthy."""
+def start_server(
+    model: str, max_batch_size: int, arguments: argparse.Namespace, data_dir: Path, extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``python main.py`` serving ``model`` with SD_MAX_BATCH_SIZE (and the ``extra`` variables), its database and
+    images in ``data_dir`` (never the default folders: their keys would refuse the benchmark, and its jobs would fill
+    their history); returns the process and its URL once healthy."""
     port = free_port()
     environment = {
         **os.environ,
@@ -76,6 +79,7 @@ def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace,
         "SD_MAX_QUEUE": str(max(64, arguments.requests * 2)),
         "SD_MAX_BATCH_SIZE": str(max_batch_size),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        **(extra or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "main.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -91,10 +95,13 @@ def start_server(model: str, max_batch_size: int, arguments: argparse.Namespace,
     raise SystemExit("the server did not start")
 
 
-async def run_load(url: str, arguments: argparse.Namespace) -> dict:
-    """Send the requests from C clients while polling /health; returns the figures of this run."""
+async def run_load(url: str, arguments: argparse.Namespace, body: Callable[[int], dict] | None = None, warm_ups: int = 1) -> dict:
+    """Send the requests (``body(index)``, default ``request_body``) from C clients while polling /health, after
+    ``warm_ups`` requests one by one (they load the models); returns the figures of this run."""
+    body = body or (lambda index: request_body(index, arguments))
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
-        (await client.post("/generate/image", json=request_body(arguments.requests, arguments))).raise_for_status()  # loads the model
+        for index in range(arguments.requests, arguments.requests + warm_ups):
+            (await client.post("/generate/image", json=body(index))).raise_for_status()
         before = (await client.get("/health")).json()
         indexes = iter(range(arguments.requests))
         latencies: list[float] = []
@@ -104,7 +111,7 @@ async def run_load(url: str, arguments: argparse.Namespace) -> dict:
         async def client_loop() -> None:
             for index in indexes:
                 started = time.perf_counter()
-                (await client.post("/generate/image", json=request_body(index, arguments))).raise_for_status()
+                (await client.post("/generate/image", json=body(index))).raise_for_status()
                 latencies.append(time.perf_counter() - started)
 
         async def poll_health() -> None:
@@ -148,12 +155,13 @@ def serve_and_measure(model: str, max_batch_size: int, arguments: argparse.Names
 def raw_images_per_s(model: str, batch_size: int, arguments: argparse.Namespace) -> float:
     """The pipeline alone, in this process, no HTTP and no queue: images/s over the same requests."""
     service = ModelService(Settings(_env_file=None, default_model=model))
-    key = BatchKey(CheckpointModel(source=model), arguments.size, arguments.size, arguments.steps, 7.5, None)
-    service.run_batch(key, [BatchItem("warm-up", None, 0, 1)], lambda step, total: None, lambda: False)  # load, warm up
+    checkpoint = CheckpointModel(source=model)
+    key = BatchKey(model, arguments.size, arguments.size, arguments.steps, 7.5, None)
+    service.run_batch(key, [BatchItem(checkpoint, "warm-up", None, 0, 1)], lambda step, total: None, lambda: False)  # load, warm up
     started = time.perf_counter()
     for first in range(0, arguments.requests, batch_size):
         indexes = range(first, min(first + batch_size, arguments.requests))
-        items = [BatchItem(request_body(index, arguments)["prompt"], None, index, 1) for index in indexes]
+        items = [BatchItem(checkpoint, request_body(index, arguments)["prompt"], None, index, 1) for index in indexes]
         service.run_batch(key, items, lambda step, total: None, lambda: False)
     elapsed = time.perf_counter() - started
     service.unload()

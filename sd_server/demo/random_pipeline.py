@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from sd_server.demo.architecture import SD15_SCHEDULER_CONFIG, build_text_encoder, build_vae
@@ -51,19 +51,39 @@ def save_random_pipeline(output_dir: Path, seed: int = 0, unet_seed: int | None 
     return Path(output_dir)
 
 
-def save_random_lora(output_file: Path, seed: int, rank: int = 4, unet: UNet2DConditionModel | None = None) -> Path:
-    """A LoRA for the attention projections of ``unet`` (default: the random tiny UNet), made with peft, weights
-    drawn from ``seed``; saved as a diffusers .safetensors file. Different seeds give different images."""
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def save_random_lora(
+    output_file: Path,
+    seed: int,
+    rank: int = 4,
+    unet: UNet2DConditionModel | None = None,
+    targets: tuple[str, ...] = ATTENTION_PROJECTIONS,
+    spread: float = 0.5,
+    text_encoder: bool = False,
+) -> Path:
+    """A LoRA for the ``targets`` of ``unet`` (default: the attention projections of the random tiny UNet), and with
+    ``text_encoder`` for the tiny text encoder's attention too, made with peft, weights drawn from ``seed`` with
+    standard deviation ``spread``; saved as a diffusers .safetensors file. Different seeds give different images."""
     unet = unet or build_random_pipeline().unet
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    layers = {"unet_lora_layers": randomised_lora(unet, generator, spread)}
+    if text_encoder:
+        encoder = build_random_pipeline().text_encoder
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+        layers["text_encoder_lora_layers"] = randomised_lora(encoder, generator, spread)
     output_file = Path(output_file)
-    StableDiffusionPipeline.save_lora_weights(
-        output_file.parent, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=output_file.name
-    )
+    StableDiffusionPipeline.save_lora_weights(output_file.parent, weight_name=output_file.name, **layers)
     unet.delete_adapters("default")  # the UNet is as it was: the next LoRA can be made on it
     return output_file
+
+
+def randomised_lora(model: torch.nn.Module, generator: torch.Generator, spread: float) -> dict[str, torch.Tensor]:
+    """Draw the LoRA weights peft put into ``model``; its adapter's state dict."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * spread)
+    return get_peft_model_state_dict(model)

@@ -1,8 +1,11 @@
 """LoRA adapters in resident base pipelines: loaded once per base (least recently used out past SD_MAX_ADAPTERS),
-read ahead from disk while the base is busy, and switched per batch with ``set_adapters``."""
+read ahead from disk while the base is busy, and applied per batch: ``set_adapters`` when every image shares one,
+each image its own (``mixed_adapters``) when a batch mixes users."""
 
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,9 +14,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from config import Settings
-from sd_server.domain.models import LoraModel, UserModel
+from sd_server.domain.models import LoraModel
 from sd_server.engine.cache import Adapter, CachedCheckpoint, CheckpointCache, Counters
 from sd_server.engine.devices import tensor_bytes
+from sd_server.engine.mixed_adapters import SampleAdapter, per_sample_adapters
 from sd_server.errors import InvalidAdapterError, ModelLoadError, first_line
 from sd_server.storage.model_files import lora_file
 
@@ -95,18 +99,24 @@ class AdapterCache:
         return name
 
     @staticmethod
-    def activate(checkpoint: CachedCheckpoint, model: UserModel, adapter: str | None) -> None:
-        """Give the pipeline exactly this model's adapter set: none for a checkpoint, the one LoRA for a LoRA user.
-        Call with the checkpoint's lock held."""
-        pipeline = checkpoint.pipeline
-        if adapter is None:
+    @contextmanager
+    def applied(checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> Iterator[None]:
+        """Within the block, each image of a pipeline call runs with its sample's adapter: none at all, one adapter
+        set for the whole call when all images share it, else each image its own. Call with the checkpoint's lock held."""
+        pipeline, names = checkpoint.pipeline, {sample.name for sample in samples} - {None}
+        if missing := names - checkpoint.adapters.keys():  # removed since it was loaded
+            raise ModelLoadError(f"{len(missing)} LoRA(s) of this batch were unloaded meanwhile; submit the job again")
+        if not names:
             if checkpoint.adapters:
                 pipeline.disable_lora()
-            return
-        if adapter not in checkpoint.adapters:  # removed since it was loaded
-            raise ModelLoadError(f"the LoRA '{model.source}' was unloaded; submit the job again")
-        pipeline.enable_lora()
-        pipeline.set_adapters([adapter], [model.scale])
+            yield
+        elif len(set(samples)) == 1:
+            pipeline.enable_lora()
+            pipeline.set_adapters([samples[0].name], [samples[0].scale])
+            yield
+        else:
+            with per_sample_adapters(pipeline, samples):
+                yield
 
     def unload(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""

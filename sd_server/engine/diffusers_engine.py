@@ -17,6 +17,7 @@ from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
 from sd_server.engine.lora_training import LoraTrainer
+from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
@@ -100,7 +101,7 @@ class DiffusersEngine:
 
     def check_adapter(self, base: str, path: Path) -> None:
         """Load the LoRA file at ``path`` onto ``base`` and take it off again; InvalidAdapterError if it does not load."""
-        checkpoint = self._pin(CheckpointModel(source=base))
+        checkpoint = self._pin(base)
         try:
             self.adapters.check(checkpoint, path)
         finally:
@@ -111,13 +112,13 @@ class DiffusersEngine:
     def run_batch(
         self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
     ) -> BatchOutput | None:
-        """One pipeline call for all items with the key's model and adapter: each item's images, and the scheduler.
-        None when ``should_stop()`` answered True after a step."""
-        checkpoint = self._pin(key.model)
+        """One pipeline call on the key's base for all items, each image with its own item's adapter and scale: each
+        item's images, and the scheduler. None when ``should_stop()`` answered True after a step."""
+        checkpoint = self._pin(key.base)
         try:
-            adapter = self.adapters.ensure(checkpoint, key.model) if isinstance(key.model, LoraModel) else None
-            with checkpoint.lock:
-                self.adapters.activate(checkpoint, key.model, adapter)
+            adapters = [self._sample_adapter(checkpoint, item.model) for item in items]
+            samples = [adapter for adapter, item in zip(adapters, items) for _ in range(item.num_images)]
+            with checkpoint.lock, self.adapters.applied(checkpoint, samples):
                 return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:
             return None
@@ -141,14 +142,20 @@ class DiffusersEngine:
         """Collect garbage, and return cached blocks to the driver on CUDA."""
         devices.free_memory(self.device)
 
-    def _pin(self, model: UserModel) -> CachedCheckpoint:
-        """The model's checkpoint, on the device and marked in use (so never moved); loaded first if need be."""
+    def _pin(self, base: str) -> CachedCheckpoint:
+        """The checkpoint ``base``, on the device and marked in use (so never moved); loaded first if need be."""
         for _ in range(2):
-            if (checkpoint := self.cache.pin(model.base)) is not None:
+            if (checkpoint := self.cache.pin(base)) is not None:
                 return checkpoint
-            if not self.prepare(model):
+            if not self.prepare(CheckpointModel(source=base)):
                 break
-        raise ModelLoadError(f"no room on the device for model '{model.base}' while others run; raise SD_CACHE_DEVICE_GB")
+        raise ModelLoadError(f"no room on the device for model '{base}' while others run; raise SD_CACHE_DEVICE_GB")
+
+    def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
+        """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""
+        if isinstance(model, LoraModel):
+            return SampleAdapter(self.adapters.ensure(checkpoint, model), model.scale)
+        return SampleAdapter(None)
 
     def _generate(
         self,

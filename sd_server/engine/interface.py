@@ -13,9 +13,10 @@ from sd_server.domain.trainings import TrainingSettings
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What jobs must share to run in one pipeline call: one model (so one adapter set), size, steps, CFG, sampler."""
+    """What jobs must share to run in one pipeline call: one base checkpoint, size, steps, CFG, sampler. Their
+    adapters may differ: each image runs with its own job's LoRA."""
 
-    model: UserModel
+    base: str
     width: int
     height: int
     num_inference_steps: int
@@ -25,8 +26,10 @@ class BatchKey:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One job's share of a batch: its prompts, and the seed of its first image (image i has seed + i)."""
+    """One job's share of a batch: its model (the key's base, or a LoRA on it), its prompts, and the seed of its
+    first image (image i has seed + i)."""
 
+    model: UserModel
     prompt: str
     negative_prompt: str | None
     seed: int
@@ -100,8 +103,8 @@ class Engine(Protocol):
     def run_batch(
         self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
     ) -> BatchOutput | None:
-        """One call for all items; ``on_step(step, total)`` after each denoising step; None when ``should_stop()``
-        said so after a step."""
+        """One call for all items, each image with its own item's adapter; ``on_step(step, total)`` after each
+        denoising step; None when ``should_stop()`` said so after a step."""
         ...
 
     def encode(self, images: list[Any], texts: list[str]) -> list[bytes]:

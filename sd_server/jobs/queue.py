@@ -21,7 +21,7 @@ from sd_server.errors import (
     ServiceUnavailableError,
 )
 from sd_server.jobs import admission
-from sd_server.jobs.batching import companions, images_in
+from sd_server.jobs.batching import BatchRules, companions, images_in
 from sd_server.jobs.events import JobEvents
 from sd_server.jobs.writer import JobWriter
 from sd_server.observability.liveness import Liveness
@@ -49,7 +49,9 @@ class JobQueue:
         self.liveness = liveness or Liveness()
         self.writer = JobWriter(store, self.events, self.liveness)
         self.max_batch_size = settings.max_batch_size or engine.default_max_batch_size
+        self.batch_rules = BatchRules(self.max_batch_size, settings.max_adapters, settings.batch_across_adapters)
         self.batches_run = 0
+        self.mixed_batches_run = 0  # batches whose jobs ran on more than one model (different LoRAs on one base)
         self.images_run = 0
         self.ready = False
         self.not_ready_reason = "the default model is loading"
@@ -148,6 +150,7 @@ class JobQueue:
             "max_queue": self.settings.max_queue,
             "max_batch_size": self.max_batch_size,
             "batches_run": self.batches_run,
+            "mixed_batches_run": self.mixed_batches_run,
             "mean_batch_size": round(self.images_run / self.batches_run, 3) if self.batches_run else 0.0,
         }
 
@@ -267,14 +270,14 @@ class JobQueue:
                     self._condition.wait(timeout=wait_s)
                 return []
             wait_until = time.monotonic() + self.settings.batch_wait_ms / 1000
-            while images_in(companions(first, self._queue, self.max_batch_size)) < self.max_batch_size and not self._stopping:
+            while images_in(companions(first, self._queue, self.batch_rules)) < self.max_batch_size and not self._stopping:
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
                     break
                 self._condition.wait(timeout=remaining)
             if first not in self._queue or self._stopping:
                 return []  # the first job was cancelled while waiting: start over
-            batch = companions(first, self._queue, self.max_batch_size)
+            batch = companions(first, self._queue, self.batch_rules)
             for job in batch:
                 self._queue.remove(job)
                 job.status, job.started_at = JobStatus.running, utc_now()
@@ -309,6 +312,7 @@ class JobQueue:
         """Count the batch, and keep a moving average of its time for Retry-After."""
         with self._condition:
             self.batches_run += 1
+            self.mixed_batches_run += len({job.model for job in batch}) > 1
             self.images_run += images_in(batch)
             self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
         if self.writer.observer:

@@ -171,9 +171,9 @@ class DeviceWorker:
                         return False
             return True
         reported = failure if isinstance(failure, ServiceError) else GenerationFailedError(
-            f"generation with model '{key.model.label}' failed; {log_reference(batch[0])}"
+            f"generation with model '{batch[0].model.label}' failed; {log_reference(batch[0])}"
         )
-        log_failure(f"batch of {len(batch)} jobs on {key.model.label}", reported, failure, batch)
+        log_failure(f"batch of {len(batch)} jobs on {key.base}", reported, failure, batch)
         self.liveness.set("device", PartState.failing, reported.message)
         self.queue.fail(batch, reported)
         return True
@@ -188,13 +188,13 @@ class DeviceWorker:
         except Exception as error:
             return error
         if output is not None:  # None: every job of the batch was cancelled or timed out
-            self.finished(batch, key, output, time.monotonic() - started)
+            self.finished(batch, output, time.monotonic() - started)
         return None
 
-    def finished(self, batch: list[Job], key: BatchKey, output: BatchOutput, seconds: float) -> None:
+    def finished(self, batch: list[Job], output: BatchOutput, seconds: float) -> None:
         """Count the batch, and encode and store its images on the encoder's threads."""
         self.queue.record_batch(batch, seconds)
-        if key.model == self.queue.registry.get(DEFAULT_USER):
+        if any(job.model == self.queue.registry.get(DEFAULT_USER) for job in batch):
             self.queue.ready = True
         for job, images in zip(batch, output.images):
             self.encoder.submit(job, images, output.scheduler, seconds)

@@ -259,9 +259,10 @@ def test_each_users_image_is_exactly_the_same_after_any_interleaving_of_users(se
     assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :])
 
 
-def test_each_users_batch_is_exactly_the_same_when_batched_among_other_users_jobs(settings, small_request):
+def test_with_batching_across_adapters_off_each_users_jobs_batch_alone_and_exactly_as_before(settings, small_request):
     settings.user_models = dict(ISOLATION_USERS)
     settings.max_batch_size, settings.batch_wait_ms = 3, 5000  # each user's three jobs form one batch
+    settings.batch_across_adapters = False
     seeds = (7, 8, 9)
     alone = {}
     for user in ISOLATION_USERS:
@@ -330,14 +331,14 @@ def test_a_model_in_use_by_a_running_batch_is_never_evicted(settings, demo_bytes
     settings.cache_device_gb, settings.cache_cpu_gb = gib(1.5 * demo_bytes), gib(3 * demo_bytes)
     service = ModelService(settings)
     demo, demo2 = CheckpointModel(source="demo"), CheckpointModel(source="demo2")
-    key = BatchKey(demo, 256, 256, 2, 7.5, None)
+    key = BatchKey("demo", 256, 256, 2, 7.5, None)
     during_run = []
 
     def on_step(step: int, total: int) -> None:
         if step == 1:
             during_run.append((service.prepare(demo2), service.is_ready(demo)))
 
-    service.run_batch(key, [BatchItem("a photo", None, 1, 1)], on_step, lambda: False)
+    service.run_batch(key, [BatchItem(demo, "a photo", None, 1, 1)], on_step, lambda: False)
 
     assert during_run == [(False, True)]
     assert service.prepare(demo2) and not service.is_ready(demo)  # idle now: moved to the CPU tier

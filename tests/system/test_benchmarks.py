@@ -36,3 +36,14 @@ def test_the_training_benchmark_runs_and_prints_its_tables():
 
     assert "| demo | cpu | 64 | 1 |" in output
     assert "| with / without |" in output
+
+
+def test_the_lora_batching_benchmark_runs_and_prints_its_tables():
+    output = run_benchmark(
+        "benchmarks/bench_lora_batching.py", "--users", "1,2", "--requests", "4", "--concurrency", "2", "--steps", "2",
+        "--batch-sizes", "1,2", "--repeats", "1",
+    )  # fmt: skip
+
+    assert "| 1 | off |" in output and "| 2 | on |" in output
+    assert "| B | no adapter s | one adapter s | B distinct adapters s |" in output and "| 2 |" in output
+    assert "Largest difference of a mixed call's output" in output

@@ -65,6 +65,56 @@ def test_jobs_differing_in_shape_steps_guidance_sampler_or_model_are_not_batched
     assert engine.batch_sizes() == [1] * 6 and all(job["status"] == "succeeded" for job in jobs)
 
 
+def lora(name: str, base: str = "demo") -> dict:
+    """A user model: the LoRA ``name`` on ``base``."""
+    return {"kind": "lora", "base": base, "source": f"loras/{name}.safetensors"}
+
+
+def run_queued_behind_one(settings, app_factory, gated, small_request, users: list[str]) -> list[dict]:
+    """Run a default-user job, queue one job per user behind it while it runs, then let all finish."""
+    with TestClient(app_factory(settings)) as client:
+        first = post_job(client, small_request)
+        wait_for(client, first, "running")
+        later = [post_job(client, small_request, user_id=user) for user in users]
+        gated.release(1000)
+        return [wait_for(client, job_id) for job_id in [first, *later]]
+
+
+def test_jobs_of_different_loras_and_checkpoint_users_on_one_base_share_a_batch(settings, app_factory, engine, gated, small_request):
+    settings.user_models = {**settings.user_models, "ann": lora("ann"), "ben": lora("ben"), "cy": lora("cy", base="demo2")}
+    settings.max_batch_size = 8
+
+    jobs = run_queued_behind_one(settings, app_factory, gated, small_request, ["ann", "ben", "alice", "cy", "ann"])
+
+    assert engine.batch_sizes() == [1, 4, 1]
+    key, items = engine.batches[1]
+    assert key.base == "demo"
+    assert [item.model.label for item in items] == ["demo+loras/ann.safetensors", "demo+loras/ben.safetensors", "demo", "demo+loras/ann.safetensors"]
+    assert engine.batches[2][0].base == "demo2" and all(job["status"] == "succeeded" for job in jobs)
+
+
+def test_a_batch_holds_no_more_distinct_loras_than_sd_max_adapters(settings, app_factory, engine, gated, small_request):
+    settings.user_models = {**settings.user_models, **{name: lora(name) for name in ("ann", "ben", "cy")}}
+    settings.max_batch_size, settings.max_adapters = 8, 2
+
+    run_queued_behind_one(settings, app_factory, gated, small_request, ["ann", "ben", "cy", "ann", "alice"])
+
+    assert engine.batch_sizes() == [1, 4, 1]  # ann, ben, ann and alice (no adapter); cy waits for the next batch
+    assert [item.model.label for item in engine.batches[2][1]] == ["demo+loras/cy.safetensors"]
+
+
+def test_with_batching_across_adapters_off_a_batch_holds_one_model(settings, app_factory, engine, gated, small_request):
+    settings.user_models = {**settings.user_models, "ann": lora("ann"), "ben": lora("ben")}
+    settings.max_batch_size, settings.batch_across_adapters = 8, False
+
+    run_queued_behind_one(settings, app_factory, gated, small_request, ["ann", "ben", "ann", "alice"])
+
+    assert engine.batch_sizes() == [1, 2, 1, 1]  # default; ann twice; ben; alice (demo, queued after the first batch)
+    assert [{item.model.label for item in items} for _, items in engine.batches[1:]] == [
+        {"demo+loras/ann.safetensors"}, {"demo+loras/ben.safetensors"}, {"demo"}
+    ]
+
+
 def test_a_job_whose_model_is_loading_does_not_hold_up_jobs_whose_model_is_ready(settings, app_factory, engine, small_request):
     engine.loaded.add("demo")
     loads = hold_loads(engine)
