@@ -31,7 +31,8 @@ from sd_server.engine.lora_training import min_snr_weights
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """How long and how hard each part trains; the defaults made the committed weights."""
+    """How long and how hard each part trains; the defaults made the committed weights (the denoiser with
+    ``device="cuda"``)."""
 
     seed: int = 0
     vae_steps: int = 2500
@@ -39,9 +40,9 @@ class TrainingPlan:
     vae_batch: int = 8
     vae_crop: int = 128
     foreground_weight: float = 8.0
-    scenes: int = 4000
+    scenes: int = 10000
     steps: int = 4000
-    batch: int = 16
+    batch: int = 64
     learning_rate: float = 8e-4
     warmup: int = 200
     ema_decay: float = 0.999
@@ -49,6 +50,7 @@ class TrainingPlan:
     unconditional: float = 0.1  # share of prompts left empty, for classifier-free guidance
     dropped_word: float = 0.1  # chance that a prompt leaves out its colour, its shape or its background
     save_every: int = 250
+    device: str = "cpu"  # "cuda" trains on a GPU (the weights differ in the last bits from a CPU run)
 
 
 def to_tensor(images: list) -> torch.Tensor:
@@ -70,7 +72,7 @@ def random_crop(image, size: int, rng: random.Random):
 
 def foreground_weights(pixels: torch.Tensor, backgrounds: list[str], weight: float) -> torch.Tensor:
     """Per-pixel loss weights: ``weight`` where a pixel is not its background's colour, 1 elsewhere."""
-    colours = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=torch.float32) / 127.5 - 1.0
+    colours = torch.tensor([BACKGROUNDS[name] for name in backgrounds], dtype=torch.float32, device=pixels.device) / 127.5 - 1.0
     distance = (pixels - colours[:, :, None, None]).abs().sum(dim=1, keepdim=True)
     return 1.0 + (weight - 1.0) * (distance > 0.3).float()
 
@@ -78,7 +80,7 @@ def foreground_weights(pixels: torch.Tensor, backgrounds: list[str], weight: flo
 def crop_batch(plan: TrainingPlan, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops of drawn scenes (shapes anywhere, held-out pairs included) and their pixels' loss weights."""
     scenes = [random_scene(rng, include_held_out=True) for _ in range(plan.vae_batch)]
-    pixels = to_tensor([random_crop(draw(scene, rng), plan.vae_crop, rng) for scene in scenes])
+    pixels = to_tensor([random_crop(draw(scene, rng), plan.vae_crop, rng) for scene in scenes]).to(plan.device)
     return pixels, foreground_weights(pixels, [scene.background for scene in scenes], plan.foreground_weight)
 
 
@@ -100,7 +102,7 @@ def reconstruction_steps(parameters: list, steps: int, peak: float, description:
 def train_vae(plan: TrainingPlan, rng: random.Random) -> AutoencoderKL:
     """An autoencoder for the world's pictures: L1 reconstruction of random crops, the shapes' pixels weighted up
     (they are few, and their colours must survive), a whisper of KL."""
-    vae = build_vae()
+    vae = build_vae().to(plan.device)
 
     def loss() -> torch.Tensor:
         pixels, weights = crop_batch(plan, rng)
@@ -137,8 +139,8 @@ def reconstruction_accuracy(vae: AutoencoderKL, rng: random.Random) -> float:
     scenes = every_scene()
     right = 0
     for scene in scenes:
-        decoded = vae.decode(vae.encode(to_tensor([draw(scene, rng)])).latent_dist.mean).sample[0]
-        image = Image.fromarray(((decoded.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+        decoded = vae.decode(vae.encode(to_tensor([draw(scene, rng)]).to(vae.device)).latent_dist.mean).sample[0]
+        image = Image.fromarray(((decoded.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy())
         reading = read(image)
         right += (reading.colour, reading.shape, reading.background) == (scene.colour, scene.shape, scene.background)
     return right / len(scenes)
@@ -149,7 +151,8 @@ def encode_scenes(vae: AutoencoderKL, scenes: list[Scene], rng: random.Random) -
     """The latent mean of each scene's picture (what the sharpened decoder draws)."""
     means = []
     for start in tqdm(range(0, len(scenes), 32), desc="encoding scenes", unit="batch"):
-        means.append(vae.encode(to_tensor([draw(scene, rng) for scene in scenes[start : start + 32]])).latent_dist.mean.half())
+        pixels = to_tensor([draw(scene, rng) for scene in scenes[start : start + 32]]).to(vae.device)
+        means.append(vae.encode(pixels).latent_dist.mean.half().cpu())
     return torch.cat(means)
 
 
@@ -168,9 +171,9 @@ def denoising_loss(
     tokenizer = pipeline.tokenizer
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     noise = torch.randn_like(clean)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(prompts),))
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(prompts),), device=clean.device)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    predicted = pipeline.unet(noisy, timesteps, pipeline.text_encoder(ids)[0]).sample
+    predicted = pipeline.unet(noisy, timesteps, pipeline.text_encoder(ids.to(clean.device))[0]).sample
     velocity = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(clean, noise, timesteps) if velocity else noise
     per_sample = F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
@@ -180,8 +183,7 @@ def denoising_loss(
 def update_ema(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """average <- decay * average + (1 - decay) * model."""
     with torch.no_grad():
-        for averaged, current in zip(average.parameters(), model.parameters()):
-            averaged.lerp_(current, 1 - decay)
+        torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1 - decay)
 
 
 class DenoiserTraining:
@@ -189,7 +191,7 @@ class DenoiserTraining:
     both; its whole state (weights, optimizer, step, random generators) saves and loads."""
 
     def __init__(self, plan: TrainingPlan, pipeline: StableDiffusionPipeline, scenes: list[Scene], latents: torch.Tensor) -> None:
-        self.plan, self.pipeline, self.scenes, self.latents = plan, pipeline, scenes, latents
+        self.plan, self.pipeline, self.scenes, self.latents = plan, pipeline.to(plan.device), scenes, latents.to(plan.device)
         self.unet, self.text_encoder = pipeline.unet.train(), pipeline.text_encoder.train()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
@@ -235,6 +237,7 @@ class DenoiserTraining:
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.plan.device == "cuda" else None,
         }
         partial = state_file.with_suffix(".partial")
         torch.save(state, partial)
@@ -248,6 +251,8 @@ class DenoiserTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
         self.step = state["step"]
 
     def averaged_pipeline(self) -> StableDiffusionPipeline:
@@ -264,7 +269,7 @@ def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, 
     latents_file = work_dir / "latents.pt"
     if latents_file.exists():
         saved = torch.load(latents_file, weights_only=False)
-        return AutoencoderKL.from_pretrained(work_dir / "vae"), saved["scenes"], saved["means"]
+        return AutoencoderKL.from_pretrained(work_dir / "vae").to(plan.device), saved["scenes"], saved["means"]
     vae = trained_autoencoder(plan, work_dir)
     rng = random.Random(plan.seed + 3)
     scenes = [prompted_scene(rng) for _ in range(plan.scenes)]
@@ -278,9 +283,9 @@ def prepare_latents(plan: TrainingPlan, work_dir: Path) -> tuple[AutoencoderKL, 
 def trained_autoencoder(plan: TrainingPlan, work_dir: Path) -> AutoencoderKL:
     """The autoencoder trained whole, then its decoder sharpened: each step's result saved in ``work_dir``."""
     if (work_dir / "vae").exists():
-        return AutoencoderKL.from_pretrained(work_dir / "vae")
+        return AutoencoderKL.from_pretrained(work_dir / "vae").to(plan.device)
     if (work_dir / "autoencoder").exists():
-        vae = AutoencoderKL.from_pretrained(work_dir / "autoencoder")
+        vae = AutoencoderKL.from_pretrained(work_dir / "autoencoder").to(plan.device)
     else:
         torch.manual_seed(plan.seed)
         vae = train_vae(plan, random.Random(plan.seed))
@@ -304,7 +309,7 @@ def resume(plan: TrainingPlan, work_dir: Path) -> DenoiserTraining:
 
 def export(training: DenoiserTraining, output_dir: Path) -> Path:
     """Save the averaged pipeline, float16 safetensors weights, and the plan that made it, to ``output_dir``."""
-    training.averaged_pipeline().to(dtype=torch.float16).save_pretrained(output_dir, safe_serialization=True)
+    training.averaged_pipeline().to("cpu", torch.float16).save_pretrained(output_dir, safe_serialization=True)
     record = {**asdict(training.plan), "trained_steps": training.step}
     (Path(output_dir) / "training_plan.json").write_text(json.dumps(record, indent=2) + "\n")
     return Path(output_dir)

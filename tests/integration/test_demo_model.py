@@ -51,10 +51,11 @@ def draw(client: TestClient, prompt: str, seed: int, **fields):
     ],
 )
 def test_the_demo_model_draws_the_colour_shape_and_background_it_is_asked_for(demo_client, prompt, colour, shape, background):
-    readings = [draw(demo_client, prompt, seed)[1] for seed in (1, 2, 3)]
+    readings = [draw(demo_client, prompt, seed)[1] for seed in range(10)]
 
     matches = [(r.colour, r.shape, r.background) == (colour, shape, background) for r in readings]
-    assert sum(matches) >= 2, readings  # at least two of three seeds: the model is right about nine times in ten
+    # The model is right about nine times in ten over its world (93 % of seen pairs), 7 in 10 at its weakest here.
+    assert sum(matches) >= 6, readings
 
 
 def test_seeds_change_the_picture_but_not_what_it_shows(demo_client):
