@@ -18,8 +18,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sd_server.demo.random_pipeline import save_random_lora  # noqa: E402
-from sd_server.engine.mixed_adapters import SampleAdapter, per_sample_adapters  # noqa: E402
+from sd_server.engine.mixed_adapters import SampleAdapter, adapters_applied  # noqa: E402
 
 DEMO_MODEL_DIR = ROOT / "models" / "demo"
 
@@ -116,34 +114,34 @@ def load_pipeline(arguments: argparse.Namespace, folder: Path) -> tuple[StableDi
     return pipeline.to(arguments.device, dtype), names
 
 
-@contextmanager
-def adapters_for(pipeline: StableDiffusionPipeline, mode: str, names: list[str]) -> Iterator[None]:
-    """``names`` distinct adapters (one per image), the first adapter for every image, or none."""
-    if mode == "none":
-        pipeline.disable_lora()
-        yield
-    elif mode == "one adapter":
-        pipeline.enable_lora()
-        pipeline.set_adapters([names[0]], [1.0])
-        yield
-    else:
-        with per_sample_adapters(pipeline, [SampleAdapter(name) for name in names]):
-            yield
+def samples_for(mode: str, names: list[str]) -> list[SampleAdapter]:
+    """One image per name: with no adapter, all with the first adapter, or each with its own."""
+    return {
+        "none": [SampleAdapter(None)] * len(names),
+        "one adapter": [SampleAdapter(names[0])] * len(names),
+        "distinct adapters": [SampleAdapter(name) for name in names],
+    }[mode]
+
+
+def unet_inputs(unet, batch: int, arguments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded latents and text embeddings for 2 x ``batch`` samples (classifier-free guidance), and a timestep."""
+    generator, side = torch.Generator().manual_seed(0), arguments.size // 8
+    latents = torch.randn(2 * batch, unet.config.in_channels, side, side, generator=generator)
+    text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=generator)
+    device = arguments.device
+    return latents.to(device, unet.dtype), text.to(device, unet.dtype), torch.tensor(500, device=device)
 
 
 @torch.no_grad()
 def unet_call_seconds(pipeline: StableDiffusionPipeline, batch: int, mode: str, names: list[str], arguments) -> float:
     """Median seconds of one UNet call on 2 x ``batch`` latents (classifier-free guidance) in ``mode``."""
-    unet, side = pipeline.unet, arguments.size // 8
-    latents = torch.randn(2 * batch, unet.config.in_channels, side, side, device=arguments.device, dtype=unet.dtype)
-    text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, device=arguments.device, dtype=unet.dtype)
-    timestep = torch.tensor(500, device=arguments.device)
+    latents, text, timestep = unet_inputs(pipeline.unet, batch, arguments)
     times = []
-    with adapters_for(pipeline, mode, names[:batch]):
+    with adapters_applied(pipeline, samples_for(mode, names[:batch])):
         for index in range(arguments.warm_ups + arguments.repeats):
             synchronize(arguments.device)
             started = time.perf_counter()
-            unet(latents, timestep, encoder_hidden_states=text)
+            pipeline.unet(latents, timestep, encoder_hidden_states=text)
             synchronize(arguments.device)
             if index >= arguments.warm_ups:
                 times.append(time.perf_counter() - started)
@@ -154,17 +152,14 @@ def unet_call_seconds(pipeline: StableDiffusionPipeline, batch: int, mode: str, 
 def mixing_error(pipeline: StableDiffusionPipeline, names: list[str], arguments) -> float:
     """Largest difference between a mixed call's output for each image and that image's call alone with its adapter,
     relative to the output's largest value."""
-    unet, side, batch = pipeline.unet, arguments.size // 8, len(names)
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2 * batch, unet.config.in_channels, side, side, generator=generator).to(arguments.device, unet.dtype)
-    text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=generator).to(arguments.device, unet.dtype)
-    timestep = torch.tensor(500, device=arguments.device)
-    with adapters_for(pipeline, "distinct adapters", names):
+    unet, batch = pipeline.unet, len(names)
+    latents, text, timestep = unet_inputs(unet, batch, arguments)
+    with adapters_applied(pipeline, samples_for("distinct adapters", names)):
         mixed = unet(latents, timestep, encoder_hidden_states=text).sample
     error = 0.0
     for index, name in enumerate(names):
         rows = [index, batch + index]
-        with adapters_for(pipeline, "one adapter", [name]):
+        with adapters_applied(pipeline, samples_for("one adapter", [name])):
             alone = unet(latents[rows], timestep, encoder_hidden_states=text[rows]).sample
         error = max(error, ((mixed[rows] - alone).abs().max() / alone.abs().max()).item())
     return error

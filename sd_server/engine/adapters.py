@@ -4,8 +4,7 @@ each image its own (``mixed_adapters``) when a batch mixes users."""
 
 import hashlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from config import Settings
 from sd_server.domain.models import LoraModel
 from sd_server.engine.cache import Adapter, CachedCheckpoint, CheckpointCache, Counters
 from sd_server.engine.devices import tensor_bytes
-from sd_server.engine.mixed_adapters import SampleAdapter, per_sample_adapters
+from sd_server.engine.mixed_adapters import SampleAdapter, adapters_applied
 from sd_server.errors import InvalidAdapterError, ModelLoadError, first_line
 from sd_server.storage.model_files import lora_file
 
@@ -99,24 +98,12 @@ class AdapterCache:
         return name
 
     @staticmethod
-    @contextmanager
-    def applied(checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> Iterator[None]:
-        """Within the block, each image of a pipeline call runs with its sample's adapter: none at all, one adapter
-        set for the whole call when all images share it, else each image its own. Call with the checkpoint's lock held."""
-        pipeline, names = checkpoint.pipeline, {sample.name for sample in samples} - {None}
-        if missing := names - checkpoint.adapters.keys():  # removed since it was loaded
+    def applied(checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> AbstractContextManager[None]:
+        """The block in which each image of a pipeline call runs with its sample's adapter (``adapters_applied``);
+        ModelLoadError when one of them was unloaded since the batch began. Call with the checkpoint's lock held."""
+        if missing := {sample.name for sample in samples} - {None} - checkpoint.adapters.keys():
             raise ModelLoadError(f"{len(missing)} LoRA(s) of this batch were unloaded meanwhile; submit the job again")
-        if not names:
-            if checkpoint.adapters:
-                pipeline.disable_lora()
-            yield
-        elif len(set(samples)) == 1:
-            pipeline.enable_lora()
-            pipeline.set_adapters([samples[0].name], [samples[0].scale])
-            yield
-        else:
-            with per_sample_adapters(pipeline, samples):
-                yield
+        return adapters_applied(checkpoint.pipeline, samples, any_loaded=bool(checkpoint.adapters))
 
     def unload(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""

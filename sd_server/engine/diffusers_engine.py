@@ -116,8 +116,8 @@ class DiffusersEngine:
         item's images, and the scheduler. None when ``should_stop()`` answered True after a step."""
         checkpoint = self._pin(key.base)
         try:
-            adapters = [self._sample_adapter(checkpoint, item.model) for item in items]
-            samples = [adapter for adapter, item in zip(adapters, items) for _ in range(item.num_images)]
+            adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
+            samples = [adapters[item.model] for item in items for _ in range(item.num_images)]
             with checkpoint.lock, self.adapters.applied(checkpoint, samples):
                 return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:

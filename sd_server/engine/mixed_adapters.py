@@ -133,3 +133,21 @@ def per_sample_adapters(pipeline: StableDiffusionPipeline, samples: list[SampleA
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def adapters_applied(pipeline: StableDiffusionPipeline, samples: list[SampleAdapter], any_loaded: bool = True) -> Iterator[None]:
+    """Within the block, image i of a pipeline call runs with ``samples[i]``'s adapter: LoRA off when no image has one
+    (``any_loaded``: the pipeline holds adapters to turn off), ``set_adapters`` when every image shares one, else
+    each image its own (``per_sample_adapters``). Call with the checkpoint's lock held."""
+    if all(sample.name is None for sample in samples):
+        if any_loaded:
+            pipeline.disable_lora()
+        yield
+    elif len(set(samples)) == 1:
+        pipeline.enable_lora()
+        pipeline.set_adapters([samples[0].name], [samples[0].scale])
+        yield
+    else:
+        with per_sample_adapters(pipeline, samples):
+            yield
