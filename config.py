@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     )
     max_active_jobs_per_user: int = Field(16, ge=1, description="Queued + running jobs one user may have.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body accepted (413 past it).")
+    max_image_body_bytes: int = Field(
+        32 * 1024**2, ge=1024, description="Largest body of a request that carries images (img2img, inpainting; 413 past it)."
+    )
+    styles_file: Path | None = Field(
+        Path("models/styles.csv"),
+        description="Style presets in AUTOMATIC1111's styles.csv format (name,prompt,negative_prompt); GET /styles.",
+    )
     max_pixel_steps: int = Field(
         1024 * 1024 * 50 * 2, ge=1, description="Cap on width x height x steps x images of one job (422 past it)."
     )

@@ -1,14 +1,16 @@
 """Request and response models of the HTTP API (the OpenAPI schema at /docs); domain types live in sd_server.domain."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from sd_server.domain.generation import MAX_SEED, Generation, SchedulerName
+from sd_server.domain.generation import MAX_SEED, Generation, Mode, SchedulerName
 from sd_server.domain.jobs import JobStatus
 from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, Text, UserModel
 from sd_server.domain.trainings import TrainingStatus
+
+StyleName = Annotated[str, Field(min_length=1, max_length=100)]
 
 GENERATE_EXAMPLE = {
     "prompt": "a portrait photo of sks person, studio lighting, 85mm",
@@ -39,6 +41,34 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Left out, a random seed is drawn and returned.")
     num_images: int = Field(1, ge=1, le=4, description="Images to make; image i uses seed + i.")
     scheduler: SchedulerName | None = Field(None, description="Sampler; left out, the model's own.")
+    styles: list[StyleName] = Field(
+        default_factory=list, max_length=10, description="Style presets (GET /styles) applied to the prompts in order."
+    )
+    init_image: str | None = Field(
+        None,
+        description="img2img: the picture to start from, base64 (PNG, JPEG, WebP...) or a data: URL. It is stretched to "
+        "width x height; leave both out to keep its size and aspect (at most 512 on the longer side, at least 256 on the shorter).",
+    )
+    strength: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="img2img and inpainting: how far to move from init_image (near 0 keeps it, 1 ignores it). "
+        "int(num_inference_steps x strength) steps run.",
+    )
+    mask_image: str | None = Field(
+        None,
+        description="Inpainting (needs init_image): white repaints, black keeps. Base64 or a data: URL; stretched to "
+        "the init image's output size.",
+    )
+    mask_blur: int = Field(4, ge=0, le=64, description="Inpainting: Gaussian blur radius of the mask's edge, in pixels.")
+    inpaint_full_res: bool = Field(
+        False,
+        description="Inpainting: repaint only the masked area at full resolution: a crop around the mask (plus the "
+        "padding) is generated at width x height and pasted back.",
+    )
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256, description="Inpainting at full resolution: pixels kept around the mask.")
 
     @field_validator("prompt")
     @classmethod
@@ -49,8 +79,14 @@ class GenerateRequest(BaseModel):
         return prompt
 
     def to_generation(self, user_id: str) -> Generation:
-        """The domain's generation, for ``user_id`` (who the request acts for)."""
-        return Generation(**self.model_dump(include=set(GenerateRequest.model_fields) - {"user_id"}), user_id=user_id)
+        """The domain's text-to-image generation, for ``user_id`` (who the request acts for); styles and images are
+        applied to it by the API (sd_server.api.submissions)."""
+        return Generation(**self.model_dump(include=TEXT_TO_IMAGE_FIELDS), user_id=user_id)
+
+
+TEXT_TO_IMAGE_FIELDS = {
+    "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed", "num_images", "scheduler",
+}  # fmt: skip
 
 
 class GenerationParameters(BaseModel):
@@ -66,6 +102,12 @@ class GenerationParameters(BaseModel):
     seed: int
     num_images: int
     scheduler: str = Field(..., description="The scheduler that ran: a SchedulerName, or the model's own class name.")
+    mode: Mode = Field(..., description="txt2img, img2img (init_image) or inpaint (init_image and mask_image).")
+    styles: list[str] = Field(..., description="Style presets applied; the prompts above are the effective ones.")
+    strength: float | None = Field(..., description="img2img and inpainting: the denoising strength (null for txt2img).")
+    mask_blur: int | None = Field(None, description="Inpainting: the mask's blur.")
+    inpaint_full_res: bool | None = Field(None, description="Inpainting: only the masked area, at full resolution.")
+    inpaint_full_res_padding: int | None = None
 
 
 class GeneratedImage(BaseModel):
@@ -418,3 +460,126 @@ class TrainingList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class StyleRequest(BaseModel):
+    """A style preset's text; ``{prompt}`` stands for the request's prompt (else the text is appended)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "{prompt}, studio lighting, 85mm, sharp focus", "negative_prompt": "blurry, lowres"}]},
+    )
+
+    prompt: Text = Field("", max_length=2000)
+    negative_prompt: Text = Field("", max_length=2000)
+
+
+class StyleResponse(BaseModel):
+    """A style preset, and where it is defined."""
+
+    name: str
+    prompt: str
+    negative_prompt: str
+    origin: Literal["file", "api"] = Field(..., description="file: SD_STYLES_FILE; api: PUT /styles/{name} (wins over the file).")
+
+
+# --- AUTOMATIC1111's API (/sdapi/v1), in its own shapes -----------------------------------------------------------
+
+
+class A1111Txt2ImgRequest(BaseModel):
+    """AUTOMATIC1111's txt2img body. Fields that do not apply here (hires fix aside, which is refused) are accepted
+    and ignored, so that existing clients work unchanged."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"prompt": "a portrait photo of sks person", "steps": 20, "sampler_name": "Euler a", "seed": -1}]},
+    )
+
+    prompt: Text = Field("", max_length=2000)
+    negative_prompt: Text | None = Field("", max_length=2000)
+    styles: list[StyleName] | None = Field(None, max_length=10)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: a random seed.")
+    batch_size: int = Field(1, ge=1, le=4)
+    n_iter: int = Field(1, ge=1, le=4, description="batch_size x n_iter images, at most 4.")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=1.0, le=20.0, allow_inf_nan=False)
+    width: int = Field(512, ge=256, le=1024, multiple_of=8)
+    height: int = Field(512, ge=256, le=1024, multiple_of=8)
+    sampler_name: str | None = Field(None, description="An A1111 sampler name (GET /sdapi/v1/samplers); null: the model's own.")
+    sampler_index: str | None = Field(None, description="Deprecated by A1111: sampler_name wins.")
+    scheduler: str | None = Field(None, description="A1111's schedule type: Karras turns DPM++ 2M into DPM++ 2M Karras.")
+    enable_hr: bool = Field(False, description="Hires fix is not supported: true is refused.")
+
+
+class A1111Img2ImgRequest(A1111Txt2ImgRequest):
+    """AUTOMATIC1111's img2img body: init images (the first is used), and a mask for inpainting."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    init_images: list[str] = Field(..., min_length=1, description="Base64 images (the first is used).")
+    mask: str | None = Field(None, description="Base64 mask: white repaints (black with inpainting_mask_invert).")
+    denoising_strength: float = Field(0.75, gt=0, le=1, allow_inf_nan=False)
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpaint_full_res: bool = Field(True, description="Inpaint area: true = only masked (A1111's default), false = whole picture.")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    include_init_images: bool = Field(False, description="Add the init image after the generated ones.")
+
+
+class A1111ImagesResponse(BaseModel):
+    """What A1111 answers a generation: base64 PNGs, the request as received, and `info`, a JSON string with
+    seed, all_seeds, infotexts..."""
+
+    images: list[str]
+    parameters: dict
+    info: str
+
+
+class A1111ProgressState(BaseModel):
+    """Where the caller's current job is."""
+
+    skipped: bool = False
+    interrupted: bool = False
+    job: str = ""
+    job_count: int
+    job_timestamp: str = ""
+    job_no: int = 0
+    sampling_step: int
+    sampling_steps: int
+
+
+class A1111Progress(BaseModel):
+    """GET /sdapi/v1/progress: the caller's running (else next queued) job, 0..1."""
+
+    progress: float
+    eta_relative: float
+    state: A1111ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class A1111Sampler(BaseModel):
+    """A sampler by A1111's name, with this API's name as an alias."""
+
+    name: str
+    aliases: list[str]
+    options: dict = Field(default_factory=dict)
+
+
+class A1111Model(BaseModel):
+    """A checkpoint as A1111 lists it."""
+
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class A1111Style(BaseModel):
+    """A style preset as A1111 lists it."""
+
+    name: str
+    prompt: str
+    negative_prompt: str

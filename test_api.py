@@ -8,6 +8,7 @@ Exits non-zero on the first endpoint that answers wrongly.
 import argparse
 import base64
 import io
+import json
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         path = out / f"generate_image_seed{response.headers['X-Seed']}.png"
         path.write_bytes(response.content)
         print(f"  wrote {path} ({response.headers['X-Generation-Time']}s)")
+        run_image_modes(client, request, response.content, out)
 
         job = run_job(client, {**request, "seed": 9})
         path = out / f"job_seed{job['result']['seed']}.png"
@@ -69,6 +71,40 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         check(client.post("/generate", json={**request, "user_id": "nobody-has-this-user"}), status=404)
         check(client.delete("/cache"))
     print("all endpoints answered as expected")
+
+
+def run_image_modes(client: httpx.Client, request: dict, init_png: bytes, out: Path) -> None:
+    """img2img (multipart), inpainting (JSON), a style preset and the A1111 API, starting from ``init_png``."""
+    size = Image.open(io.BytesIO(init_png)).size
+    form = {"prompt": request["prompt"], "num_inference_steps": str(request["num_inference_steps"]), "strength": "0.6", "seed": "5"}
+    response = check(client.post("/generate/image", data=form, files={"init_image": ("init.png", init_png, "image/png")}))
+    (out / "img2img.png").write_bytes(response.content)
+    print(f"  wrote {out / 'img2img.png'} (img2img, strength 0.6)")
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    encoded = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    inpainting = {**request, "init_image": encoded(init_png), "mask_image": encoded(png_bytes(mask)), "strength": 1.0}
+    result = check(client.post("/generate", json=inpainting)).json()
+    (out / "inpainted.png").write_bytes(base64.b64decode(result["image_base64"]))
+    print(f"  wrote {out / 'inpainted.png'} (mode {result['parameters']['mode']})")
+    styles = check(client.get("/styles")).json()
+    if styles:
+        styled = check(client.post("/generate", json={**request, "styles": [styles[0]["name"]]})).json()
+        print(f"  style {styles[0]['name']!r}: {styled['parameters']['prompt']!r}")
+    a1111 = {"prompt": request["prompt"], "steps": request["num_inference_steps"], "width": request["width"], "height": request["height"], "seed": 3}
+    txt2img = check(client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "Euler a"})).json()
+    img2img = check(client.post("/sdapi/v1/img2img", json={**a1111, "init_images": [txt2img["images"][0]], "denoising_strength": 0.5})).json()
+    (out / "a1111_img2img.png").write_bytes(base64.b64decode(img2img["images"][0]))
+    print(f"  A1111 API: seeds {json.loads(txt2img['info'])['all_seeds']}, wrote {out / 'a1111_img2img.png'}")
+    check(client.get("/sdapi/v1/samplers"))
+    check(client.get("/sdapi/v1/progress"))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A picture's PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def run_job(client: httpx.Client, request: dict) -> dict:
@@ -100,9 +136,7 @@ def photo_png(index: int, size: int = 256) -> bytes:
     """A made-up photo: a coloured square on a background, different for each index."""
     image = Image.new("RGB", (size, size), (40 * index, 120, 200))
     image.paste((230, 60 + 50 * index, 40), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(image)
 
 
 def main() -> None:

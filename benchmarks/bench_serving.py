@@ -196,15 +196,20 @@ def print_table(figures: dict) -> None:
     print(f"server / raw: batching {figures['batching']['images_per_s'] / raw:.0%}, no batching {figures['no_batching']['images_per_s'] / raw:.0%}")
 
 
-def main() -> None:
-    """Parse arguments, run the raw loop and both serving modes, print (and optionally save) the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every serving benchmark: the model, and the load (requests, clients, steps, size)."""
     parser.add_argument("--model", help="hub id or folder; default: the demo model")
     parser.add_argument("--sd15", action="store_true", help="serve a full-size SD1.5 with random weights")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
+
+
+def main() -> None:
+    """Parse arguments, run the raw loop and both serving modes, print (and optionally save) the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_arguments(parser)
     parser.add_argument("--max-batch-size", type=int, default=None, help="for the batching mode; default: the server's")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     arguments = parser.parse_args()

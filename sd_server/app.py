@@ -24,6 +24,7 @@ from sd_server.api.errors import (
 )
 from sd_server.api.presenters import job_response, training_response
 from sd_server.api.routes import ROUTERS
+from sd_server.api.routes.generation import IMAGE_INPUT_PATHS
 from sd_server.api.routes.users import UPLOAD_PATHS
 from sd_server.engine.interface import Engine
 from sd_server.errors import (
@@ -42,6 +43,7 @@ from sd_server.jobs.workers import Workers
 from sd_server.observability.logging import configure_logging
 from sd_server.observability.metrics import Metrics
 from sd_server.observability.middleware import (
+    BodyLimit,
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
 )
@@ -54,6 +56,7 @@ from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
 from sd_server.storage.images import ImageStorage, create_storage
 from sd_server.storage.model_files import clean_staging
+from sd_server.styles import StyleBook
 
 logger = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], Engine]
@@ -85,6 +88,7 @@ class Services:
     retention: Retention
     webhooks: WebhookSender
     trainings: Trainings
+    styles: StyleBook
     metrics: Metrics
     authenticator: Authenticator
 
@@ -108,7 +112,7 @@ async def start_services(settings: Settings, engine_factory: EngineFactory, on_d
     trainings.terminal_hook = lambda training: webhooks.training_ended(training, training_response(training).model_dump(mode="json"))
     services = Services(
         engine, database, registry, queue, Workers(queue, engine, trainings, on_device_lost), Retention(queue), webhooks,
-        trainings, Metrics(), await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
+        trainings, await asyncio.to_thread(StyleBook, settings, database), Metrics(), await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
     )  # fmt: skip
     queue.writer.observer, queue.writer.terminal_hook = services.metrics, webhooks
     services.metrics.watch(queue.stats, engine.report)
@@ -169,7 +173,7 @@ def create_app(
         app.state.settings, app.state.shutting_down, app.state.metrics = settings, False, services.metrics
         app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
         app.state.retention, app.state.authenticator = services.retention, services.authenticator
-        app.state.trainings = services.trainings
+        app.state.trainings, app.state.styles = services.trainings, services.styles
         app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
         warn_if_open(settings, services.authenticator)
@@ -200,8 +204,10 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        upload_bytes=settings.max_upload_bytes,
-        upload_paths=UPLOAD_PATHS,
+        limits=[
+            BodyLimit(UPLOAD_PATHS, settings.max_upload_bytes, "SD_MAX_UPLOAD_BYTES"),
+            BodyLimit(IMAGE_INPUT_PATHS, settings.max_image_body_bytes, "SD_MAX_IMAGE_BODY_BYTES"),
+        ],
     )
     app.add_middleware(
         CORSMiddleware,
@@ -209,6 +215,6 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
         allow_credentials="*" not in settings.cors_origins,  # never a wildcard origin with credentials
         allow_methods=["*"],
         allow_headers=["*"],
-        expose_headers=["X-Seed", "X-Model-Id", "X-Generation-Time", "X-Request-ID", "Retry-After"],
+        expose_headers=["Location", "X-Seed", "X-Model-Id", "X-Generation-Time", "X-Request-ID", "Retry-After"],
     )
     app.add_middleware(RequestContextMiddleware)

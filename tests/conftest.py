@@ -32,8 +32,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with tiny SD1.5-shaped pipelines, `demo`, `demo2`, `demo3` (seeds 0, 1, 3) and `demo-dreambooth`
-    (demo's VAE and text encoder, its own UNet), and two LoRAs for them, `loras/alice` and `loras/bob`."""
+    """A models folder with tiny SD1.5-shaped pipelines, `demo`, `demo2`, `demo3` (seeds 0, 1, 3), `demo-dreambooth`
+    (demo's VAE and text encoder, its own UNet) and `demo-inpainting` (a 9-channel UNet), and two LoRAs for them,
+    `loras/alice` and `loras/bob`."""
     from sd_server.demo.random_pipeline import save_random_lora, save_random_pipeline
 
     folder = tmp_path_factory.mktemp("models")
@@ -41,6 +42,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_random_pipeline(folder / "demo2", seed=1)
     save_random_pipeline(folder / "demo3", seed=3)
     save_random_pipeline(folder / "demo-dreambooth", seed=0, unet_seed=5)
+    save_random_pipeline(folder / "demo-inpainting", seed=0, unet_seed=7, unet_in_channels=9)
     save_random_lora(folder / "loras" / "alice.safetensors", seed=1)
     save_random_lora(folder / "loras" / "bob.safetensors", seed=2)
     return folder

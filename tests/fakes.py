@@ -48,6 +48,9 @@ class FakeEngine:
     def needs_loading(self, model: UserModel) -> bool:
         return not self.is_ready(model)
 
+    def prompt_chunks(self, base: str, texts: list[str]) -> int:
+        return max(1, *(len(text.split()) // 75 + 1 for text in texts))
+
     def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
         if model.base in self.broken:
             raise self.broken[model.base]
@@ -62,10 +65,11 @@ class FakeEngine:
         self.batches.append((key, items))
         if self.failures:
             raise self.failures.pop(0)
-        for step in range(1, key.num_inference_steps + 1):
+        total = min(int(key.num_inference_steps * key.strength), key.num_inference_steps)  # img2img skips the first steps
+        for step in range(1, total + 1):
             if self.step_gate is not None:
                 self.step_gate.acquire(timeout=GATE_TIMEOUT_S)
-            on_step(step, key.num_inference_steps)
+            on_step(step, total)
             if should_stop():
                 return None
         images = [[seed_image(item.seed + index) for index in range(item.num_images)] for item in items]

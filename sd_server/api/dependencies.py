@@ -4,7 +4,7 @@ a route names in its path, loaded once with their owner checked."""
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import USER_ID_PATTERN
@@ -15,21 +15,33 @@ from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.trainings import Trainings
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import OPEN_ACCESS, Principal
+from sd_server.styles import StyleBook
 
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, as a header of its own")
+basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
 
 
-def current_principal(
-    request: Request,
+def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     api_key: Annotated[str | None, Depends(api_key_scheme)],
-) -> Principal:
+    basic: Annotated[HTTPBasicCredentials | None, Depends(basic_scheme)],
+) -> str | None:
+    """The API key the request carries: X-API-Key, a bearer token, or the password of HTTP basic auth."""
+    return api_key or (bearer.credentials if bearer else None) or (basic.password if basic else None)
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+
+
+def current_principal(request: Request, key: PresentedKey) -> Principal:
     """Who the request acts as: 401 without a valid key when keys are required; counts the rate limit (reads and
     changes have budgets of their own)."""
-    principal = identify(request, api_key or (bearer.credentials if bearer else None))
+    principal = identify(request, key)
     if principal is None:
-        raise UnauthorizedError("an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>")
+        raise UnauthorizedError(
+            "an API key is required: send Authorization: Bearer <key>, X-API-Key: <key>, or HTTP basic auth with the key as password"
+        )
     reading = request.method in ("GET", "HEAD")
     request.app.state.rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
     return principal
@@ -52,13 +64,9 @@ def identify(request: Request, key: str | None) -> Principal | None:
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
-def optional_principal(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-    api_key: Annotated[str | None, Depends(api_key_scheme)],
-) -> Principal | None:
+def optional_principal(request: Request, key: PresentedKey) -> Principal | None:
     """Who the request acts as, or None without a key (for routes that answer everyone, and admins with more)."""
-    return identify(request, api_key or (bearer.credentials if bearer else None))
+    return identify(request, key)
 
 
 MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
@@ -80,7 +88,7 @@ def metrics_access(request: Request) -> None:
     if request.app.state.settings.metrics_require_admin:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme.lower() == "bearer" else None
-        require_admin(current_principal(request, bearer, request.headers.get("x-api-key")))
+        require_admin(current_principal(request, request.headers.get("x-api-key") or (bearer.credentials if bearer else None)))
 
 
 def get_engine(request: Request) -> Engine:
@@ -103,10 +111,16 @@ def get_trainings(request: Request) -> Trainings:
     return request.app.state.trainings
 
 
+def get_styles(request: Request) -> StyleBook:
+    """The style presets, created in the lifespan."""
+    return request.app.state.styles
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 TrainingsDep = Annotated[Trainings, Depends(get_trainings)]
+StylesDep = Annotated[StyleBook, Depends(get_styles)]
 
 
 def get_job(

@@ -33,8 +33,21 @@ def parameters(job: Job) -> GenerationParameters | None:
     """The effective parameters, once the job has run (the scheduler is resolved then)."""
     if job.scheduler_used is None:
         return None
-    fields = {name: value for name, value in asdict(job.request).items() if name not in ("seed", "scheduler")}
-    return GenerationParameters(**fields, seed=job.seed, scheduler=job.scheduler_used)
+    request = job.request
+    fields = {name: value for name, value in asdict(request).items() if name not in ("seed", "scheduler", "image_input", "styles")}
+    image_input = request.image_input
+    inpainting = {}
+    if image_input and image_input.mask_sha256:
+        inpainting = {name: getattr(image_input, name) for name in ("mask_blur", "inpaint_full_res", "inpaint_full_res_padding")}
+    return GenerationParameters(
+        **fields,
+        **inpainting,
+        seed=job.seed,
+        scheduler=job.scheduler_used,
+        mode=request.mode,
+        styles=list(request.styles),
+        strength=image_input.strength if image_input else None,
+    )
 
 
 def image_path(image: StoredImage, storage: ImageStorage) -> str | None:

@@ -12,9 +12,10 @@ from sd_server.demo.architecture import SD15_SCHEDULER_CONFIG, build_text_encode
 from sd_server.demo.vocabulary import build_tokenizer
 
 
-def build_random_pipeline(seed: int = 0, unet_seed: int | None = None) -> StableDiffusionPipeline:
+def build_random_pipeline(seed: int = 0, unet_seed: int | None = None, unet_in_channels: int = 4) -> StableDiffusionPipeline:
     """A tiny SD1.5-shaped pipeline, with weights drawn from ``seed`` (same seed, same weights). A ``unet_seed``
-    gives it another UNet and the same VAE and text encoder, like a DreamBooth fine-tune of the ``seed`` model."""
+    gives it another UNet and the same VAE and text encoder, like a DreamBooth fine-tune of the ``seed`` model;
+    ``unet_in_channels=9`` makes it an inpainting checkpoint (latents, mask, masked-image latents)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = build_text_encoder(tokenizer, width=32)
@@ -23,7 +24,7 @@ def build_random_pipeline(seed: int = 0, unet_seed: int | None = None) -> Stable
         torch.manual_seed(unet_seed)
     unet = UNet2DConditionModel(
         sample_size=64,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -45,9 +46,9 @@ def build_random_pipeline(seed: int = 0, unet_seed: int | None = None) -> Stable
     )
 
 
-def save_random_pipeline(output_dir: Path, seed: int = 0, unet_seed: int | None = None) -> Path:
+def save_random_pipeline(output_dir: Path, seed: int = 0, unet_seed: int | None = None, unet_in_channels: int = 4) -> Path:
     """Build a random tiny pipeline and ``save_pretrained`` it to ``output_dir``; returns the folder."""
-    build_random_pipeline(seed, unet_seed).save_pretrained(output_dir, safe_serialization=True)
+    build_random_pipeline(seed, unet_seed, unet_in_channels).save_pretrained(output_dir, safe_serialization=True)
     return Path(output_dir)
 
 

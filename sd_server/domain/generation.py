@@ -1,4 +1,5 @@
-"""What to generate: the validated fields of a request, and the samplers a request may pick."""
+"""What to generate: the validated fields of a request (text to image, or from an init image and a mask), and the
+samplers a request may pick."""
 
 import json
 from dataclasses import asdict, dataclass
@@ -41,6 +42,33 @@ def sampler_label(name: str) -> str:
         return name
 
 
+class Mode(str, Enum):
+    """What a generation starts from: noise (txt2img), an init image (img2img), or an init image and a mask of what
+    to repaint (inpaint)."""
+
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What img2img and inpainting start from: the init image and mask (PNGs at the output size, named by their
+    SHA-256), how far to move from the image, and how the mask applies."""
+
+    init_image_sha256: str
+    strength: float
+    mask_sha256: str | None = None
+    mask_blur: int = 4
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+
+    @property
+    def mode(self) -> Mode:
+        """inpaint with a mask, else img2img."""
+        return Mode.inpaint if self.mask_sha256 else Mode.img2img
+
+
 @dataclass(frozen=True)
 class Generation:
     """A generation as validated at the edge: prompts, whose model, and the sampling settings."""
@@ -55,6 +83,23 @@ class Generation:
     seed: int | None
     num_images: int
     scheduler: SchedulerName | None
+    image_input: ImageInput | None = None
+    styles: tuple[str, ...] = ()  # applied already: the prompts are the effective ones
+
+    @property
+    def mode(self) -> Mode:
+        """txt2img, img2img or inpaint."""
+        return self.image_input.mode if self.image_input else Mode.txt2img
+
+    @property
+    def strength(self) -> float:
+        """How far from the init image the picture may move: 1 ignores it (and txt2img has none)."""
+        return self.image_input.strength if self.image_input else 1.0
+
+    @property
+    def steps_to_run(self) -> int:
+        """Denoising steps that really run: img2img and inpainting skip the first (1 - strength) of them."""
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
     @property
     def work(self) -> int:
@@ -64,4 +109,6 @@ class Generation:
     def canonical_json(self) -> str:
         """The fields as compact JSON, in declaration order (what an idempotency fingerprint hashes)."""
         fields = {name: value.value if isinstance(value, Enum) else value for name, value in asdict(self).items()}
+        if self.image_input is None and not self.styles:  # a text-to-image request keeps the fingerprint it always had
+            del fields["image_input"], fields["styles"]
         return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))

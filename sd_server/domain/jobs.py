@@ -79,9 +79,11 @@ class Job:
     deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     model: UserModel | None = None  # the user's model at submission; None: the checkpoint ``model_id``
+    inputs: dict[str, bytes] = field(default_factory=dict)  # "init" and "mask" PNGs of img2img/inpainting, while held
+    prompt_chunks: int = 1  # 77-token chunks its longer prompt takes (jobs of one batch take as many)
 
     def __post_init__(self) -> None:
-        self.total_steps = self.total_steps or self.request.num_inference_steps
+        self.total_steps = self.total_steps or self.request.steps_to_run
         self.model = self.model or CheckpointModel(source=self.model_id)
 
     @property
@@ -93,6 +95,13 @@ class Job:
     def images_requested(self) -> int:
         """How many images the job makes."""
         return self.request.num_images
+
+    @property
+    def input_keys(self) -> dict[str, str]:
+        """The storage keys of its init image and mask (img2img and inpainting), by name."""
+        image_input = self.request.image_input
+        names = ([] if image_input is None else ["init"]) + (["mask"] if image_input and image_input.mask_sha256 else [])
+        return {name: f"{self.id}-{name}.png" for name in names}
 
     def take_pngs(self) -> list[bytes]:
         """The encoded images, handed over once: the record keeps only keys and checksums after this."""

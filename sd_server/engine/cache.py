@@ -10,6 +10,7 @@ from collections.abc import Set
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -70,6 +71,7 @@ class CachedCheckpoint:
     fresh: bool = True  # brought in for the next batch: that batch is not a cache hit
     in_use: int = 0
     adapters: OrderedDict[str, Adapter] = field(default_factory=OrderedDict)  # least recently used first
+    derived: dict[str, Any] = field(default_factory=dict)  # img2img / inpainting pipelines on the same modules
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while the pipeline runs or its adapters change
 
     @property

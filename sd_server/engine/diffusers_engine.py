@@ -1,6 +1,7 @@
 """The in-process engine: Stable Diffusion pipelines from diffusers, cached in two tiers, with LoRA adapters; the
 job queue's device and loader threads call it."""
 
+import threading
 from collections.abc import Callable, Set
 from pathlib import Path
 
@@ -12,13 +13,14 @@ from PIL import Image
 from config import Settings
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.engine import devices
+from sd_server.engine import devices, image_modes
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
 from sd_server.engine.lora_training import LoraTrainer
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
+from sd_server.engine.prompts import count_chunks, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
 from sd_server.storage.model_files import checkpoint_location
@@ -42,6 +44,8 @@ class DiffusersEngine:
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
         self.cache = CheckpointCache(settings, self.device, self.dtype)
         self.adapters = AdapterCache(settings, self.cache)
+        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
+        self._tokenizers_lock = threading.Lock()
 
     # --- queries, from any thread --------------------------------------------------------------------
 
@@ -53,6 +57,13 @@ class DiffusersEngine:
     def is_ready(self, model: UserModel) -> bool:
         """True when a batch for ``model`` can start now: its checkpoint is on the device (a LoRA loads in ms)."""
         return self.cache.is_ready(model.base)
+
+    def prompt_chunks(self, base: str, texts: list[str]) -> int:
+        """How many 75-token chunks the longest of ``texts`` takes with ``base``'s tokenizer (1 when the tokenizer
+        cannot be read: the model's load reports why, and the batch pads to what its prompts need)."""
+        with self._tokenizers_lock:  # a tokenizer is not safe to share between threads
+            tokenizer = self._tokenizer(base)
+            return max((count_chunks(tokenizer, text) for text in texts if text), default=1) if tokenizer else 1
 
     def needs_loading(self, model: UserModel) -> bool:
         """True when the loader has work for ``model``: its checkpoint is not ready, or its LoRA file could be read
@@ -151,6 +162,16 @@ class DiffusersEngine:
                 break
         raise ModelLoadError(f"no room on the device for model '{base}' while others run; raise SD_CACHE_DEVICE_GB")
 
+    def _tokenizer(self, base: str) -> transformers.PreTrainedTokenizerBase | None:
+        """``base``'s tokenizer, read from its folder (or hub snapshot) once: small, no weights."""
+        if base not in self._tokenizers:
+            try:
+                location = checkpoint_location(self.settings.models_dir, base)
+                self._tokenizers[base] = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+            except (OSError, ValueError):
+                return None
+        return self._tokenizers[base]
+
     def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
         """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""
         if isinstance(model, LoraModel):
@@ -165,10 +186,11 @@ class DiffusersEngine:
         on_step: Callable[[int, int], None],
         should_stop: Callable[[], bool],
     ) -> BatchOutput:
-        pipeline = checkpoint.pipeline
+        pipeline = image_modes.mode_pipeline(checkpoint, key.mode)
         pipeline.scheduler, scheduler = fresh_scheduler(checkpoint.scheduler_class, checkpoint.scheduler_config, key.scheduler)
         # One CPU generator per image: an image is the same alone or in any batch, on any device.
         generators = [torch.Generator("cpu").manual_seed(item.seed + i) for item in items for i in range(item.num_images)]
+        images, prepared = image_modes.image_arguments(checkpoint, key, [item.source for item in items for _ in range(item.num_images)])
 
         def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
             on_step(index + 1, pipe.num_timesteps)
@@ -177,13 +199,17 @@ class DiffusersEngine:
             return tensors
 
         try:
+            texts = prompt_arguments(
+                pipeline,
+                [item.prompt for item in items for _ in range(item.num_images)],
+                [item.negative_prompt or "" for item in items for _ in range(item.num_images)],
+                key.prompt_chunks,
+            )
             output = pipeline(
-                prompt=[item.prompt for item in items for _ in range(item.num_images)],
-                negative_prompt=[item.negative_prompt or "" for item in items for _ in range(item.num_images)],
+                **texts,
+                **images,
                 num_inference_steps=key.num_inference_steps,
                 guidance_scale=key.guidance_scale,
-                width=key.width,
-                height=key.height,
                 generator=generators,
                 callback_on_step_end=step_ended,
             )
@@ -203,5 +229,5 @@ class DiffusersEngine:
                 f"{self.device} ran out of memory for {len(generators)} image(s) of {key.width}x{key.height}; "
                 "ask for fewer or smaller images, or lower SD_MAX_BATCH_SIZE or SD_CACHE_DEVICE_GB"
             )
-        images = iter(output.images)
-        return BatchOutput([[next(images) for _ in range(item.num_images)] for item in items], scheduler)
+        finished = iter([preparation.finish(image) if preparation else image for image, preparation in zip(output.images, prepared)])
+        return BatchOutput([[next(finished) for _ in range(item.num_images)] for item in items], scheduler)

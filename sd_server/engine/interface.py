@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
-from sd_server.domain.generation import SchedulerName
+from sd_server.domain.generation import Mode, SchedulerName
 from sd_server.domain.models import LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
 
@@ -22,6 +22,21 @@ class BatchKey:
     num_inference_steps: int
     guidance_scale: float
     scheduler: SchedulerName | None
+    mode: Mode = Mode.txt2img
+    strength: float = 1.0
+    prompt_chunks: int = 1  # 77-token chunks of every prompt embedding (long prompts take more)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """What an img2img or inpainting item starts from: PNGs at the output size (white in the mask = repaint), the
+    mask's blur, and whether to inpaint only the masked area at full resolution (with padding around it)."""
+
+    init_png: bytes
+    mask_png: bytes | None = None
+    mask_blur: int = 4
+    full_res: bool = False
+    full_res_padding: int = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,7 @@ class BatchItem:
     negative_prompt: str | None
     seed: int
     num_images: int
+    source: ImageSource | None = None
 
 
 @dataclass
@@ -90,6 +106,10 @@ class Engine(Protocol):
 
     def is_ready(self, model: UserModel) -> bool:
         """True when a batch for ``model`` can start now."""
+        ...
+
+    def prompt_chunks(self, base: str, texts: list[str]) -> int:
+        """How many 75-token chunks the longest of ``texts`` takes with ``base``'s tokenizer (jobs batch by it)."""
         ...
 
     def needs_loading(self, model: UserModel) -> bool:

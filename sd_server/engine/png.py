@@ -16,14 +16,16 @@ def a1111_parameters(
     width: int,
     height: int,
     model_id: str,
+    extras: dict[str, object] | None = None,
 ) -> str:
-    """The ``parameters`` text that AUTOMATIC1111's web UI writes."""
+    """The ``parameters`` text that AUTOMATIC1111's web UI writes; ``extras`` (img2img's "Denoising strength",
+    say) follow the model."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(
         f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance_scale}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {model_id}"
+        f"Size: {width}x{height}, Model: {model_id}" + "".join(f", {name}: {value}" for name, value in (extras or {}).items())
     )
     return "\n".join(lines)
 

@@ -1,12 +1,12 @@
 """Cross-request batching: which queued jobs can share one pipeline call. Jobs on one base checkpoint with the same
-call shape share it even when their LoRAs differ (each image runs with its own adapter), up to SD_MAX_ADAPTERS
+call shape (size, steps, CFG, sampler, mode, strength, prompt length in chunks) share it even when their LoRAs differ (each image runs with its own adapter), up to SD_MAX_ADAPTERS
 distinct LoRAs, so that every adapter of a batch can be resident at once."""
 
 from dataclasses import dataclass
 
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import LoraModel
-from sd_server.engine.interface import BatchItem, BatchKey
+from sd_server.engine.interface import BatchItem, BatchKey, ImageSource
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,15 @@ def batch_key(job: Job) -> BatchKey:
     """What a job must share with others to run in the same pipeline call."""
     request = job.request
     return BatchKey(
-        job.model.base, request.width, request.height, request.num_inference_steps, request.guidance_scale, request.scheduler
+        job.model.base,
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.guidance_scale,
+        request.scheduler,
+        request.mode,
+        request.strength,
+        job.prompt_chunks,
     )
 
 
@@ -48,10 +56,25 @@ def lora_sources(jobs: list[Job]) -> set[str]:
 
 
 def batch_items(batch: list[Job]) -> list[BatchItem]:
-    """Each job's model, prompts and first seed, as the engine takes them."""
+    """Each job's model, prompts, first seed and init image (and mask), as the engine takes them."""
     return [
-        BatchItem(job.model, job.request.prompt, job.request.negative_prompt, job.seed, job.images_requested) for job in batch
+        BatchItem(job.model, job.request.prompt, job.request.negative_prompt, job.seed, job.images_requested, image_source(job))
+        for job in batch
     ]
+
+
+def image_source(job: Job) -> ImageSource | None:
+    """What an img2img or inpainting job starts from; None for txt2img."""
+    image_input = job.request.image_input
+    if image_input is None:
+        return None
+    return ImageSource(
+        job.inputs["init"],
+        job.inputs.get("mask"),
+        image_input.mask_blur,
+        image_input.inpaint_full_res,
+        image_input.inpaint_full_res_padding,
+    )
 
 
 def images_in(batch: list[Job]) -> int:

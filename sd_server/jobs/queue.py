@@ -71,8 +71,10 @@ class JobQueue:
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
         request_id: str | None = None,
+        inputs: dict[str, bytes] | None = None,
     ) -> tuple[Job, bool]:
-        """Queue a job for ``request``; returns it and whether it is new (False: an idempotent repeat).
+        """Queue a job for ``request`` (with its init image and mask PNGs as ``inputs``, stored beside its images);
+        returns it and whether it is new (False: an idempotent repeat).
 
         A synchronous job keeps its PNGs for the request that waits on it, and stores them if SD_SAVE_IMAGES;
         an asynchronous one always stores them (its result links to them) and keeps no copy in memory.
@@ -82,16 +84,22 @@ class JobQueue:
         if job.idempotency_key and (existing := self.store.find_by_idempotency_key(job.idempotency_key)):
             admission.check_repeat(job, existing, idempotency_key or "")
             return existing, False
+        job.inputs = dict(inputs or {})
+        job.prompt_chunks = self.engine.prompt_chunks(model.base, [request.prompt, request.negative_prompt or ""])
         with self._condition:
             active = sum(1 for other in self._queue + self._running + self._admitting if other.user_id == request.user_id)
             queued = len(self._queue) + len(self._admitting)
             admission.check_capacity(self.settings, request.user_id, active, queued, self._retry_after_s())
             self._admitting.append(job)
+        stored = None
         try:
+            self._store_inputs(job)
             stored = self.store.add(job)  # a racing retry of the same key finds its original here
         finally:
             with self._condition:
                 self._admitting.remove(job)
+            if stored is not job:
+                self._delete_inputs(job)
         if stored is not job:
             admission.check_repeat(job, stored, idempotency_key or "")
             return stored, False
@@ -128,6 +136,7 @@ class JobQueue:
         for image in images:
             if image.key:
                 self.storage.delete(image.key)
+        self._delete_inputs(job)
         self.store.delete(job.id)
 
     @property
@@ -139,6 +148,11 @@ class JobQueue:
         """1 for the next job to run, 2 after it, ...; None once the job is no longer queued."""
         with self._condition:
             return self._queue.index(job) + 1 if job in self._queue else None
+
+    def active_jobs(self, user_id: str) -> list[Job]:
+        """The user's running jobs, then their queued ones in queue order."""
+        with self._condition:
+            return [job for job in self._running + self._queue if job.user_id == user_id]
 
     def stats(self) -> dict:
         """Queue depth and batching figures for /health."""
@@ -160,8 +174,14 @@ class JobQueue:
         """Queue again what the last run left queued; a job that was running is re-queued once, then failed."""
         ended, requeued = [], []
         unfinished = self.store.unfinished()
+        for job in unfinished:
+            self._reload_inputs(job)
         with self._condition:
             for job in unfinished:
+                if job.input_keys and not job.inputs:
+                    self._mark_ended(job, JobStatus.failed, ServiceError("its init image or mask is gone from storage; submit it again"))
+                    ended.append(job)
+                    continue
                 if job.status is JobStatus.running and job.attempts >= 1:
                     self._mark_ended(job, JobStatus.failed, ServiceError("the server stopped twice while this job ran; submit it again"))
                     ended.append(job)
@@ -357,9 +377,30 @@ class JobQueue:
         condition held; then ``writer.announce`` it without."""
         job.status, job.finished_at = status, utc_now()
         job.error, job.error_status = (error.message, error.status_code) if error else (None, None)
+        job.inputs = {}  # stored; the device is done with them
         if job in self._running:
             self._running.remove(job)
         self._condition.notify_all()  # the loader may now have room for the next model
+
+    def _store_inputs(self, job: Job) -> None:
+        """Store the job's init image and mask beside its images (a restart runs it from them)."""
+        for name, key in job.input_keys.items():
+            self.storage.put(key, job.inputs[name])
+
+    def _delete_inputs(self, job: Job) -> None:
+        """Delete the job's stored init image and mask."""
+        for key in job.input_keys.values():
+            self.storage.delete(key)
+
+    def _reload_inputs(self, job: Job) -> None:
+        """Read back the init image and mask of a job from the last run (none when one is missing), and count its
+        prompt chunks again."""
+        try:
+            job.inputs = {name: self.storage.get(key) for name, key in job.input_keys.items()}
+        except ServiceError as error:
+            logger.error("job %s: %s", job.id, error.message)
+            job.inputs = {}
+        job.prompt_chunks = self.engine.prompt_chunks(job.model.base, [job.request.prompt, job.request.negative_prompt or ""])
 
     def _retry_after_s(self) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sd_server.domain.generation import sampler_label
+from sd_server.domain.generation import Generation, sampler_label
 from sd_server.domain.jobs import Job, JobStatus, StoredImage
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.engine.interface import BatchKey, BatchOutput, Engine
@@ -280,7 +280,21 @@ def png_parameters(job: Job, scheduler: str, index: int) -> str:
         request.width,
         request.height,
         job.model_id,
+        image_parameters(request),
     )
+
+
+def image_parameters(request: Generation) -> dict[str, object]:
+    """What an img2img or inpainting image's parameters add, in A1111's words (nothing for txt2img)."""
+    image_input = request.image_input
+    if image_input is None:
+        return {}
+    extras: dict[str, object] = {"Mode": request.mode.value, "Denoising strength": image_input.strength}
+    if image_input.mask_sha256:
+        extras["Mask blur"] = image_input.mask_blur
+        if image_input.inpaint_full_res:
+            extras.update({"Inpaint area": "Only masked", "Masked area padding": image_input.inpaint_full_res_padding})
+    return extras
 
 
 def log_reference(job: Job) -> str:

@@ -4,6 +4,7 @@ import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,20 +56,29 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class BodySizeLimitMiddleware:
-    """413 for request bodies over their cap: by Content-Length, and by counting a body sent without it. Paths that
-    match ``upload_paths`` (LoRA uploads) get ``upload_bytes`` (SD_MAX_UPLOAD_BYTES), the rest ``max_bytes``."""
+@dataclass(frozen=True)
+class BodyLimit:
+    """A larger cap for the bodies of some paths: LoRA and photo uploads, requests that carry images."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int, upload_paths: re.Pattern[str]) -> None:
+    paths: re.Pattern[str]
+    max_bytes: int
+    setting: str
+
+
+class BodySizeLimitMiddleware:
+    """413 for request bodies over their cap: by Content-Length, and by counting a body sent without it. The first
+    of ``limits`` whose paths match sets the cap; other paths get ``max_bytes`` (SD_MAX_BODY_BYTES)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, limits: list[BodyLimit]) -> None:
         self.app = app
-        self.max_bytes, self.upload_bytes, self.upload_paths = max_bytes, upload_bytes, upload_paths
+        self.max_bytes, self.limits = max_bytes, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = bool(self.upload_paths.fullmatch(scope["path"]))
-        limit = self.upload_bytes if upload else self.max_bytes
-        message = f"request body over {limit} bytes ({'SD_MAX_UPLOAD_BYTES' if upload else 'SD_MAX_BODY_BYTES'})"
+        matched = next((rule for rule in self.limits if rule.paths.fullmatch(scope["path"])), None)
+        limit, setting = (matched.max_bytes, matched.setting) if matched else (self.max_bytes, "SD_MAX_BODY_BYTES")
+        message = f"request body over {limit} bytes ({setting})"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await send_json(send, 413, {"detail": message})

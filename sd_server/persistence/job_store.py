@@ -1,7 +1,9 @@
 """The job store on SQLAlchemy: every job in the database, the live object of active jobs in memory."""
 
+import json
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from typing import TypeVar
 
@@ -9,7 +11,7 @@ from sqlalchemy import Engine, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sd_server.domain.generation import Generation, SchedulerName
+from sd_server.domain.generation import Generation, ImageInput, SchedulerName
 from sd_server.domain.jobs import Job, JobQuery, JobStatus, StoredImage, as_utc
 from sd_server.domain.models import USER_MODEL
 from sd_server.persistence.retry import in_session, with_retries
@@ -35,6 +37,8 @@ def to_row(job: Job, row: JobRow) -> JobRow:
     row.status = job.status.value
     row.model_spec = USER_MODEL.dump_json(job.model).decode()
     row.scheduler = job.request.scheduler.value if job.request.scheduler else None
+    row.image_input = json.dumps(asdict(job.request.image_input)) if job.request.image_input else None
+    row.styles = json.dumps(list(job.request.styles)) if job.request.styles else None
     if len(row.images) != len(job.images):
         row.images = [
             ImageRow(position=index, seed=image.seed, storage_key=image.key, size_bytes=image.size_bytes, sha256=image.sha256)
@@ -46,7 +50,13 @@ def to_row(job: Job, row: JobRow) -> JobRow:
 def to_job(row: JobRow) -> Job:
     """A Job from its row (the live fields, cancel flag and PNG bytes, start empty)."""
     scheduler = SchedulerName(row.scheduler) if row.scheduler else None
-    request = Generation(**{name: getattr(row, name) for name in REQUEST_COLUMNS}, seed=row.seed, scheduler=scheduler)
+    request = Generation(
+        **{name: getattr(row, name) for name in REQUEST_COLUMNS},
+        seed=row.seed,
+        scheduler=scheduler,
+        image_input=ImageInput(**json.loads(row.image_input)) if row.image_input else None,
+        styles=tuple(json.loads(row.styles)) if row.styles else (),
+    )
     fields = {name: getattr(row, name) for name in JOB_COLUMNS}
     for name in ("created_at", "started_at", "finished_at"):
         fields[name] = as_utc(fields[name])

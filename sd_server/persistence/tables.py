@@ -1,5 +1,5 @@
-"""The tables: jobs and their images, API keys, the user -> model registry's changes, the webhook outbox, and
-trainings."""
+"""The tables: jobs and their images, API keys, the user -> model registry's changes, the webhook outbox,
+trainings, and style presets."""
 
 from datetime import datetime
 
@@ -30,6 +30,8 @@ class JobRow(Base):
     num_images: Mapped[int] = mapped_column(Integer)
     scheduler: Mapped[str | None] = mapped_column(String(32), doc="as requested (null: the model's own)")
     scheduler_used: Mapped[str | None] = mapped_column(String(64))
+    image_input: Mapped[str | None] = mapped_column(Text, doc="img2img/inpainting: the ImageInput as JSON (null: txt2img)")
+    styles: Mapped[str | None] = mapped_column(Text, doc="the style presets applied, as a JSON list")
     seed: Mapped[int] = mapped_column(BigInteger)
     synchronous: Mapped[bool]
     webhook_url: Mapped[str | None] = mapped_column(Text)
@@ -134,3 +136,14 @@ class TrainingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StyleRow(Base):
+    """A style preset set through the API (it overrides one of the same name in SD_STYLES_FILE)."""
+
+    __tablename__ = "styles"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -26,6 +26,8 @@ class ImageStorage(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
 
+    def get(self, key: str) -> bytes: ...
+
     def delete(self, key: str) -> None: ...
 
     def exists(self, key: str) -> bool: ...
@@ -58,6 +60,13 @@ class LocalStorage:
             with contextlib.suppress(OSError):  # the folder itself may be what failed
                 partial.unlink(missing_ok=True)
             raise StorageError(f"could not write image {key} (SD_OUTPUT_DIR): {error.strerror}", detail=str(error)) from error
+
+    def get(self, key: str) -> bytes:
+        """The file's bytes; StorageError when it cannot be read."""
+        try:
+            return (self.root / key).read_bytes()
+        except OSError as error:
+            raise StorageError(f"could not read image {key} (SD_OUTPUT_DIR): {error.strerror}", detail=str(error)) from error
 
     def delete(self, key: str) -> None:
         """Remove the file if it is there."""
@@ -98,6 +107,13 @@ class S3Storage:
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType="image/png")
         except (BotoCoreError, ClientError) as error:
             raise StorageError(f"could not upload {key} to s3://{self.bucket}/{self.prefix} (SD_S3_*): {error}") from error
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes."""
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(f"could not read {key} from s3://{self.bucket}/{self.prefix} (SD_S3_*): {error}") from error
 
     def delete(self, key: str) -> None:
         """Delete the object (no error if it is gone)."""

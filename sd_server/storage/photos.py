@@ -29,21 +29,26 @@ class Photo:
 def prepare_photo(photo: Photo, resolution: int, min_side: int) -> Image.Image:
     """The photo upright, RGB, centre-cropped to a square of ``resolution`` pixels; InvalidPhotoError naming the file
     when it is not an image, has fewer than ``min_side`` pixels on a side, or more than MAX_PIXELS."""
+    upright = open_upright(photo.name, photo.data)
+    if min(upright.size) < min_side:
+        width, height = upright.size
+        raise InvalidPhotoError(f"{photo.name}: {width}x{height} is too small; each photo needs at least {min_side} pixels a side")
+    return ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def open_upright(name: str, data: bytes, field: str = "images") -> Image.Image:
+    """The image in ``data`` decoded, turned upright by its EXIF orientation, RGB; InvalidPhotoError naming it (at
+    ``field``) when it is not an image Pillow reads, or has more than MAX_PIXELS (refused before decoding)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(photo.data)) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
-                    raise InvalidPhotoError(f"{photo.name}: {width}x{height} is over {MAX_PIXELS // 1_000_000} megapixels")
-                if min(width, height) < min_side:
-                    raise InvalidPhotoError(
-                        f"{photo.name}: {width}x{height} is too small; each photo needs at least {min_side} pixels a side"
-                    )
-                upright = ImageOps.exif_transpose(image).convert("RGB")
+                    raise InvalidPhotoError(f"{name}: {width}x{height} is over {MAX_PIXELS // 1_000_000} megapixels", field=field)
+                return ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise InvalidPhotoError(f"{photo.name}: not an image Pillow can read ({type(error).__name__})") from error
-    return ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
+        raise InvalidPhotoError(f"{name}: not an image Pillow can read ({type(error).__name__})", field=field) from error
 
 
 def prepare_photos(photos: list[Photo], resolution: int, min_side: int) -> list[Image.Image]:

@@ -2,20 +2,23 @@
 reads each picture back. Seeds change the picture, not its content; so does the sampler; a LoRA that draws red as
 purple changes its user's pictures and nobody else's."""
 
+import base64
+import io
 import random
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from config import Settings
 from helpers import PROJECT_DIR, pixels
 from sd_server.app import create_app
 from sd_server.demo.training import TrainingPlan, training_prompt
 from sd_server.demo.vocabulary import TRIGGER, WORDS, build_tokenizer
-from sd_server.demo.world import prompted_scene, read
+from sd_server.demo.world import Scene, prompted_scene, read
+from sd_server.demo.world import draw as world_draw
 
 DEMO = {"num_inference_steps": 20, "width": 256, "height": 256, "guidance_scale": 7.5}
 RECOLOUR = {"kind": "lora", "base": "demo", "source": "demo-loras/red-to-purple.safetensors"}
@@ -99,3 +102,55 @@ def test_each_world_word_is_one_token_and_the_trigger_word_is_in_no_training_pro
 
     assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in WORDS)
     assert TRIGGER in WORDS and not any(TRIGGER in prompt.split() for prompt in prompts)
+
+
+def encoded_png(image: Image.Image) -> str:
+    """A picture as a base64 PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+RED_CIRCLE = world_draw(Scene("circle", "red", "white", position="center"), random.Random(0))
+
+
+def test_img2img_keeps_the_init_picture_at_low_strength_and_follows_the_prompt_as_strength_rises(demo_client):
+    init = np.asarray(RED_CIRCLE).astype(np.int16)
+    change, readings = {}, {}
+    for strength in (0.05, 0.5, 1.0):
+        drawn = [draw(demo_client, "a blue square on a black background", seed, init_image=encoded_png(RED_CIRCLE), strength=strength) for seed in range(4)]
+        change[strength] = float(np.median([np.abs(image - init).mean() for image, _ in drawn]))
+        readings[strength] = [reading for _, reading in drawn]
+
+    assert change[0.05] < 12  # one step of 20: (almost) the init picture
+    assert all((r.shape, r.colour, r.background) == ("circle", "red", "white") for r in readings[0.05])
+    assert change[0.05] < change[0.5] < change[1.0], change  # the further, the more it follows the prompt
+    assert sum((r.shape, r.background) == ("square", "black") for r in readings[1.0]) >= 3, readings[1.0]
+
+
+def test_inpainting_turns_the_circle_into_a_square_only_where_masked(demo_client):
+    mask = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(mask).rectangle((64, 64, 192, 192), fill=255)
+    outside = np.asarray(mask) == 0
+    outside[48:209, 48:209] = False  # the mask's blurred edge
+    for full_res in (False, True):
+        drawn = [
+            draw(demo_client, "a red square on a white background", seed, init_image=encoded_png(RED_CIRCLE), mask_image=encoded_png(mask), strength=1.0, inpaint_full_res=full_res)
+            for seed in range(3)
+        ]
+
+        assert all((r.shape, r.colour, r.background) == ("square", "red", "white") for _, r in drawn), [r for _, r in drawn]
+        assert all(np.array_equal(image[outside], np.asarray(RED_CIRCLE).astype(np.int16)[outside]) for image, _ in drawn)
+
+
+def test_attention_weights_make_the_weighted_colour_weaker_or_stronger(demo_client):
+    def redness(image: np.ndarray) -> float:
+        shape = np.abs(image - 240).sum(axis=-1) > 60  # what is not the white background
+        return float((image[..., 0] - (image[..., 1] + image[..., 2]) / 2)[shape].mean())
+
+    median = {
+        weight: np.median([redness(draw(demo_client, f"a (red:{weight}) circle on a white background", seed)[0]) for seed in range(4)])
+        for weight in ("0.5", "1.0", "1.3")
+    }
+
+    assert median["0.5"] < median["1.0"] - 30 and median["1.3"] > median["1.0"], median

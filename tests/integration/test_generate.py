@@ -37,6 +37,12 @@ def test_generate_returns_png_with_seed_model_and_effective_parameters(client, s
         "seed": 123,
         "num_images": 1,
         "scheduler": "pndm",
+        "mode": "txt2img",
+        "styles": [],
+        "strength": None,
+        "mask_blur": None,
+        "inpaint_full_res": None,
+        "inpaint_full_res_padding": None,
     }
 
 

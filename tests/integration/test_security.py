@@ -1,5 +1,6 @@
 """API keys, isolation between users, limits, SSRF, CORS, metrics, request ids, readiness and shutdown."""
 
+import base64
 import hashlib
 import json
 import re
@@ -81,6 +82,20 @@ def protected_routes(client: TestClient, job: dict, key_id: str, small_request, 
         ("GET", f"{trained}/samples/0", {"json": None}),
         ("POST", f"{trained}/cancel", {"json": None}),
         ("DELETE", trained, {"json": None}),
+        ("GET", "/styles", {"json": None}),
+        ("PUT", "/styles/Night", {"json": {"prompt": "{prompt} at night"}}),
+        ("GET", "/styles/Night", {"json": None}),
+        ("DELETE", "/styles/Night", {"json": None}),
+        ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "a photo", "steps": 2, "width": 256, "height": 256}}),
+        ("POST", "/sdapi/v1/img2img", {"json": {"prompt": "a photo", "steps": 2, "init_images": [base64.b64encode(png_bytes(seed=1)).decode()]}}),
+        ("GET", "/sdapi/v1/progress", {"json": None}),
+        ("POST", "/sdapi/v1/interrupt", {"json": None}),
+        ("GET", "/sdapi/v1/samplers", {"json": None}),
+        ("GET", "/sdapi/v1/sd-models", {"json": None}),
+        ("GET", "/sdapi/v1/options", {"json": None}),
+        ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "demo"}}),
+        ("GET", "/sdapi/v1/prompt-styles", {"json": None}),
+        ("GET", "/sdapi/v1/scripts", {"json": None}),
     ]
 
 
@@ -91,7 +106,7 @@ def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
 
     schema = client.get("/openapi.json").json()
     templates = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
-    variables = r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png|(?<=/users)/\w+|(?<=/samples)/\d+"
+    variables = r"/[0-9a-f]{32}|/\d{8}-\d{6}_\d+_[0-9a-f]{32}\.png|(?<=/users)/\w+|(?<=/samples)/\d+|(?<=/styles)/\w+"
     covered = {(method, re.sub(variables, "/{}", path)) for method, path, _ in routes}
     schema_templates = {(method, re.sub(r"\{\w+\}", "{}", path)) for method, path in templates}
 
@@ -113,7 +128,7 @@ def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, sma
     job, training = bobs_job(client, headers, small_request), bobs_training(client, headers)
     for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request, training):
         response = client.request(method, path, **arguments, headers=headers["alice"])
-        if path.startswith(("/models", "/cache", "/keys")):
+        if path.startswith(("/models", "/cache", "/keys")) or (path.startswith("/styles/") and method != "GET"):
             assert response.status_code == 403, (method, path)
         elif path.startswith("/users/bob"):
             assert response.status_code == 404, (method, path)
@@ -121,7 +136,7 @@ def test_another_users_jobs_and_images_answer_404_and_admin_routes_403(keys, sma
             assert response.status_code == 404, (method, path)
     assert client.get(f"/jobs/{job['job_id']}", headers=headers["bob"]).json()["status"] == "succeeded"
     listed = client.get("/jobs", headers=headers["alice"]).json()["jobs"]
-    assert {job["user_id"] for job in listed} == {"alice"} and len(listed) == 3  # her requests above
+    assert {job["user_id"] for job in listed} == {"alice"} and len(listed) == 5  # her requests above (3, and 2 through A1111's API)
 
 
 def test_admin_key_reaches_every_route(keys, small_request):
@@ -219,12 +234,14 @@ def test_webhook_url_must_be_http_or_https(client, small_request):
 
 
 def test_request_body_over_the_cap_answers_413(settings, small_request):
-    settings.max_body_bytes = 2048
+    settings.max_body_bytes = settings.max_image_body_bytes = 2048
     with TestClient(create_app(settings)) as client:
-        response = client.post("/generate", json=small_request(prompt="x" * 1990, negative_prompt="y" * 1990))
+        response = client.put("/styles/Long", json={"prompt": "x" * 1990, "negative_prompt": "y" * 1990})
+        generation = client.post("/generate", json=small_request(prompt="x" * 1990, negative_prompt="y" * 1990))
         fine = client.post("/generate", json=small_request())
 
     assert response.status_code == 413 and "SD_MAX_BODY_BYTES" in response.json()["detail"]
+    assert generation.status_code == 413 and "SD_MAX_IMAGE_BODY_BYTES" in generation.json()["detail"]
     assert fine.status_code == 200
 
 
@@ -236,7 +253,7 @@ def test_request_body_sent_without_length_is_cut_off_at_the_cap_with_413(setting
         yield b"y" * 1500 + b'"}'
 
     with TestClient(create_app(settings)) as client:
-        response = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        response = client.put("/users/alice/model", content=chunks(), headers={"content-type": "application/json"})
 
     assert response.status_code == 413 and "SD_MAX_BODY_BYTES" in response.json()["detail"]
 

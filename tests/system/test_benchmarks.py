@@ -47,3 +47,11 @@ def test_the_lora_batching_benchmark_runs_and_prints_its_tables():
     assert "| 1 | off |" in output and "| 2 | on |" in output
     assert "| B | no adapter s | one adapter s | B distinct adapters s |" in output and "| 2 |" in output
     assert "Largest difference of a mixed call's output" in output
+
+
+def test_the_modes_benchmark_runs_and_prints_txt2img_img2img_and_inpainting_rows(models_dir):
+    output = run_benchmark(
+        "benchmarks/bench_modes.py", "--model", str(models_dir / "demo"), "--requests", "3", "--concurrency", "2", "--steps", "4"
+    )
+
+    assert "| txt2img |" in output and "| img2img |" in output and "| inpaint |" in output

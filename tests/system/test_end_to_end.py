@@ -48,7 +48,10 @@ def test_smoke_client_runs_against_the_real_server_and_writes_pngs(server_proces
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all endpoints answered as expected" in result.stdout
     written = sorted(path.name for path in out.glob("*.png"))
-    assert written == ["generate_image_seed7.png", "generate_seed42.png", "generate_seed43.png", "job_seed9.png", "training_sample.png"]
+    assert written == [
+        "a1111_img2img.png", "generate_image_seed7.png", "generate_seed42.png", "generate_seed43.png", "img2img.png", "inpainted.png",
+        "job_seed9.png", "training_sample.png",
+    ]  # fmt: skip
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in out.glob("*.png"))
 
 

@@ -1,6 +1,8 @@
 """The job queue on a fake engine: admission, batching rules, cancel, timeouts, restart recovery and failures,
 each in milliseconds and without torch. The fake engine's gates hold a step or a load until the test opens them."""
 
+import base64
+import io
 import threading
 import time
 from collections.abc import Callable
@@ -8,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from fakes import FakeEngine
 from helpers import parse_sse, poll, wait_for
@@ -305,3 +308,63 @@ def test_two_submissions_of_one_body_share_a_fingerprint_but_are_two_jobs_withou
         second, _ = queue.submit(replace(request), synchronous=False)
 
     assert first.fingerprint == second.fingerprint and first.id != second.id
+
+
+def png_base64(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (256, 256), mode: str = "RGB") -> str:
+    """A solid picture as a base64 PNG."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_jobs_batch_by_mode_and_strength_and_carry_their_own_init_images(settings, app_factory, engine, gated, small_request):
+    red, blue = png_base64((200, 30, 30)), png_base64((30, 30, 200))
+    with TestClient(app_factory(settings)) as client:
+        first = post_job(client, small_request)
+        wait_for(client, first, "running")
+        same = [post_job(client, small_request, init_image=image, strength=0.5, num_inference_steps=4) for image in (red, blue)]
+        queued_total = client.get(f"/jobs/{same[0]}").json()["progress"]["total"]
+        other_strength = post_job(client, small_request, init_image=red, strength=1.0, num_inference_steps=4)
+        inpaint = post_job(client, small_request, init_image=red, mask_image=png_base64((255, 0, 0), mode="L"), strength=0.5, num_inference_steps=4)
+        gated.release(1000)
+        jobs = [wait_for(client, job_id) for job_id in [first, *same, other_strength, inpaint]]
+
+    assert engine.batch_sizes() == [1, 2, 1, 1] and all(job["status"] == "succeeded" for job in jobs)
+    key, items = engine.batches[1]
+    assert (key.mode.value, key.strength) == ("img2img", 0.5)
+    assert [Image.open(io.BytesIO(item.source.init_png)).getpixel((0, 0)) for item in items] == [(200, 30, 30), (30, 30, 200)]
+    assert engine.batches[3][0].mode.value == "inpaint" and engine.batches[3][1][0].source.mask_png
+    assert queued_total == jobs[1]["progress"]["total"] == 2  # int(4 x 0.5) steps run
+    assert jobs[1]["result"]["parameters"] | {"mode": "img2img", "strength": 0.5} == jobs[1]["result"]["parameters"]
+
+
+def test_a_long_prompt_does_not_share_a_batch_with_short_ones(settings, app_factory, engine, gated, small_request):
+    with TestClient(app_factory(settings)) as client:
+        first = post_job(client, small_request)
+        wait_for(client, first, "running")
+        jobs = [post_job(client, small_request, prompt=prompt) for prompt in ("short", "word " * 100, "also short")]
+        gated.release(1000)
+        for job_id in jobs:
+            wait_for(client, job_id)
+
+    assert engine.batch_sizes() == [1, 2, 1]
+    assert [key.prompt_chunks for key, _ in engine.batches] == [1, 1, 2]
+
+
+def test_a_restart_runs_a_queued_img2img_job_from_its_stored_init_image(settings, app_factory, engine, gated, small_request):
+    with TestClient(app_factory(settings)) as client:
+        first = post_job(client, small_request)
+        wait_for(client, first, "running")
+        queued = post_job(client, small_request, init_image=png_base64((10, 200, 10)), strength=0.5, num_inference_steps=4)
+        stored_keys = client.app.state.job_queue.store.get(queued).input_keys
+        client.app.state.job_queue.close()  # the queued job stays queued in the database
+        gated.release(1000)
+    assert (settings.output_dir / stored_keys["init"]).is_file()
+    engine.batches.clear()
+    with TestClient(app_factory(settings)) as client:
+        job = wait_for(client, queued)
+        client.delete(f"/jobs/{queued}")
+
+    assert job["status"] == "succeeded"
+    assert Image.open(io.BytesIO(engine.batches[-1][1][0].source.init_png)).getpixel((0, 0)) == (10, 200, 10)
+    assert not (settings.output_dir / stored_keys["init"]).exists()  # deleted with its job

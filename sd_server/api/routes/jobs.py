@@ -11,10 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from schemas import JobCreated, JobList, JobRequest, JobResponse
-from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep
+from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep, StylesDep
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
 from sd_server.api.sse import event_response, follow
+from sd_server.api.submissions import ImageFiles, prepare_generation
 from sd_server.domain.jobs import JobQuery, JobStatus, as_utc
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import (
@@ -36,16 +37,19 @@ async def create_job(
     body: JobRequest,
     queue: QueueDep,
     principal: CurrentUser,
+    styles: StylesDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same job.")] = None,
 ) -> JobCreated:
-    """Queue a generation and answer at once; follow it at `links.self` or `links.events`."""
+    """Queue a generation (text-to-image, img2img or inpainting, as POST /generate takes them) and answer at once;
+    follow it at `links.self` or `links.events`."""
     requested = body.user_id if "user_id" in body.model_fields_set else None
-    generation = body.to_generation(principal.acting_user(requested, DEFAULT_USER))
+    user_id = principal.acting_user(requested, DEFAULT_USER)
+    generation, inputs = await asyncio.to_thread(lambda: prepare_generation(body, user_id, styles, ImageFiles.from_request(body, {})))
     webhook_url = str(body.webhook_url) if body.webhook_url else None
     if webhook_url:
         await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)
-    job, _ = await asyncio.to_thread(queue.submit, generation, False, webhook_url, idempotency_key, request_id_var.get())
+    job, _ = await asyncio.to_thread(queue.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
 

@@ -1,0 +1,87 @@
+"""From a request to a queued generation: who it acts for, its styles applied, its init image and mask decoded and
+sized, its steps checked; then submitted and (for the synchronous routes) waited for."""
+
+import asyncio
+from contextlib import suppress
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+
+from schemas import GenerateRequest
+from sd_server.domain.generation import Generation, ImageInput
+from sd_server.domain.jobs import Job, JobStatus
+from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFieldError, JobFailedError, JobFinishedError
+from sd_server.jobs.queue import JobQueue
+from sd_server.observability.logging import request_id_var
+from sd_server.storage.source_images import decode_base64, prepare_sources
+from sd_server.styles import StyleBook
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """The init image and mask bytes a request carries (base64 fields decoded, or multipart files)."""
+
+    init_image: bytes | None = None
+    mask_image: bytes | None = None
+    invert_mask: bool = False  # A1111's inpainting_mask_invert
+
+    @classmethod
+    def from_request(cls, request: GenerateRequest, uploads: dict[str, bytes]) -> "ImageFiles":
+        """The images of a request: uploaded files by field name, else its base64 fields decoded."""
+        init, mask = (uploads.get(name) or decode_image(name, getattr(request, name)) for name in ("init_image", "mask_image"))
+        return cls(init, mask)
+
+
+def decode_image(field: str, value: str | None) -> bytes | None:
+    """A base64 image field's bytes, None when it is not set."""
+    return decode_base64(field, value) if value else None
+
+
+def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook, files: ImageFiles) -> tuple[Generation, dict[str, bytes]]:
+    """The generation ``request`` asks for on behalf of ``user_id``, and its init image and mask PNGs by name; 422
+    for an unknown style, an image that does not decode, a mask without an init image, or a strength that runs no
+    step. Blocking (decodes images): call it off the event loop."""
+    if files.mask_image is not None and files.init_image is None:
+        raise InvalidFieldError("mask_image needs init_image, the picture to inpaint", field="mask_image")
+    prompt, negative_prompt = styles.apply(request.styles, request.prompt, request.negative_prompt)
+    generation = replace(request.to_generation(user_id), prompt=prompt, negative_prompt=negative_prompt, styles=tuple(request.styles))
+    if files.init_image is None:
+        return generation, {}
+    size = (request.width, request.height) if {"width", "height"} & request.model_fields_set else None
+    sources = prepare_sources(files.init_image, files.mask_image, size, files.invert_mask)
+    image_input = ImageInput(
+        sources.init_sha256,
+        request.strength,
+        sources.mask_sha256,
+        request.mask_blur,
+        request.inpaint_full_res,
+        request.inpaint_full_res_padding,
+    )
+    generation = replace(generation, width=sources.width, height=sources.height, image_input=image_input)
+    if generation.steps_to_run < 1:
+        raise InvalidFieldError(
+            f"int(num_inference_steps x strength) = int({request.num_inference_steps} x {request.strength}) runs no step; "
+            "raise strength or num_inference_steps",
+            field="strength",
+        )
+    inputs = {"init": sources.init_png, **({"mask": sources.mask_png} if sources.mask_png else {})}
+    return generation, inputs
+
+
+async def run_job(generation: Generation, inputs: dict[str, bytes], queue: JobQueue, http_request: Request) -> Job:
+    """Queue ``generation`` as a synchronous job and wait for it; a client that disconnects cancels it."""
+    # The database write runs off the event loop (asyncio.to_thread copies the request-id context along).
+    job, _ = await asyncio.to_thread(queue.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs)
+    while not job.finished.is_set():
+        with suppress(TimeoutError):
+            async with asyncio.timeout(0.25):
+                await job.finished.wait()
+        if not job.finished.is_set() and await http_request.is_disconnected():
+            with suppress(JobFinishedError):
+                await asyncio.to_thread(queue.cancel, job)
+            raise ClientDisconnectedError(f"job {job.id} cancelled: its client left")
+    if job.status is JobStatus.failed:
+        raise JobFailedError(job.error or "the job failed", job.error_status or 500)
+    if job.status is JobStatus.cancelled:
+        raise ConflictError(f"job {job.id} was cancelled (POST /jobs/{job.id}/cancel)")
+    return job

@@ -1,0 +1,85 @@
+"""Prompts as AUTOMATIC1111 encodes them: attention weights (parsed in sd_server.domain.prompt_weights) scale each
+token's embedding, and prompts past CLIP's 77 tokens are encoded in chunks of 75 tokens (the text encoder's
+positions less the start and end tokens) whose embeddings are concatenated. A batch whose prompts are all plain
+and short goes to the pipeline as text, exactly as before."""
+
+import math
+from typing import Any
+
+import torch
+
+from sd_server.domain.prompt_weights import is_plain, parse_attention
+
+
+def weighted_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[float]]:
+    """The token ids of ``text`` without start and end tokens, and each token's weight."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for segment, weight in parse_attention(text):
+        tokens = tokenizer(segment, add_special_tokens=False, truncation=False, verbose=False).input_ids if segment else []
+        ids += tokens
+        weights += [weight] * len(tokens)
+    return ids, weights
+
+
+def chunk_tokens(tokenizer: Any) -> int:
+    """Tokens of a prompt in one chunk: the text encoder's positions (77 for SD1.5) less the start and end tokens."""
+    return tokenizer.model_max_length - 2
+
+
+def count_chunks(tokenizer: Any, text: str) -> int:
+    """How many chunks ``text`` takes (at least one)."""
+    return max(1, math.ceil(len(weighted_tokens(tokenizer, text)[0]) / chunk_tokens(tokenizer)))
+
+
+def prompt_arguments(pipeline: Any, prompts: list[str], negatives: list[str], chunks: int) -> dict[str, Any]:
+    """The pipeline's text arguments: the prompts themselves when all are plain and fit one chunk (exactly today's
+    path), else prompt and negative embeddings of ``chunks`` chunks each (more if a prompt needs them), weighted."""
+    chunks = max(chunks, *(count_chunks(pipeline.tokenizer, text) for text in prompts + negatives))
+    if chunks == 1 and all(is_plain(text) for text in prompts + negatives):
+        return {"prompt": prompts, "negative_prompt": negatives}
+    return {
+        "prompt_embeds": encode_weighted(pipeline, prompts, chunks),
+        "negative_prompt_embeds": encode_weighted(pipeline, negatives, chunks),
+    }
+
+
+@torch.no_grad()
+def encode_weighted(pipeline: Any, texts: list[str], chunks: int) -> torch.Tensor:
+    """Embeddings of ``texts`` (batch, 77 x chunks, width): each chunk encoded as CLIP sees a prompt (start, 75
+    tokens, end, padding), every token scaled by its weight, each text's mean kept as A1111 does."""
+    tokenizer, text_encoder, size = pipeline.tokenizer, pipeline.text_encoder, chunk_tokens(pipeline.tokenizer)
+    tokens = [weighted_tokens(tokenizer, text) for text in texts]
+    pieces = []
+    for index in range(chunks):
+        window = slice(index * size, (index + 1) * size)
+        ids = torch.tensor([chunk_ids(tokenizer, text_ids[window]) for text_ids, _ in tokens], device=text_encoder.device)
+        weights = torch.tensor([[1.0, *chunk_weights(text_weights[window], size), 1.0] for _, text_weights in tokens])
+        # One call for the whole batch per chunk: per-image LoRA hooks on the text encoder see the batch's order.
+        embeddings = text_encoder(ids)[0].to(text_encoder.dtype)
+        pieces.append(apply_weights(embeddings, weights.to(embeddings.device)))
+    return torch.cat(pieces, dim=1)
+
+
+def chunk_ids(tokenizer: Any, ids: list[int]) -> list[int]:
+    """A chunk's ids: start, the tokens, end, padding (as the tokenizer pads a prompt)."""
+    padding = [tokenizer.pad_token_id] * (chunk_tokens(tokenizer) - len(ids))
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *padding]
+
+
+def chunk_weights(weights: list[float], size: int) -> list[float]:
+    """A chunk's ``size`` token weights: the tokens', then 1 for the padding."""
+    return [*weights, *[1.0] * (size - len(weights))]
+
+
+def apply_weights(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's embedding times its weight, each sample rescaled to the mean it had (untouched where every
+    weight is 1, so a plain prompt encodes exactly as the pipeline encodes it)."""
+    weighted = embeddings.clone()
+    for sample in range(embeddings.shape[0]):
+        if torch.all(weights[sample] == 1.0):
+            continue
+        original_mean = embeddings[sample].float().mean()
+        scaled = embeddings[sample].float() * weights[sample, :, None]
+        weighted[sample] = (scaled * (original_mean / scaled.mean())).to(embeddings.dtype)
+    return weighted
