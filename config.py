@@ -102,6 +102,10 @@ class Settings(BaseSettings):
         "memory://", description="Where rate limits count: memory:// (this process), or redis://host:6379 (shared by replicas)."
     )
     max_active_jobs_per_user: int = Field(16, ge=1, description="Queued + running jobs one user may have.")
+    session_secret: str | None = Field(
+        None, description="Signs browser sessions (POST /session); unset: a random one per process (sessions end at a restart)."
+    )
+    session_ttl_s: int = Field(12 * 3600, ge=60, description="How long a browser session lasts.")
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body accepted (413 past it).")
     max_image_body_bytes: int = Field(
         32 * 1024**2, ge=1024, description="Largest body of a request that carries images (img2img, inpainting; 413 past it)."

@@ -2,7 +2,8 @@
 # Start the service, or run its tests, in a virtual environment that this script creates and fills.
 #   ./start.sh          serve the configured model (SD_DEFAULT_MODEL, SD_USER_MODELS, ...)
 #   ./start.sh --demo   serve the bundled demo model (models/demo: a tiny model trained here that draws shapes)
-#   ./start.sh --test   run the test suite; further arguments go to pytest
+#   ./start.sh --test   run the test suite (installing Chromium and newman for the browser and Postman tests
+#                       where it can); further arguments go to pytest
 # Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
 # from this index first, e.g. https://download.pytorch.org/whl/cu128 or .../whl/cpu).
 set -euo pipefail
@@ -24,10 +25,24 @@ install_requirements() {  # $1: a requirements file; skipped when the same files
   touch "$stamp"
 }
 
+install_test_tools() {  # a real browser and Postman's runner for the system tests; without them those tests skip, saying why
+  if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing Debian's chromium and chromium-driver (browser tests) ..."
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 \
+      || echo "could not install chromium: the browser tests will be skipped"
+  fi
+  if [ ! -x .tools/node_modules/.bin/newman ] && command -v npm >/dev/null; then
+    echo "installing newman into .tools (the Postman collection test) ..."
+    npm install --prefix .tools newman@6 --no-audit --no-fund --loglevel=error >/dev/null 2>&1 \
+      || echo "could not install newman: the Postman collection test will be skipped"
+  fi
+}
+
 case "${1:-}" in
   --test)
     shift
     install_requirements requirements-dev.txt
+    install_test_tools
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   --demo)

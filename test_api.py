@@ -36,6 +36,10 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         health = check(client.get("/health")).json()
         print(f"  device={health['device']} dtype={health['dtype']} version={health['version']}")
         check(client.get("/models"))
+        who = check(client.get("/session")).json()
+        print(f"  acting as {who['user_id'] or 'default'} ({who['role']}{', open mode' if who['open'] else ''})")
+        check(client.get("/ui/"))
+        check(client.get("/docs"))
 
         result = check(client.post("/generate", json={**request, "seed": 42, "num_images": 2})).json()
         for image in result["images"]:

@@ -8,10 +8,13 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine as DatabaseEngine
 
 from config import Settings
@@ -54,6 +57,7 @@ from sd_server.persistence.training_store import SqlTrainingStore
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
+from sd_server.security.sessions import SessionSigner
 from sd_server.storage.images import ImageStorage, create_storage
 from sd_server.storage.model_files import clean_staging
 from sd_server.styles import StyleBook
@@ -61,6 +65,7 @@ from sd_server.styles import StyleBook
 logger = logging.getLogger(__name__)
 EngineFactory = Callable[[Settings], Engine]
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+UI_DIR = Path(__file__).resolve().parent / "web"  # the web app at /ui: static files, no build step
 
 
 def diffusers_engine(settings: Settings) -> Engine:
@@ -174,6 +179,7 @@ def create_app(
         app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
         app.state.retention, app.state.authenticator = services.retention, services.authenticator
         app.state.trainings, app.state.styles = services.trainings, services.styles
+        app.state.sessions = SessionSigner(settings.session_secret, settings.session_ttl_s)
         app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
         warn_if_open(settings, services.authenticator)
@@ -181,7 +187,8 @@ def create_app(
         app.state.shutting_down = True
         await stop_services(services, settings)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from packaged assets: they work without network
+        static_url="/docs-assets",
         title="Personalized Stable Diffusion API",
         version=VERSION,
         responses=error_responses(
@@ -195,6 +202,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     for router in ROUTERS:
         app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     return app
 
 

@@ -2,13 +2,16 @@
 saying what they last saw (the suite runs on busy 2-core machines)."""
 
 import base64
+import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,22 @@ def png_bytes(seed: int = 0, size: int = 256) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def main_server(environment: dict[str, str]) -> Iterator[str]:
+    """`python main.py` on a free port of 127.0.0.1 with these SD_ variables, as start.sh runs it; yields its URL
+    once /health answers, and stops it after."""
+    port = free_port()
+    variables = {**os.environ, **environment, "SD_HOST": "127.0.0.1", "SD_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "main.py"], cwd=PROJECT_DIR, env=variables)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=DEADLINE_S)
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = DEADLINE_S) -> None:

@@ -1,6 +1,7 @@
 """FastAPI dependencies: who the request acts as, the service objects created in the lifespan, and the resources
 a route names in its path, loaded once with their owner checked."""
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -15,8 +16,10 @@ from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.trainings import Trainings
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import OPEN_ACCESS, Principal
+from sd_server.security.sessions import CSRF_HEADER, SESSION_COOKIE, Session
 from sd_server.styles import StyleBook
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, as a header of its own")
 basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
@@ -40,7 +43,8 @@ def current_principal(request: Request, key: PresentedKey) -> Principal:
     principal = identify(request, key)
     if principal is None:
         raise UnauthorizedError(
-            "an API key is required: send Authorization: Bearer <key>, X-API-Key: <key>, or HTTP basic auth with the key as password"
+            "an API key is required: send Authorization: Bearer <key>, X-API-Key: <key>, or HTTP basic auth with the key "
+            "as password; browsers sign in with POST /session"
         )
     reading = request.method in ("GET", "HEAD")
     request.app.state.rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
@@ -48,16 +52,34 @@ def current_principal(request: Request, key: PresentedKey) -> Principal:
 
 
 def identify(request: Request, key: str | None) -> Principal | None:
-    """The principal of ``key`` (everyone is the open-access admin when no key is required); None without a
-    key where one is required; 401 for a key that is not valid."""
+    """The principal of ``key``, else of the request's session cookie (everyone is the open-access admin when no
+    key is required); None without either where one is required; 401 for a key that is not valid."""
     authenticator = request.app.state.authenticator
     if not authenticator.required:
         return OPEN_ACCESS
     if not key:
-        return None
+        return session_principal(request)
     principal = authenticator.keys.authenticate(key)
     if principal is None:
         raise UnauthorizedError("invalid API key")
+    return principal
+
+
+def session_of(request: Request) -> Session | None:
+    """The valid, unexpired session of the request's cookie; None without one."""
+    token = request.cookies.get(SESSION_COOKIE)
+    return request.app.state.sessions.verify(token) if token else None
+
+
+def session_principal(request: Request) -> Principal | None:
+    """Who the session cookie acts as (None without a valid one, or once its key is revoked); 403 for a change
+    (POST, PUT, DELETE) that does not send the session's CSRF token, which another site's page cannot know."""
+    session = session_of(request)
+    principal = request.app.state.authenticator.keys.principal(session.key_id) if session else None
+    if principal is None:
+        return None
+    if request.method not in SAFE_METHODS and not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), session.csrf_token):
+        raise ForbiddenError(f"a change signed by the session cookie must send the session's {CSRF_HEADER} header (GET /session answers it)")
     return principal
 
 

@@ -97,6 +97,11 @@ class KeyStore:
             return None
         return Principal(user_id=row.user_id, role=row.role, key_id=row.id)
 
+    def principal(self, key_id: str) -> Principal | None:
+        """The principal of the key with id ``key_id`` (a session's), or None once it is revoked."""
+        row = in_session(self.engine, lambda session: session.get(ApiKeyRow, key_id), "reading keys", self.retry_s)
+        return Principal(user_id=row.user_id, role=row.role, key_id=row.id) if row else None
+
     def _count(self) -> int:
         statement = select(func.count()).select_from(ApiKeyRow)
         return in_session(self.engine, lambda session: session.scalar(statement), "counting keys", self.retry_s)

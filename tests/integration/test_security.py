@@ -96,13 +96,14 @@ def protected_routes(client: TestClient, job: dict, key_id: str, small_request, 
         ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "demo"}}),
         ("GET", "/sdapi/v1/prompt-styles", {"json": None}),
         ("GET", "/sdapi/v1/scripts", {"json": None}),
+        ("GET", "/session", {"json": None}),
     ]
 
 
 def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
     client, headers, created = keys
     routes = protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request, bobs_training(client, headers))
-    open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics")}
+    open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics"), ("POST", "/session"), ("DELETE", "/session")}
 
     schema = client.get("/openapi.json").json()
     templates = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}

@@ -1,37 +1,21 @@
 """The real server in a subprocess, driven by the smoke client; and the Postman collection's coverage."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from helpers import DEADLINE_S, PROJECT_DIR, free_port, wait_until_healthy
+from helpers import DEADLINE_S, PROJECT_DIR, main_server
 from sd_server.app import create_app
 
 
 @pytest.fixture
 def server_process(models_dir, tmp_path):
     """`python main.py` serving the demo model on a free port, as start.sh runs it; yields its URL."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "SD_DEFAULT_MODEL": "demo",
-        "SD_MODELS_DIR": str(models_dir),
-        "SD_OUTPUT_DIR": str(tmp_path / "output"),
-        "SD_HOST": "127.0.0.1",
-        "SD_PORT": str(port),
-    }
-    process = subprocess.Popen([sys.executable, "main.py"], cwd=PROJECT_DIR, env=environment)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process)
+    with main_server({"SD_DEFAULT_MODEL": "demo", "SD_MODELS_DIR": str(models_dir), "SD_OUTPUT_DIR": str(tmp_path / "output")}) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=DEADLINE_S)
 
 
 def test_smoke_client_runs_against_the_real_server_and_writes_pngs(server_process, tmp_path):

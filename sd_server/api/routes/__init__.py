@@ -7,11 +7,12 @@ from sd_server.api.routes.jobs import jobs_router
 from sd_server.api.routes.keys import keys_router
 from sd_server.api.routes.models import models_router
 from sd_server.api.routes.service import service_router
+from sd_server.api.routes.session import session_router
 from sd_server.api.routes.styles import styles_router
 from sd_server.api.routes.trainings import trainings_router
 from sd_server.api.routes.users import users_router
 
 ROUTERS = (
     generation_router, jobs_router, images_router, models_router, users_router, trainings_router, styles_router, keys_router,
-    service_router, a1111_router,
+    session_router, service_router, a1111_router,
 )  # fmt: skip

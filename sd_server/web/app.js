@@ -1,0 +1,402 @@
+// The web app: plain JavaScript on the service's own API. Signing in exchanges an API key for a session cookie
+// (HttpOnly: this script never sees it); requests that change something send the session's CSRF token.
+"use strict";
+
+const state = { me: null, csrf: null, job: null, events: null, historyCursor: null };
+const $ = (id) => document.getElementById(id);
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(options.json);
+  }
+  if (state.csrf && options.method && options.method !== "GET") headers["X-CSRF-Token"] = state.csrf;
+  const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
+  if (response.status === 401 && path !== "/session") {
+    showSignIn();
+    throw new Error("sign in first");
+  }
+  if (!response.ok) throw new Error(await errorText(response));
+  if (response.status === 204) return null;
+  return (response.headers.get("content-type") || "").includes("json") ? response.json() : response;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    if (Array.isArray(body.detail)) return body.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+    return body.detail || response.statusText;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+// --- signing in ---------------------------------------------------------------------------------------------
+
+async function boot() {
+  try {
+    const session = await api("/session");
+    signedIn(session);
+  } catch {
+    showSignIn();
+  }
+}
+
+function showSignIn() {
+  $("signin").hidden = false;
+  $("nav").hidden = true;
+  document.querySelectorAll(".view").forEach((view) => (view.hidden = true));
+  $("api-key").focus();
+}
+
+function signedIn(session) {
+  state.me = session;
+  state.csrf = session.csrf_token;
+  $("signin").hidden = true;
+  $("nav").hidden = false;
+  $("nav-admin").hidden = session.role !== "admin";
+  const name = session.open ? "open mode (no key needed)" : `${session.user_id} (${session.role})`;
+  $("who").innerHTML = "";
+  $("who").append(name);
+  if (!session.open) {
+    const out = document.createElement("button");
+    out.textContent = "Sign out";
+    out.addEventListener("click", async () => {
+      await api("/session", { method: "DELETE" });
+      location.reload();
+    });
+    $("who").append(" ", out);
+  }
+  loadStyles();
+  route();
+}
+
+$("signin-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("signin-error").textContent = "";
+  try {
+    signedIn(await api("/session", { method: "POST", json: { api_key: $("api-key").value } }));
+    $("api-key").value = "";
+  } catch (error) {
+    $("signin-error").textContent = error.message;
+  }
+});
+
+function myUser() {
+  return state.me.user_id || "default";
+}
+
+// --- views ---------------------------------------------------------------------------------------------------
+
+function route() {
+  const name = (location.hash || "#generate").slice(1);
+  document.querySelectorAll(".view").forEach((view) => (view.hidden = view.id !== `view-${name}`));
+  document.querySelectorAll("#nav a").forEach((link) => link.setAttribute("aria-current", link.hash === `#${name}` ? "page" : "false"));
+  if (name === "history") loadHistory(true);
+  if (name === "model") loadModel();
+  if (name === "admin") loadAdmin();
+}
+window.addEventListener("hashchange", () => state.me && route());
+
+// --- generate --------------------------------------------------------------------------------------------------
+
+async function loadStyles() {
+  const select = $("styles");
+  select.innerHTML = "";
+  for (const style of await api("/styles")) select.append(new Option(style.name, style.name));
+}
+
+function requestBody() {
+  const form = $("generate-form");
+  const body = { prompt: form.prompt.value };
+  if (form.negative_prompt.value) body.negative_prompt = form.negative_prompt.value;
+  for (const name of ["width", "height", "num_inference_steps", "num_images"]) body[name] = parseInt(form[name].value, 10);
+  body.guidance_scale = parseFloat(form.guidance_scale.value);
+  if (form.seed.value !== "") body.seed = parseInt(form.seed.value, 10);
+  if (form.scheduler.value) body.scheduler = form.scheduler.value;
+  const styles = [...$("styles").selectedOptions].map((option) => option.value);
+  if (styles.length) body.styles = styles;
+  if (!$("canvas-box").hidden) {
+    body.init_image = $("init-canvas").toDataURL("image/png");
+    body.strength = parseFloat($("strength").value);
+    if (maskPainted) body.mask_image = maskImage();
+  }
+  if (state.me.user_id) body.user_id = state.me.user_id;
+  return body;
+}
+
+$("generate-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("generate-error").textContent = "";
+  $("generate-button").disabled = true;
+  try {
+    const created = await api("/jobs", { method: "POST", json: requestBody() });
+    follow(created.job_id);
+  } catch (error) {
+    $("generate-error").textContent = error.message;
+    $("generate-button").disabled = false;
+  }
+});
+
+function follow(jobId) {
+  state.job = jobId;
+  setProgress(0, "queued");
+  $("progress-box").hidden = false;
+  $("cancel-button").hidden = false;
+  const events = new EventSource(`/jobs/${jobId}/events`, { withCredentials: true });
+  state.events = events;
+  events.addEventListener("progress", (event) => {
+    const data = JSON.parse(event.data);
+    setProgress(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}`);
+  });
+  events.addEventListener("started", () => setProgress(0, "running"));
+  for (const name of TERMINAL) {
+    events.addEventListener(name, (event) => {
+      events.close(); // the stream ends with the job: without this, browsers reconnect every 3 s
+      finished(JSON.parse(event.data));
+    });
+  }
+  events.onerror = () => {
+    if (events.readyState === EventSource.CLOSED) $("generate-button").disabled = false;
+  };
+}
+
+function setProgress(percent, text) {
+  $("progress").value = percent;
+  $("progress").setAttribute("aria-valuenow", String(percent));
+  $("progress-text").textContent = `${percent} % (${text})`;
+}
+
+function finished(job) {
+  $("generate-button").disabled = false;
+  $("cancel-button").hidden = true;
+  if (job.status !== "succeeded") {
+    setProgress(0, job.status);
+    $("generate-error").textContent = job.error || `the job was ${job.status}`;
+    return;
+  }
+  setProgress(100, "done");
+  const results = $("results");
+  results.innerHTML = "";
+  for (const image of job.result.images) results.append(resultCard(job, image));
+}
+
+function resultCard(job, image) {
+  const card = document.createElement("figure");
+  const picture = document.createElement("img");
+  picture.src = image.url;
+  picture.alt = `${job.result.parameters.prompt} (seed ${image.seed})`;
+  picture.className = "result";
+  const caption = document.createElement("figcaption");
+  const download = document.createElement("a");
+  download.href = image.url;
+  download.download = `seed-${image.seed}.png`;
+  download.textContent = "Download";
+  const useSeed = button("Use this seed", () => {
+    $("seed").value = image.seed;
+    $("num_images").value = 1;
+  });
+  const toImg2img = button("Send to img2img", () => loadInit(image.url));
+  const details = document.createElement("details");
+  details.innerHTML = "<summary>Parameters</summary>";
+  const parameters = document.createElement("pre");
+  parameters.textContent = JSON.stringify(job.result.parameters, null, 2);
+  details.append(parameters);
+  caption.append(`seed ${image.seed} `, download, " ", useSeed, " ", toImg2img, details);
+  card.append(picture, caption);
+  return card;
+}
+
+function button(text, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = text;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+$("cancel-button").addEventListener("click", async () => {
+  if (state.job) await api(`/jobs/${state.job}/cancel`, { method: "POST" }).catch(() => {});
+});
+
+// --- init image and mask painting --------------------------------------------------------------------------
+
+let maskPainted = false;
+
+$("strength").addEventListener("input", () => ($("strength-value").textContent = $("strength").value));
+$("init-file").addEventListener("change", () => {
+  const file = $("init-file").files[0];
+  if (file) loadInit(URL.createObjectURL(file));
+});
+$("clear-mask").addEventListener("click", clearMask);
+$("clear-init").addEventListener("click", () => {
+  $("canvas-box").hidden = true;
+  $("init-file").value = "";
+});
+
+function loadInit(url) {
+  const picture = new Image();
+  picture.onload = () => {
+    for (const canvas of [$("init-canvas"), $("mask-canvas")]) {
+      canvas.width = picture.naturalWidth;
+      canvas.height = picture.naturalHeight;
+    }
+    $("init-canvas").getContext("2d").drawImage(picture, 0, 0);
+    clearMask();
+    $("canvas-box").hidden = false;
+    $("width").value = picture.naturalWidth;
+    $("height").value = picture.naturalHeight;
+    location.hash = "#generate";
+  };
+  picture.src = url;
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  maskPainted = false;
+}
+
+function maskImage() {
+  // The painted strokes (semi-transparent on screen) as a black-and-white mask: white repaints.
+  const painted = $("mask-canvas");
+  const mask = document.createElement("canvas");
+  mask.width = painted.width;
+  mask.height = painted.height;
+  const context = mask.getContext("2d");
+  context.fillStyle = "black";
+  context.fillRect(0, 0, mask.width, mask.height);
+  const pixels = painted.getContext("2d").getImageData(0, 0, mask.width, mask.height);
+  const out = context.getImageData(0, 0, mask.width, mask.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    if (pixels.data[i + 3] > 0) out.data[i] = out.data[i + 1] = out.data[i + 2] = 255;
+  }
+  context.putImageData(out, 0, 0);
+  return mask.toDataURL("image/png");
+}
+
+(function enablePainting() {
+  const canvas = $("mask-canvas");
+  let drawing = false;
+  const point = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return [((event.clientX - box.left) * canvas.width) / box.width, ((event.clientY - box.top) * canvas.height) / box.height];
+  };
+  const paint = (event) => {
+    if (!drawing) return;
+    const context = canvas.getContext("2d");
+    const [x, y] = point(event);
+    context.fillStyle = "rgba(255, 64, 64, 0.6)";
+    context.beginPath();
+    context.arc(x, y, parseInt($("brush").value, 10) / 2, 0, 2 * Math.PI);
+    context.fill();
+    maskPainted = true;
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    drawing = true;
+    canvas.setPointerCapture(event.pointerId);
+    paint(event);
+  });
+  canvas.addEventListener("pointermove", paint);
+  canvas.addEventListener("pointerup", () => (drawing = false));
+})();
+
+// --- history -------------------------------------------------------------------------------------------------
+
+async function loadHistory(fromStart) {
+  if (fromStart) {
+    $("history").innerHTML = "";
+    state.historyCursor = null;
+  }
+  const query = new URLSearchParams({ limit: "12" });
+  if (state.historyCursor) query.set("cursor", state.historyCursor);
+  const page = await api(`/jobs?${query}`);
+  for (const job of page.jobs) $("history").append(historyCard(job));
+  state.historyCursor = page.next_cursor;
+  $("history-more").hidden = !page.next_cursor;
+}
+$("history-more").addEventListener("click", () => loadHistory(false));
+
+function historyCard(job) {
+  const card = document.createElement("figure");
+  card.className = "history-item";
+  if (job.result && job.result.image_url) {
+    const thumbnail = document.createElement("img");
+    thumbnail.src = job.result.image_url;
+    thumbnail.alt = job.result.parameters.prompt;
+    thumbnail.loading = "lazy";
+    card.append(thumbnail);
+  }
+  const caption = document.createElement("figcaption");
+  caption.textContent = `${job.status} · ${new Date(job.created_at).toLocaleString()}`;
+  if (job.result) {
+    caption.append(" ", button("Send to img2img", () => loadInit(job.result.image_url)));
+    caption.title = job.result.parameters.prompt;
+  }
+  card.append(caption);
+  return card;
+}
+
+// --- my model, trainings ---------------------------------------------------------------------------------
+
+async function loadModel() {
+  try {
+    const model = await api(`/users/${myUser()}/model`);
+    $("model-info").textContent = JSON.stringify(model, null, 2);
+    $("lora-base").placeholder = model.model.base || model.model.source;
+  } catch (error) {
+    $("model-info").textContent = error.message;
+  }
+  const list = $("trainings");
+  list.innerHTML = "";
+  const trainings = await api("/trainings?limit=20").catch(() => ({ trainings: [] }));
+  for (const training of trainings.trainings) {
+    const item = document.createElement("li");
+    item.textContent = `${training.status}: ${training.progress.step}/${training.progress.total} steps, ${new Date(training.created_at).toLocaleString()}`;
+    list.append(item);
+  }
+}
+
+$("lora-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("lora-error").textContent = "";
+  const form = new FormData();
+  form.append("file", $("lora-file").files[0]);
+  form.append("base", $("lora-base").value || $("lora-base").placeholder);
+  form.append("scale", $("lora-scale").value);
+  try {
+    await api(`/users/${myUser()}/lora`, { method: "POST", body: form });
+    loadModel();
+  } catch (error) {
+    $("lora-error").textContent = error.message;
+  }
+});
+
+// --- admin ---------------------------------------------------------------------------------------------------
+
+async function loadAdmin() {
+  const health = await api("/health");
+  $("admin-health").textContent = JSON.stringify({ status: health.status, queue: health.queue, cache: health.cache }, null, 2);
+  $("admin-models").textContent = JSON.stringify((await api("/models")).user_models, null, 2);
+  const rows = $("keys");
+  rows.innerHTML = "";
+  for (const key of await api("/keys")) {
+    const row = rows.insertRow();
+    for (const value of [key.id.slice(0, 8), key.user_id, key.role, key.prefix]) row.insertCell().textContent = value;
+    row.insertCell().append(button("Revoke", async () => {
+      await api(`/keys/${key.id}`, { method: "DELETE" });
+      loadAdmin();
+    }));
+  }
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const created = await api("/keys", { method: "POST", json: { user_id: $("key-user").value, role: $("key-role").value } });
+  $("key-created").textContent = `New key for ${created.user_id} (shown once): ${created.key}`;
+  loadAdmin();
+});
+
+boot();

@@ -1,0 +1,169 @@
+"""The web app at /ui in a real browser (Debian's Chromium, driven by Selenium): sign in, generate, watch the
+progress bar reach 100 %, see the image, find it in the history after a reload; with keys on, through the session
+cookie. /docs renders offline. Skipped, saying why, where no Chromium and driver can be found. Screenshots go to
+test_output/browser/ (CI keeps test_output/)."""
+
+import shutil
+
+import httpx
+import pytest
+
+from config import Settings
+from helpers import DEADLINE_S, PROJECT_DIR
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+SCREENSHOTS = PROJECT_DIR / "test_output" / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+ADMIN_KEY = "admin-key-for-the-browser-tests-012345"
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium at a phone-and-a-half width; skipped when Chromium or its driver is missing."""
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("no Chromium and chromedriver here: start.sh --test installs Debian's chromium and chromium-driver where apt-get works")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,1400"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    driver.set_page_load_timeout(DEADLINE_S)
+    yield driver
+    driver.quit()
+
+
+def screenshot(driver, name: str) -> None:
+    """Keep what the browser showed."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def wait(driver, condition, what: str):
+    """Wait for ``condition`` with the suite's generous deadline; fail naming what was awaited and the page's errors."""
+    try:
+        return WebDriverWait(driver, DEADLINE_S, poll_frequency=0.2).until(condition)
+    except Exception:
+        errors = [element.text for element in driver.find_elements(By.CSS_SELECTOR, ".error") if element.text]
+        screenshot(driver, f"failed-{what.replace(' ', '-')}")
+        pytest.fail(f"{what}: not seen within {DEADLINE_S} s; errors on the page: {errors}")
+
+
+def image_loaded(driver, selector: str):
+    """A condition: an image matching ``selector`` has loaded pixels."""
+    return lambda _: driver.execute_script(
+        f"return [...document.querySelectorAll('{selector}')].some(image => image.complete && image.naturalWidth > 0)"
+    )
+
+
+def generate_and_see(driver, url: str, name: str) -> None:
+    """Fill the form, generate, watch progress reach 100 %, see the image; then find it in the history after a reload."""
+    wait(driver, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+    driver.find_element(By.ID, "prompt").send_keys("a photo of sks person")
+    for field, value in (("steps", "3"), ("width", "256"), ("height", "256"), ("seed", "7")):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    driver.find_element(By.ID, "generate-button").click()
+    wait(driver, lambda _: driver.find_element(By.ID, "progress").get_attribute("value") == "100", "the progress bar at 100 %")
+    wait(driver, image_loaded(driver, "img.result"), "the generated image")
+    screenshot(driver, f"{name}-generated")
+    assert "seed 7" in driver.find_element(By.CSS_SELECTOR, "#results figcaption").text
+
+    driver.get(f"{url}/ui/#history")
+    driver.refresh()
+    wait(driver, image_loaded(driver, ".history-item img"), "the image in the history after a reload")
+    screenshot(driver, f"{name}-history")
+
+
+def test_in_open_mode_the_web_app_generates_shows_progress_keeps_the_image_in_its_history_and_shows_model_and_admin(browser, live_server):
+    browser.get(f"{live_server}/ui/")
+
+    generate_and_see(browser, live_server, "open")
+
+    assert "open mode" in browser.find_element(By.ID, "who").text
+    browser.find_element(By.LINK_TEXT, "My model").click()
+    wait(browser, lambda driver: '"source": "demo"' in driver.find_element(By.ID, "model-info").text, "the user's model")
+    browser.find_element(By.LINK_TEXT, "Admin").click()
+    wait(browser, lambda driver: '"queue"' in driver.find_element(By.ID, "admin-health").text, "the queue and cache")
+    screenshot(browser, "open-admin")
+
+
+def test_with_keys_on_a_user_signs_in_with_a_key_and_the_session_carries_events_and_images(browser, settings: Settings, live_server_factory):
+    settings.admin_key = ADMIN_KEY
+    url = live_server_factory(settings)
+    key = httpx.post(f"{url}/keys", json={"user_id": "alice"}, headers={"X-API-Key": ADMIN_KEY}).json()["key"]
+    browser.get(f"{url}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "api-key")), "the sign-in form")
+    browser.find_element(By.ID, "api-key").send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#signin-form button").click()
+
+    generate_and_see(browser, url, "signed-in")
+
+    assert browser.find_element(By.ID, "who").text.startswith("alice (user)")
+    assert browser.get_cookie("sd_session")["httpOnly"] is True
+    assert not browser.find_element(By.ID, "nav-admin").is_displayed()
+
+
+def test_the_api_docs_render_without_network(browser, live_server):
+    browser.get(f"{live_server}/docs")
+    wait(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".opblock"), "Swagger UI's operations")
+    browser.get(f"{live_server}/redoc")
+    wait(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, "[data-section-id]"), "ReDoc's sections")
+    screenshot(browser, "redoc")
+
+
+def test_swagger_ui_shows_the_picture_generate_image_answers(browser, live_server):
+    browser.get(f"{live_server}/docs#/generation/generate_image_generate_image_post")
+    operation = wait(browser, lambda driver: driver.find_element(By.ID, "operations-generation-generate_image_generate_image_post"), "the operation")
+    if not operation.find_elements(By.CSS_SELECTOR, ".try-out__btn"):
+        operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait(browser, lambda _: operation.find_element(By.CSS_SELECTOR, ".try-out__btn"), "Try it out").click()
+    body = wait(browser, lambda _: operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text"), "the body editor")
+    body.clear()
+    body.send_keys('{"prompt": "a photo of sks person", "num_inference_steps": 2, "width": 256, "height": 256, "seed": 1}')
+    operation.find_element(By.CSS_SELECTOR, "button.execute").click()
+
+    wait(browser, image_loaded(browser, ".live-responses-table img"), "the picture in Swagger UI's response")
+    screenshot(browser, "swagger-generate-image")
+
+
+def test_a_result_sent_to_img2img_and_painted_on_is_inpainted(browser, live_server):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    browser.get(f"{live_server}/ui/")
+    generate_and_see(browser, live_server, "before-inpainting")
+    browser.get(f"{live_server}/ui/#history")
+    wait(browser, image_loaded(browser, ".history-item img"), "the history")
+    browser.find_element(By.XPATH, "//*[@id='history']//button[text()='Send to img2img']").click()
+    mask = wait(browser, expected_conditions.visibility_of_element_located((By.ID, "mask-canvas")), "the mask canvas")
+    ActionChains(browser).move_to_element_with_offset(mask, -20, -20).click_and_hold().move_by_offset(40, 40).release().perform()
+    browser.find_element(By.ID, "prompt").send_keys("a photo of sks person")  # the reload emptied the form
+    steps = browser.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("3")
+    browser.find_element(By.ID, "generate-button").click()
+
+    wait(browser, lambda driver: '"mode": "inpaint"' in driver.execute_script("return document.querySelector('#results pre')?.textContent || ''"), "an inpainted result")
+    wait(browser, image_loaded(browser, "img.result"), "the inpainted image")
+    screenshot(browser, "inpainted")
+
+
+def test_the_web_app_fits_a_phone_screen_and_every_control_is_reachable_by_keyboard(browser, live_server):
+    browser.set_window_size(390, 844)
+    browser.get(f"{live_server}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    focusable = browser.execute_script(
+        "return [...document.querySelectorAll('#view-generate input, #view-generate select, #view-generate textarea, #view-generate button')]"
+        ".filter(e => e.offsetParent !== null).every(e => e.tabIndex >= 0)"
+    )
+    screenshot(browser, "phone")
+
+    assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen"
+    assert focusable
