@@ -374,6 +374,65 @@ $("lora-form").addEventListener("submit", async (event) => {
   }
 });
 
+$("training-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("training-error").textContent = "";
+  const form = new FormData();
+  for (const photo of $("training-photos").files) form.append("images", photo);
+  form.append("trigger", $("training-trigger").value);
+  form.append("class_word", $("training-class").value);
+  form.append("steps", $("training-steps").value);
+  form.append("resolution", $("training-resolution").value);
+  $("training-button").disabled = true;
+  try {
+    const created = await api(`/users/${myUser()}/trainings`, { method: "POST", body: form });
+    followTraining(created.training_id);
+  } catch (error) {
+    $("training-error").textContent = error.message;
+    $("training-button").disabled = false;
+  }
+});
+
+function followTraining(trainingId) {
+  $("training-box").hidden = false;
+  $("training-samples").innerHTML = "";
+  const show = (percent, text) => {
+    $("training-progress").value = percent;
+    $("training-status").textContent = text;
+  };
+  show(0, "queued");
+  const events = new EventSource(`/trainings/${trainingId}/events`, { withCredentials: true });
+  events.addEventListener("preparing", () => show(0, "preparing the photos"));
+  events.addEventListener("progress", (event) => {
+    const data = JSON.parse(event.data);
+    const eta = data.eta_s == null ? "" : `, about ${Math.ceil(data.eta_s)} s left`;
+    show(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}${eta}`);
+  });
+  for (const name of TERMINAL) {
+    events.addEventListener(name, (event) => {
+      events.close();
+      const training = JSON.parse(event.data);
+      $("training-button").disabled = false;
+      if (name !== "succeeded") {
+        show(0, training.status);
+        $("training-error").textContent = training.error || `the training was ${training.status}`;
+        return;
+      }
+      show(100, `done: your model is now ${training.model.source}`);
+      for (const url of training.samples) {
+        const sample = document.createElement("img");
+        sample.src = url;
+        sample.alt = "a sample drawn with the trained model";
+        sample.className = "sample";
+        const card = document.createElement("figure");
+        card.append(sample);
+        $("training-samples").append(card);
+      }
+      loadModel();
+    });
+  }
+}
+
 // --- admin ---------------------------------------------------------------------------------------------------
 
 async function loadAdmin() {

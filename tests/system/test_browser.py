@@ -167,3 +167,27 @@ def test_the_web_app_fits_a_phone_screen_and_every_control_is_reachable_by_keybo
 
     assert overflow <= 0, f"the page is {overflow} px wider than a 390 px screen"
     assert focusable
+
+
+def test_a_user_trains_their_model_from_photos_in_the_web_app_and_sees_its_samples(browser, live_server, tmp_path):
+    from PIL import Image
+
+    photos = []
+    for index in range(3):
+        path = tmp_path / f"photo-{index}.png"
+        Image.new("RGB", (256, 256), (40 * index, 120, 200)).save(path)
+        photos.append(str(path))
+    browser.get(f"{live_server}/ui/#model")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "training-photos")), "the training form")
+
+    browser.find_element(By.ID, "training-photos").send_keys("\n".join(photos))
+    for field, value in (("training-steps", "2"), ("training-resolution", "64")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.ID, "training-button").click()
+
+    wait(browser, lambda driver: driver.find_element(By.ID, "training-progress").get_attribute("value") == "100", "the training done")
+    wait(browser, image_loaded(browser, "img.sample"), "a sample of the trained model")
+    wait(browser, lambda driver: '"kind": "lora"' in driver.find_element(By.ID, "model-info").text, "the trained LoRA as the user's model")
+    screenshot(browser, "trained")
