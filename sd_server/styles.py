@@ -31,21 +31,22 @@ class StyleBook:
 
     def all(self) -> list[Style]:
         """Every preset, by name."""
-        file_styles = self._read_file()
-        with self._lock:
-            merged = {**file_styles, **self._api_styles}
-        return [merged[name] for name in sorted(merged, key=str.casefold)]
+        styles = self._by_name()
+        return [styles[name] for name in sorted(styles, key=str.casefold)]
 
     def get(self, name: str) -> Style:
         """The preset ``name``; NotFoundError when there is none."""
-        style = next((style for style in self.all() if style.name == name), None)
+        style = self._by_name().get(name)
         if style is None:
             raise NotFoundError(f"no style '{name}'; GET /styles lists them")
         return style
 
     def apply(self, names: list[str], prompt: str, negative_prompt: str | None) -> tuple[str, str | None]:
-        """The effective prompts with the presets ``names`` applied in order; 422 naming an unknown one."""
-        styles = {style.name: style for style in self.all()}
+        """The effective prompts with the presets ``names`` applied in order (the prompts as they are without any);
+        422 naming an unknown one."""
+        if not names:
+            return prompt, negative_prompt
+        styles = self._by_name()
         unknown = [name for name in names if name not in styles]
         if unknown:
             raise InvalidFieldError(f"unknown style(s) {', '.join(unknown)}; GET /styles lists them", field="styles")
@@ -75,6 +76,12 @@ class StyleBook:
         in_session(self.engine, lambda session: session.execute(delete(StyleRow).where(StyleRow.name == name)), f"deleting style {name}", self.retry_s, write=True)
         with self._lock:
             self._api_styles.pop(name, None)
+
+    def _by_name(self) -> dict[str, Style]:
+        """Every preset by name: the file's, with the API's over them."""
+        file_styles = self._read_file()
+        with self._lock:
+            return {**file_styles, **self._api_styles}
 
     def _read_file(self) -> dict[str, Style]:
         """The file's presets, read again when its modification time changed; a file that cannot be read is logged

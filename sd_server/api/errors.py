@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas import ErrorResponse
@@ -40,6 +41,15 @@ def error_response(error: ServiceError) -> Response:
         detail = [{"type": "value_error", "loc": list(error.location), "msg": error.message, "input": None}]
         return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
     return JSONResponse({"detail": error.message}, status_code=error.status_code, headers=error.headers)
+
+
+def body_validation_error(error: ValidationError, names: dict[str, str] | None = None) -> RequestValidationError:
+    """A body a route validated itself, refused as FastAPI refuses the bodies it validates: each field under
+    ``body``, renamed by ``names`` (our field -> the name the client sent)."""
+    names = names or {}
+    return RequestValidationError(
+        [{**detail, "loc": ("body", *(names.get(str(part), part) for part in detail["loc"]))} for detail in error.errors(include_url=False)]
+    )
 
 
 async def handle_service_error(request: Request, error: ServiceError) -> Response:

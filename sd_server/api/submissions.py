@@ -10,9 +10,11 @@ from fastapi import Request
 from schemas import GenerateRequest
 from sd_server.domain.generation import Generation, ImageInput
 from sd_server.domain.jobs import Job, JobStatus
+from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFieldError, JobFailedError, JobFinishedError
 from sd_server.jobs.queue import JobQueue
 from sd_server.observability.logging import request_id_var
+from sd_server.security.keys import Principal
 from sd_server.storage.source_images import decode_base64, prepare_sources
 from sd_server.styles import StyleBook
 
@@ -66,6 +68,16 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
         )
     inputs = {"init": sources.init_png, **({"mask": sources.mask_png} if sources.mask_png else {})}
     return generation, inputs
+
+
+async def submission(
+    request: GenerateRequest, principal: Principal, styles: StyleBook, uploads: dict[str, bytes] | None = None
+) -> tuple[Generation, dict[str, bytes]]:
+    """The generation a request to /generate, /generate/image or /jobs asks for, on behalf of whom it acts for, and
+    its image inputs (``uploads``: multipart files by field), prepared off the event loop (images decode)."""
+    requested = request.user_id if "user_id" in request.model_fields_set else None
+    user_id = principal.acting_user(requested, DEFAULT_USER)
+    return await asyncio.to_thread(lambda: prepare_generation(request, user_id, styles, ImageFiles.from_request(request, uploads or {})))
 
 
 async def run_job(generation: Generation, inputs: dict[str, bytes], queue: JobQueue, http_request: Request) -> Job:

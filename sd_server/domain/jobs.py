@@ -100,7 +100,9 @@ class Job:
     def input_keys(self) -> dict[str, str]:
         """The storage keys of its init image and mask (img2img and inpainting), by name."""
         image_input = self.request.image_input
-        names = ([] if image_input is None else ["init"]) + (["mask"] if image_input and image_input.mask_sha256 else [])
+        if image_input is None:
+            return {}
+        names = ["init", "mask"] if image_input.mask_sha256 else ["init"]
         return {name: f"{self.id}-{name}.png" for name in names}
 
     def take_pngs(self) -> list[bytes]:

@@ -16,6 +16,7 @@ from sd_server.engine.cache import CachedCheckpoint
 from sd_server.engine.interface import BatchKey, ImageSource
 
 INPAINTING_UNET_CHANNELS = 9  # latents, mask and masked-image latents
+OVERLAY = VaeImageProcessor()  # its apply_overlay and get_crop_region need no configuration
 
 
 @dataclass
@@ -33,7 +34,7 @@ class PreparedImage:
         """The generated picture pasted into its crop and laid under the kept pixels (inpainting); else itself."""
         if self.overlay_mask is None or self.original is None:
             return generated
-        return VaeImageProcessor().apply_overlay(self.overlay_mask, self.original, generated, self.crop)
+        return OVERLAY.apply_overlay(self.overlay_mask, self.original, generated, self.crop)
 
 
 def is_inpainting_model(checkpoint: CachedCheckpoint) -> bool:
@@ -63,18 +64,15 @@ def image_arguments(checkpoint: CachedCheckpoint, key: BatchKey, sources: list[I
     """The pipeline's image arguments for a batch with one source per image (None in txt2img), and each image's
     preparation (for ``finish``)."""
     size = {"width": key.width, "height": key.height}
-    if is_inpainting_model(checkpoint):
-        prepared = [prepare_for_inpainting_model(source, key.width, key.height) for source in sources]
-        strength = key.strength if key.mode is not Mode.txt2img else 1.0
-    elif key.mode is Mode.txt2img:
+    inpainting_model = is_inpainting_model(checkpoint)
+    if key.mode is Mode.txt2img and not inpainting_model:
         return size, [None] * len(sources)
-    else:
-        prepared = [prepare(source, key.width, key.height) for source in sources if source is not None]
-        strength = key.strength
-    arguments: dict[str, Any] = {"image": [item.image for item in prepared], "strength": strength}
-    if key.mode is Mode.img2img and not is_inpainting_model(checkpoint):
-        return arguments, list(prepared)  # img2img takes its size from the images
-    return {**arguments, **size, "mask_image": [item.mask for item in prepared]}, list(prepared)
+    preparation = prepare_for_inpainting_model if inpainting_model else prepare
+    prepared: list[PreparedImage | None] = [preparation(source, key.width, key.height) for source in sources]
+    arguments: dict[str, Any] = {"image": [item.image for item in prepared], "strength": key.strength}
+    if key.mode is Mode.img2img and not inpainting_model:
+        return arguments, prepared  # img2img takes its size from the images
+    return {**arguments, **size, "mask_image": [item.mask for item in prepared]}, prepared
 
 
 def prepare(source: ImageSource, width: int, height: int) -> PreparedImage:
@@ -88,7 +86,7 @@ def prepare(source: ImageSource, width: int, height: int) -> PreparedImage:
         mask = mask.filter(ImageFilter.GaussianBlur(source.mask_blur))
     if not source.full_res:
         return PreparedImage(init, mask, init, mask)
-    crop = VaeImageProcessor.get_crop_region(mask, width, height, pad=source.full_res_padding)
+    crop = OVERLAY.get_crop_region(mask, width, height, pad=source.full_res_padding)
     scaled = lambda image: image.crop(crop).resize((width, height), Image.Resampling.LANCZOS)  # noqa: E731
     return PreparedImage(scaled(init), scaled(mask), init, mask, crop)
 

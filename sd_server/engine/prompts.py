@@ -29,27 +29,33 @@ def chunk_tokens(tokenizer: Any) -> int:
 
 def count_chunks(tokenizer: Any, text: str) -> int:
     """How many chunks ``text`` takes (at least one)."""
-    return max(1, math.ceil(len(weighted_tokens(tokenizer, text)[0]) / chunk_tokens(tokenizer)))
+    return chunks_of(tokenizer, weighted_tokens(tokenizer, text)[0])
+
+
+def chunks_of(tokenizer: Any, ids: list[int]) -> int:
+    """How many chunks the token ``ids`` of a prompt take (at least one)."""
+    return max(1, math.ceil(len(ids) / chunk_tokens(tokenizer)))
 
 
 def prompt_arguments(pipeline: Any, prompts: list[str], negatives: list[str], chunks: int) -> dict[str, Any]:
     """The pipeline's text arguments: the prompts themselves when all are plain and fit one chunk (exactly today's
     path), else prompt and negative embeddings of ``chunks`` chunks each (more if a prompt needs them), weighted."""
-    chunks = max(chunks, *(count_chunks(pipeline.tokenizer, text) for text in prompts + negatives))
+    tokenizer = pipeline.tokenizer
+    prompt_tokens, negative_tokens = ([weighted_tokens(tokenizer, text) for text in texts] for texts in (prompts, negatives))
+    chunks = max(chunks, *(chunks_of(tokenizer, ids) for ids, _ in prompt_tokens + negative_tokens))
     if chunks == 1 and all(is_plain(text) for text in prompts + negatives):
         return {"prompt": prompts, "negative_prompt": negatives}
     return {
-        "prompt_embeds": encode_weighted(pipeline, prompts, chunks),
-        "negative_prompt_embeds": encode_weighted(pipeline, negatives, chunks),
+        "prompt_embeds": encode_tokens(pipeline, prompt_tokens, chunks),
+        "negative_prompt_embeds": encode_tokens(pipeline, negative_tokens, chunks),
     }
 
 
 @torch.no_grad()
-def encode_weighted(pipeline: Any, texts: list[str], chunks: int) -> torch.Tensor:
-    """Embeddings of ``texts`` (batch, 77 x chunks, width): each chunk encoded as CLIP sees a prompt (start, 75
-    tokens, end, padding), every token scaled by its weight, each text's mean kept as A1111 does."""
+def encode_tokens(pipeline: Any, tokens: list[tuple[list[int], list[float]]], chunks: int) -> torch.Tensor:
+    """Embeddings of prompts given as (token ids, weights): each chunk encoded as CLIP sees a prompt (start, 75
+    tokens, end, padding), every token scaled by its weight, each prompt's mean kept as A1111 does."""
     tokenizer, text_encoder, size = pipeline.tokenizer, pipeline.text_encoder, chunk_tokens(pipeline.tokenizer)
-    tokens = [weighted_tokens(tokenizer, text) for text in texts]
     pieces = []
     for index in range(chunks):
         window = slice(index * size, (index + 1) * size)

@@ -85,7 +85,7 @@ class JobQueue:
             admission.check_repeat(job, existing, idempotency_key or "")
             return existing, False
         job.inputs = dict(inputs or {})
-        job.prompt_chunks = self.engine.prompt_chunks(model.base, [request.prompt, request.negative_prompt or ""])
+        job.prompt_chunks = self._prompt_chunks(job)
         with self._condition:
             active = sum(1 for other in self._queue + self._running + self._admitting if other.user_id == request.user_id)
             queued = len(self._queue) + len(self._admitting)
@@ -400,7 +400,11 @@ class JobQueue:
         except ServiceError as error:
             logger.error("job %s: %s", job.id, error.message)
             job.inputs = {}
-        job.prompt_chunks = self.engine.prompt_chunks(job.model.base, [job.request.prompt, job.request.negative_prompt or ""])
+        job.prompt_chunks = self._prompt_chunks(job)
+
+    def _prompt_chunks(self, job: Job) -> int:
+        """How many chunks the job's longer prompt takes with its base's tokenizer (jobs batch by it)."""
+        return self.engine.prompt_chunks(job.model.base, [job.request.prompt, job.request.negative_prompt or ""])
 
     def _retry_after_s(self) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""

@@ -37,11 +37,15 @@ class SourceImages:
         return hashlib.sha256(self.mask_png).hexdigest() if self.mask_png else None
 
 
+def base64_payload(value: str) -> str:
+    """The base64 of an image sent bare or as a ``data:image/...;base64,`` URL."""
+    return value.split(",", 1)[1] if value.startswith("data:") else value
+
+
 def decode_base64(field: str, value: str) -> bytes:
-    """The bytes of a base64 image, bare or as a ``data:image/...;base64,`` URL; 422 at ``field`` when it is not."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    """The bytes of a base64 image, bare or as a ``data:`` URL; 422 at ``field`` when it is not base64."""
     try:
-        return base64.b64decode(payload, validate=True)
+        return base64.b64decode(base64_payload(value), validate=True)
     except (binascii.Error, ValueError) as error:
         raise InvalidPhotoError(f"{field}: not base64 (send the PNG or JPEG base64-encoded, or as a data: URL)", field=field) from error
 

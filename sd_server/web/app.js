@@ -2,7 +2,7 @@
 // (HttpOnly: this script never sees it); requests that change something send the session's CSRF token.
 "use strict";
 
-const state = { me: null, csrf: null, job: null, events: null, historyCursor: null };
+const state = { me: null, csrf: null, job: null, historyCursor: null };
 const $ = (id) => document.getElementById(id);
 const TERMINAL = ["succeeded", "failed", "cancelled"];
 
@@ -140,24 +140,35 @@ $("generate-form").addEventListener("submit", async (event) => {
   }
 });
 
+function followEvents(url, handlers, ended) {
+  // An event stream with a handler per event name; the terminal event closes it (the stream ends with its subject:
+  // without close(), browsers reconnect every 3 s) and goes to ended(name, data).
+  const events = new EventSource(url, { withCredentials: true });
+  for (const [name, handle] of Object.entries(handlers)) {
+    events.addEventListener(name, (event) => handle(JSON.parse(event.data)));
+  }
+  for (const name of TERMINAL) {
+    events.addEventListener(name, (event) => {
+      events.close();
+      ended(name, JSON.parse(event.data));
+    });
+  }
+  return events;
+}
+
 function follow(jobId) {
   state.job = jobId;
   setProgress(0, "queued");
   $("progress-box").hidden = false;
   $("cancel-button").hidden = false;
-  const events = new EventSource(`/jobs/${jobId}/events`, { withCredentials: true });
-  state.events = events;
-  events.addEventListener("progress", (event) => {
-    const data = JSON.parse(event.data);
-    setProgress(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}`);
-  });
-  events.addEventListener("started", () => setProgress(0, "running"));
-  for (const name of TERMINAL) {
-    events.addEventListener(name, (event) => {
-      events.close(); // the stream ends with the job: without this, browsers reconnect every 3 s
-      finished(JSON.parse(event.data));
-    });
-  }
+  const events = followEvents(
+    `/jobs/${jobId}/events`,
+    {
+      progress: (data) => setProgress(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}`),
+      started: () => setProgress(0, "running"),
+    },
+    (name, job) => finished(job),
+  );
   events.onerror = () => {
     if (events.readyState === EventSource.CLOSED) $("generate-button").disabled = false;
   };
@@ -401,36 +412,36 @@ function followTraining(trainingId) {
     $("training-status").textContent = text;
   };
   show(0, "queued");
-  const events = new EventSource(`/trainings/${trainingId}/events`, { withCredentials: true });
-  events.addEventListener("preparing", () => show(0, "preparing the photos"));
-  events.addEventListener("progress", (event) => {
-    const data = JSON.parse(event.data);
-    const eta = data.eta_s == null ? "" : `, about ${Math.ceil(data.eta_s)} s left`;
-    show(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}${eta}`);
-  });
-  for (const name of TERMINAL) {
-    events.addEventListener(name, (event) => {
-      events.close();
-      const training = JSON.parse(event.data);
-      $("training-button").disabled = false;
-      if (name !== "succeeded") {
-        show(0, training.status);
-        $("training-error").textContent = training.error || `the training was ${training.status}`;
-        return;
-      }
-      show(100, `done: your model is now ${training.model.source}`);
-      for (const url of training.samples) {
-        const sample = document.createElement("img");
-        sample.src = url;
-        sample.alt = "a sample drawn with the trained model";
-        sample.className = "sample";
-        const card = document.createElement("figure");
-        card.append(sample);
-        $("training-samples").append(card);
-      }
-      loadModel();
-    });
-  }
+  const trainingEnded = (name, training) => {
+    $("training-button").disabled = false;
+    if (name !== "succeeded") {
+      show(0, training.status);
+      $("training-error").textContent = training.error || `the training was ${training.status}`;
+      return;
+    }
+    show(100, `done: your model is now ${training.model.source}`);
+    for (const url of training.samples) {
+      const sample = document.createElement("img");
+      sample.src = url;
+      sample.alt = "a sample drawn with the trained model";
+      sample.className = "sample";
+      const card = document.createElement("figure");
+      card.append(sample);
+      $("training-samples").append(card);
+    }
+    loadModel();
+  };
+  followEvents(
+    `/trainings/${trainingId}/events`,
+    {
+      preparing: () => show(0, "preparing the photos"),
+      progress: (data) => {
+        const eta = data.eta_s == null ? "" : `, about ${Math.ceil(data.eta_s)} s left`;
+        show(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}${eta}`);
+      },
+    },
+    trainingEnded,
+  );
 }
 
 // --- admin ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from helpers import pixels, wait_for
 from sd_server.app import create_app
-from sd_server.engine.prompts import encode_weighted
+from sd_server.engine.prompts import encode_tokens, weighted_tokens
 
 FAST = {"num_inference_steps": 4, "width": 256, "height": 256, "seed": 3, "scheduler": "euler"}
 
@@ -191,7 +191,7 @@ def test_a_plain_prompt_encodes_exactly_as_the_pipeline_encodes_it(client):
     pipeline = client.app.state.engine.cache.get("demo").pipeline
     prompts = ["a photo of sks person", "a red circle"]
 
-    ours = encode_weighted(pipeline, prompts, 1)
+    ours = encode_tokens(pipeline, [weighted_tokens(pipeline.tokenizer, prompt) for prompt in prompts], 1)
     theirs, _ = pipeline.encode_prompt(prompts, torch.device("cpu"), 1, False)
 
     assert torch.equal(ours, theirs)

@@ -12,6 +12,8 @@ from config import Settings
 from helpers import DEADLINE_S, PROJECT_DIR
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+from PIL import Image  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -60,14 +62,18 @@ def image_loaded(driver, selector: str):
     )
 
 
-def generate_and_see(driver, url: str, name: str) -> None:
-    """Fill the form, generate, watch progress reach 100 %, see the image; then find it in the history after a reload."""
-    wait(driver, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
-    driver.find_element(By.ID, "prompt").send_keys("a photo of sks person")
-    for field, value in (("steps", "3"), ("width", "256"), ("height", "256"), ("seed", "7")):
+def fill(driver, values: dict[str, str]) -> None:
+    """Type each value into the field of that id, replacing what it held."""
+    for field, value in values.items():
         element = driver.find_element(By.ID, field)
         element.clear()
         element.send_keys(value)
+
+
+def generate_and_see(driver, url: str, name: str) -> None:
+    """Fill the form, generate, watch progress reach 100 %, see the image; then find it in the history after a reload."""
+    wait(driver, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+    fill(driver, {"prompt": "a photo of sks person", "steps": "3", "width": "256", "height": "256", "seed": "7"})
     driver.find_element(By.ID, "generate-button").click()
     wait(driver, lambda _: driver.find_element(By.ID, "progress").get_attribute("value") == "100", "the progress bar at 100 %")
     wait(driver, image_loaded(driver, "img.result"), "the generated image")
@@ -133,8 +139,6 @@ def test_swagger_ui_shows_the_picture_generate_image_answers(browser, live_serve
 
 
 def test_a_result_sent_to_img2img_and_painted_on_is_inpainted(browser, live_server):
-    from selenium.webdriver.common.action_chains import ActionChains
-
     browser.get(f"{live_server}/ui/")
     generate_and_see(browser, live_server, "before-inpainting")
     browser.get(f"{live_server}/ui/#history")
@@ -142,10 +146,7 @@ def test_a_result_sent_to_img2img_and_painted_on_is_inpainted(browser, live_serv
     browser.find_element(By.XPATH, "//*[@id='history']//button[text()='Send to img2img']").click()
     mask = wait(browser, expected_conditions.visibility_of_element_located((By.ID, "mask-canvas")), "the mask canvas")
     ActionChains(browser).move_to_element_with_offset(mask, -20, -20).click_and_hold().move_by_offset(40, 40).release().perform()
-    browser.find_element(By.ID, "prompt").send_keys("a photo of sks person")  # the reload emptied the form
-    steps = browser.find_element(By.ID, "steps")
-    steps.clear()
-    steps.send_keys("3")
+    fill(browser, {"prompt": "a photo of sks person", "steps": "3"})  # the reload emptied the form
     browser.find_element(By.ID, "generate-button").click()
 
     wait(browser, lambda driver: '"mode": "inpaint"' in driver.execute_script("return document.querySelector('#results pre')?.textContent || ''"), "an inpainted result")
@@ -170,8 +171,6 @@ def test_the_web_app_fits_a_phone_screen_and_every_control_is_reachable_by_keybo
 
 
 def test_a_user_trains_their_model_from_photos_in_the_web_app_and_sees_its_samples(browser, live_server, tmp_path):
-    from PIL import Image
-
     photos = []
     for index in range(3):
         path = tmp_path / f"photo-{index}.png"
@@ -181,10 +180,7 @@ def test_a_user_trains_their_model_from_photos_in_the_web_app_and_sees_its_sampl
     wait(browser, expected_conditions.visibility_of_element_located((By.ID, "training-photos")), "the training form")
 
     browser.find_element(By.ID, "training-photos").send_keys("\n".join(photos))
-    for field, value in (("training-steps", "2"), ("training-resolution", "64")):
-        element = browser.find_element(By.ID, field)
-        element.clear()
-        element.send_keys(value)
+    fill(browser, {"training-steps": "2", "training-resolution": "64"})
     browser.find_element(By.ID, "training-button").click()
 
     wait(browser, lambda driver: driver.find_element(By.ID, "training-progress").get_attribute("value") == "100", "the training done")

@@ -10,7 +10,6 @@ from contextlib import suppress
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from schemas import (
@@ -25,7 +24,7 @@ from schemas import (
     GenerateRequest,
 )
 from sd_server.api.dependencies import CurrentUser, QueueDep, RegistryDep, StylesDep
-from sd_server.api.errors import error_responses
+from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
 from sd_server.api.submissions import ImageFiles, decode_image, prepare_generation, run_job
 from sd_server.domain.generation import A1111_SAMPLERS, SchedulerName, sampler_label
@@ -35,6 +34,7 @@ from sd_server.errors import InvalidFieldError, JobFinishedError, UnknownUserErr
 from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.workers import png_parameters
 from sd_server.security.keys import Principal
+from sd_server.storage.source_images import base64_payload
 from sd_server.styles import StyleBook
 
 a1111_router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -90,9 +90,7 @@ def generate_request(body: A1111Txt2ImgRequest) -> GenerateRequest:
     try:
         request = GenerateRequest.model_validate(fields)
     except ValidationError as error:
-        raise RequestValidationError(
-            [{**detail, "loc": ("body", *(A1111_FIELDS.get(str(part), part) for part in detail["loc"]))} for detail in error.errors(include_url=False)]
-        ) from error
+        raise body_validation_error(error, A1111_FIELDS) from error
     return request.model_copy(update={"prompt": body.prompt})
 
 
@@ -161,7 +159,7 @@ async def img2img(body: A1111Img2ImgRequest, queue: QueueDep, principal: Current
         lambda: ImageFiles(decode_image("init_images", body.init_images[0]), decode_image("mask", body.mask), bool(body.inpainting_mask_invert))
     )
     job = await generate(body, files, principal, queue, styles, http_request)
-    return images_response(job, body, [body.init_images[0].split(",", 1)[-1]] if body.include_init_images else [])
+    return images_response(job, body, [base64_payload(body.init_images[0])] if body.include_init_images else [])
 
 
 @a1111_router.get("/progress")

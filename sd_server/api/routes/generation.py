@@ -2,7 +2,6 @@
 text-to-image, img2img (init_image) and inpainting (init_image and mask_image) requests; /generate/image also takes
 the images as multipart files."""
 
-import asyncio
 import re
 from typing import Any
 
@@ -13,11 +12,10 @@ from starlette.datastructures import UploadFile
 
 from schemas import GenerateRequest, GenerateResponse
 from sd_server.api.dependencies import CurrentUser, QueueDep, StylesDep
-from sd_server.api.errors import error_responses
+from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import generate_response
-from sd_server.api.submissions import ImageFiles, prepare_generation, run_job
+from sd_server.api.submissions import run_job, submission
 from sd_server.domain.jobs import Job
-from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import (
     ConflictError,
     DeviceOutOfMemoryError,
@@ -50,12 +48,8 @@ async def generate_for(
     http_request: Request,
     uploads: dict[str, bytes] | None = None,
 ) -> Job:
-    """Prepare the generation ``request`` asks for (off the event loop: images decode), run it, wait for it."""
-    requested = request.user_id if "user_id" in request.model_fields_set else None
-    user_id = principal.acting_user(requested, DEFAULT_USER)
-    generation, inputs = await asyncio.to_thread(
-        lambda: prepare_generation(request, user_id, styles, ImageFiles.from_request(request, uploads or {}))
-    )
+    """Prepare the generation ``request`` asks for, run it, wait for it."""
+    generation, inputs = await submission(request, principal, styles, uploads)
     return await run_job(generation, inputs, queue, http_request)
 
 
@@ -115,6 +109,4 @@ async def image_request(http_request: Request) -> tuple[GenerateRequest, dict[st
         uploads = {name: data for name, data in files.items() if data}
         return GenerateRequest.model_validate({**fields, **{name: "(file)" for name in uploads}}), uploads
     except ValidationError as error:
-        raise RequestValidationError(
-            [{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors(include_url=False)]
-        ) from error
+        raise body_validation_error(error) from error

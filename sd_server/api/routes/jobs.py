@@ -15,9 +15,8 @@ from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep, StylesDep
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
 from sd_server.api.sse import event_response, follow
-from sd_server.api.submissions import ImageFiles, prepare_generation
+from sd_server.api.submissions import submission
 from sd_server.domain.jobs import JobQuery, JobStatus, as_utc
-from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import (
     ConflictError,
     ForbiddenError,
@@ -43,9 +42,7 @@ async def create_job(
 ) -> JobCreated:
     """Queue a generation (text-to-image, img2img or inpainting, as POST /generate takes them) and answer at once;
     follow it at `links.self` or `links.events`."""
-    requested = body.user_id if "user_id" in body.model_fields_set else None
-    user_id = principal.acting_user(requested, DEFAULT_USER)
-    generation, inputs = await asyncio.to_thread(lambda: prepare_generation(body, user_id, styles, ImageFiles.from_request(body, {})))
+    generation, inputs = await submission(body, principal, styles)
     webhook_url = str(body.webhook_url) if body.webhook_url else None
     if webhook_url:
         await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)

@@ -15,12 +15,13 @@ from sd_server.security.sessions import SESSION_COOKIE, Session
 session_router = APIRouter(prefix="/session", tags=["session"])
 
 
-def session_response(principal: Principal, session: Session | None, open_access: bool) -> SessionResponse:
-    """Who the session acts as, and the CSRF token its changes must send."""
+def session_response(principal: Principal, session: Session | None) -> SessionResponse:
+    """Who the session acts as (open mode: the open-access principal, which no key stands behind), and the CSRF token
+    its changes must send."""
     return SessionResponse(
         user_id=principal.user_id,
         role=principal.role,
-        open=open_access,
+        open=principal.key_id is None,
         csrf_token=session.csrf_token if session else None,
         expires_at=session.expires_at if session else None,
     )
@@ -31,20 +32,20 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
     """Exchange an API key for a session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS; lasts
     SD_SESSION_TTL_S). Send `csrf_token` as the X-CSRF-Token header with every POST, PUT and DELETE the cookie signs.
     In open mode (no key needed) nothing is set."""
-    principal = await asyncio.to_thread(identify, request, body.api_key)
-    if principal is None or principal.key_id is None:
-        return session_response(principal or Principal(None, "admin"), None, open_access=True)
+    principal = await asyncio.to_thread(identify, request, body.api_key)  # a key is given: a principal, or 401
+    if principal.key_id is None:
+        return session_response(principal, None)
     sessions = request.app.state.sessions
     token, session = sessions.issue(principal.key_id)
     secure = request.url.scheme == "https"
     response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite="strict", secure=secure, path="/")
-    return session_response(principal, session, open_access=False)
+    return session_response(principal, session)
 
 
 @session_router.get("", responses=error_responses(UnauthorizedError))
 async def read_session(principal: CurrentUser, request: Request) -> SessionResponse:
     """Who this browser (or key) acts as; with a session cookie, also its CSRF token (a reloaded page reads it here)."""
-    return session_response(principal, session_of(request), open_access=principal.key_id is None)
+    return session_response(principal, session_of(request))
 
 
 @session_router.delete("", status_code=204)
