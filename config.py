@@ -127,6 +127,28 @@ class Settings(BaseSettings):
     training_checkpoint_every: int = Field(50, ge=1, description="A training writes a checkpoint every this many steps.")
     training_min_photo_side: int = Field(256, ge=64, description="Shortest side a training photo may have (422 below it).")
     shutdown_timeout_s: float = Field(60, gt=0, description="How long shutdown waits for the running batch.")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: one device in this process; ray: batches run on Ray Serve replicas (pip install -r requirements-ray.txt)."
+    )
+    ray_address: str | None = Field(
+        None, description="SD_ENGINE=ray: the Ray cluster to join (auto, or host:6379); unset: start a local Ray on this machine."
+    )
+    ray_deploy: bool = Field(
+        True, description="SD_ENGINE=ray: deploy the engine replicas; false: use the ones a KubeRay RayService deployed."
+    )
+    ray_replicas: int = Field(1, ge=1, description="SD_ENGINE=ray: replicas, each owning a device, its model cache and batching.")
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per replica; unset: 1 when the Ray cluster has GPUs, else 0 (CPU replicas)."
+    )
+    ray_num_cpus: float = Field(1, ge=0, description="CPUs per replica (its torch threads on a CPU replica).")
+    ray_models_per_replica: int = Field(
+        2, ge=1, description="Base checkpoints one replica holds; past it Serve unloads its least recently used."
+    )
+    ray_autoscaling: dict | None = Field(
+        None,
+        description='Serve\'s autoscaling_config as JSON, e.g. {"min_replicas": 1, "max_replicas": 8, '
+        '"target_ongoing_requests": 1}; replaces SD_RAY_REPLICAS.',
+    )
     host: str = "0.0.0.0"
     port: int = 8000
 

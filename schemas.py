@@ -170,13 +170,37 @@ class AdapterStats(BaseModel):
     load_seconds: float
 
 
+class ReplicaPlacement(BaseModel):
+    """One Ray Serve replica (SD_ENGINE=ray): its process and what ran on it."""
+
+    pid: int
+    alive: bool = Field(..., description="False once its process died under a batch (Serve starts another).")
+    running: int = Field(..., description="Batches on it now.")
+    batches: int
+    jobs: int
+    jobs_loading: int = Field(..., description="Jobs whose batch had to load its base on this replica first.")
+    jobs_by_model: dict[str, int] = Field(..., description="Base checkpoint -> jobs run on it here.")
+
+
+class RayPlacement(BaseModel):
+    """Where jobs ran under SD_ENGINE=ray, and how often their model was already there."""
+
+    replicas: dict[str, ReplicaPlacement]
+    jobs: int
+    jobs_without_load: float | None = Field(..., description="Fraction of jobs whose replica already held their base.")
+    batches_mixing_bases: int = Field(..., description="Batches a replica received with another base than it was routed by (always 0).")
+    reruns: int = Field(..., description="Batches run again because their replica died.")
+
+
 class CacheStats(BaseModel):
-    """The model cache, per tier, plus components shared between checkpoints."""
+    """The model cache, per tier, plus components shared between checkpoints; the replicas' caches summed under
+    SD_ENGINE=ray, with where jobs ran."""
 
     device: TierStats
     cpu: TierStats
     adapters: AdapterStats
     shared_components: int = Field(..., description="Components (VAE, text encoder, ...) that several checkpoints use.")
+    ray: RayPlacement | None = Field(None, description="SD_ENGINE=ray only.")
 
 
 class QueueStats(BaseModel):

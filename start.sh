@@ -2,6 +2,8 @@
 # Start the service, or run its tests, in a virtual environment that this script creates and fills.
 #   ./start.sh          serve the configured model (SD_DEFAULT_MODEL, SD_USER_MODELS, ...)
 #   ./start.sh --demo   serve the bundled demo model (models/demo: a tiny model trained here that draws shapes)
+#   ./start.sh --ray    batches run on Ray Serve replicas (SD_ENGINE=ray; installs requirements-ray.txt on first use);
+#                       with --demo, on the demo model. SD_RAY_ADDRESS joins a running cluster, else a local Ray starts
 #   ./start.sh --test   run the test suite (installing Chromium and newman for the browser and Postman tests
 #                       where it can); further arguments go to pytest
 # Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
@@ -45,21 +47,31 @@ case "${1:-}" in
     install_test_tools
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
-  --demo)
+  ""|--demo|--ray)
+    demo=false ray=false
+    for argument in "$@"; do
+      case "$argument" in
+        --demo) demo=true ;;
+        --ray) ray=true ;;
+        *) echo "usage: ./start.sh [--demo] [--ray] | --test [pytest arguments]" >&2 && exit 2 ;;
+      esac
+    done
     install_requirements requirements.txt
-    models_dir=${SD_MODELS_DIR:-models}
-    if [ ! -f "$models_dir/demo/model_index.json" ]; then  # SD_MODELS_DIR elsewhere: bring the demo model along
-      mkdir -p "$models_dir" && cp -r models/demo "$models_dir/demo"
+    if $ray; then
+      install_requirements requirements-ray.txt
+      export SD_ENGINE=ray
     fi
-    export SD_DEFAULT_MODEL=demo
-    exec "$VENV/bin/python" main.py
-    ;;
-  "")
-    install_requirements requirements.txt
+    if $demo; then
+      models_dir=${SD_MODELS_DIR:-models}
+      if [ ! -f "$models_dir/demo/model_index.json" ]; then  # SD_MODELS_DIR elsewhere: bring the demo model along
+        mkdir -p "$models_dir" && cp -r models/demo "$models_dir/demo"
+      fi
+      export SD_DEFAULT_MODEL=demo
+    fi
     exec "$VENV/bin/python" main.py
     ;;
   *)
-    echo "usage: ./start.sh [--demo | --test [pytest arguments]]" >&2
+    echo "usage: ./start.sh [--demo] [--ray] | --test [pytest arguments]" >&2
     exit 2
     ;;
 esac

@@ -1,11 +1,15 @@
 """Serving benchmark: N requests from C concurrent clients against the real server, batching on and off.
 
 Prints images/s, latency p50/p95/p99, /health p99 under the load and the mean batch size for each mode,
-and the raw pipeline loop without HTTP as the ceiling. Examples:
+and the raw pipeline loop without HTTP as the ceiling. With ``--engine local,ray`` it also serves the same load
+with SD_ENGINE=ray (Ray Serve replicas on a local Ray; pip install -r requirements-ray.txt), for each replica
+layout of ``--ray-layouts``, beside the local engine: images/s and their ratio to local, latency, and the time from
+starting the server to its first image. Examples:
 
     .venv/bin/python benchmarks/bench_serving.py                       # demo model, CPU-sized defaults
     .venv/bin/python benchmarks/bench_serving.py --sd15 --size 512 --steps 30 --requests 64 --concurrency 16
     .venv/bin/python benchmarks/bench_serving.py --model models/my-dreambooth --json figures.json
+    .venv/bin/python benchmarks/bench_serving.py --engine local,ray --ray-layouts 1x2,2x1   # the cost of the Ray hop
 """
 
 import argparse
@@ -100,8 +104,10 @@ async def run_load(url: str, arguments: argparse.Namespace, body: Callable[[int]
     ``warm_ups`` requests one by one (they load the models); returns the figures of this run."""
     body = body or (lambda index: request_body(index, arguments))
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+        first_started = time.perf_counter()
         for index in range(arguments.requests, arguments.requests + warm_ups):
             (await client.post("/generate/image", json=body(index))).raise_for_status()
+        first_image_at = time.perf_counter()
         before = (await client.get("/health")).json()
         indexes = iter(range(arguments.requests))
         latencies: list[float] = []
@@ -137,19 +143,55 @@ async def run_load(url: str, arguments: argparse.Namespace, body: Callable[[int]
         "latency_p99_s": round(percentile(latencies, 99), 3),
         "health_p99_s": round(percentile(health_latencies, 99), 4),
         "mean_batch_size": round(images / batches, 2) if batches else 0.0,
+        "first_request_s": round(first_image_at - first_started, 3),
+        "first_image_at": first_image_at,
         "device": after["device"],
     }
 
 
-def serve_and_measure(model: str, max_batch_size: int, arguments: argparse.Namespace) -> dict:
-    """One mode: start the server on a fresh data folder, load it, stop it."""
+def serve_and_measure(model: str, max_batch_size: int, arguments: argparse.Namespace, extra: dict[str, str] | None = None) -> dict:
+    """One mode: start the server on a fresh data folder (with the ``extra`` variables), load it, stop it; the
+    figures, with the seconds from starting the process to its first image."""
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as data_dir:
-        process, url = start_server(model, max_batch_size, arguments, Path(data_dir))
+        started = time.perf_counter()
+        process, url = start_server(model, max_batch_size, arguments, Path(data_dir), extra)
         try:
-            return asyncio.run(run_load(url, arguments))
+            figures = asyncio.run(run_load(url, arguments))
         finally:
             process.terminate()
             process.wait(timeout=60)
+    figures["start_to_first_image_s"] = round(figures.pop("first_image_at") - started, 2)
+    return figures
+
+
+def ray_layouts(text: str) -> list[tuple[int, float]]:
+    """``1x2,2x1`` as [(replicas, CPUs per replica), ...]."""
+    return [(int(replicas), float(cpus)) for replicas, cpus in (layout.split("x") for layout in text.split(","))]
+
+
+def compare_engines(model: str, max_batch_size: int, arguments: argparse.Namespace, local: dict) -> list[dict]:
+    """The batching load on the local engine (``local``, measured already) and on Ray with each layout: one row
+    each, images/s relative to local."""
+    rows = [{"engine": "local", "layout": "1 process", **local}]
+    for replicas, cpus in ray_layouts(arguments.ray_layouts):
+        extra = {"SD_ENGINE": "ray", "SD_RAY_REPLICAS": str(replicas), "SD_RAY_NUM_CPUS": str(cpus), "SD_RAY_ADDRESS": ""}
+        figures = serve_and_measure(model, max_batch_size, arguments, extra)
+        rows.append({"engine": "ray", "layout": f"{replicas} replica(s) x {cpus:g} CPU", **figures})
+    for row in rows:
+        row["vs_local"] = round(row["images_per_s"] / local["images_per_s"], 3)
+    return rows
+
+
+def print_engines(rows: list[dict]) -> None:
+    """The engines side by side, as a Markdown table."""
+    print("\n| engine | layout | images/s | vs local | p50 s | p95 s | health p99 ms | mean batch | first request s | start to first image s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['engine']} | {row['layout']} | {row['images_per_s']:.3f} | {row['vs_local']:.2f} | {row['latency_p50_s']:.3f} "
+            f"| {row['latency_p95_s']:.3f} | {row['health_p99_s'] * 1000:.1f} | {row['mean_batch_size']:.2f} | {row['first_request_s']:.2f} "
+            f"| {row['start_to_first_image_s']:.2f} |"
+        )
 
 
 def raw_images_per_s(model: str, batch_size: int, arguments: argparse.Namespace) -> float:
@@ -212,6 +254,8 @@ def main() -> None:
     add_load_arguments(parser)
     parser.add_argument("--max-batch-size", type=int, default=None, help="for the batching mode; default: the server's")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--engine", default="local", help="local, or local,ray: the batching load on Ray Serve too")
+    parser.add_argument("--ray-layouts", default="1x2,2x1", help="Ray replicas x CPUs per replica, comma-separated")
     arguments = parser.parse_args()
 
     model = resolve_model(arguments)
@@ -224,6 +268,9 @@ def main() -> None:
     figures["device"] = figures["batching"].pop("device")
     figures["no_batching"].pop("device")
     print_table(figures)
+    if "ray" in arguments.engine.split(","):
+        figures["engines"] = compare_engines(model, max_batch_size, arguments, figures["batching"])
+        print_engines(figures["engines"])
     if arguments.json:
         arguments.json.write_text(json.dumps(figures, indent=2) + "\n")
 

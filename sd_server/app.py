@@ -75,6 +75,19 @@ def diffusers_engine(settings: Settings) -> Engine:
     return DiffusersEngine(settings)
 
 
+def configured_engine(settings: Settings) -> Engine:
+    """The engine SD_ENGINE names: the in-process diffusers engine, or Ray Serve replicas (the optional extra)."""
+    if settings.engine == "local":
+        return diffusers_engine(settings)
+    try:
+        from sd_server.engine.ray_engine import RayEngine
+    except ImportError as error:
+        raise ServiceUnavailableError(
+            "SD_ENGINE=ray needs Ray Serve: pip install -r requirements-ray.txt (./start.sh --ray installs it)"
+        ) from error
+    return RayEngine(settings)
+
+
 def stop_this_process() -> None:
     """Ask this process to shut down gracefully (SIGTERM), for its supervisor to start a fresh one."""
     logger.critical("the device is lost; stopping the process so that its supervisor restarts it")
@@ -100,7 +113,7 @@ class Services:
 
 async def start_services(settings: Settings, engine_factory: EngineFactory, on_device_lost: Callable[[], None]) -> Services:
     """Build every service, clean up what a crash left behind, recover the last run's jobs, start the workers."""
-    engine = engine_factory(settings)
+    engine = engine_factory(settings)  # on the main thread: Ray's start-up sets signal handlers (see ray_engine)
     await asyncio.to_thread(migrate, settings.effective_database_url)
     database = create_database_engine(settings.effective_database_url, settings.database_lock_timeout_s)
     registry = await asyncio.to_thread(ModelRegistry, settings, database)
@@ -137,7 +150,7 @@ async def stop_services(services: Services, settings: Settings) -> None:
     if await services.workers.stop(settings.shutdown_timeout_s):
         await asyncio.to_thread(services.trainings.suspend)
     await services.webhooks.close()
-    await asyncio.to_thread(services.engine.unload)
+    await asyncio.to_thread(services.engine.close)
     services.database.dispose()
 
 
@@ -164,7 +177,7 @@ def warn_if_open(settings: Settings, authenticator: Authenticator) -> None:
 
 def create_app(
     settings: Settings | None = None,
-    engine_factory: EngineFactory = diffusers_engine,
+    engine_factory: EngineFactory = configured_engine,
     on_device_lost: Callable[[], None] = stop_this_process,
 ) -> FastAPI:
     """The application; its lifespan creates the engine with ``engine_factory`` from ``settings``, and calls

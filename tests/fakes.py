@@ -28,6 +28,7 @@ class FakeEngine:
 
     device = "cpu"
     default_max_batch_size = 4
+    parallel_batches = 1
 
     def __init__(self) -> None:
         self.loaded: set[str] = set()
@@ -97,6 +98,9 @@ class FakeEngine:
         dropped = [name for name in self.loaded_models() if source in (None, name)]
         self.loaded -= set(dropped)
         return dropped
+
+    def close(self) -> None:
+        self.unload()
 
     def unload_adapter(self, model: LoraModel) -> bool:
         return False

@@ -1,7 +1,6 @@
 """The in-process engine: Stable Diffusion pipelines from diffusers, cached in two tiers, with LoRA adapters; the
 job queue's device and loader threads call it."""
 
-import threading
 from collections.abc import Callable, Set
 from pathlib import Path
 
@@ -17,13 +16,12 @@ from sd_server.engine import devices, image_modes
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
-from sd_server.engine.lora_training import LoraTrainer
+from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
-from sd_server.engine.prompts import count_chunks, prompt_arguments
+from sd_server.engine.prompts import PromptCounter, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
-from sd_server.storage.model_files import checkpoint_location
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
@@ -37,6 +35,8 @@ class DiffusersEngine:
     """Keeps checkpoints in a two-tier cache budgeted in bytes (device, then host RAM), loads identical components
     once, puts LoRA adapters on resident bases, and runs batches."""
 
+    parallel_batches = 1  # one device, one batch at a time
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = devices.choose_device(settings.device, torch.cuda.is_available(), torch.backends.mps.is_available())
@@ -44,8 +44,7 @@ class DiffusersEngine:
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
         self.cache = CheckpointCache(settings, self.device, self.dtype)
         self.adapters = AdapterCache(settings, self.cache)
-        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
-        self._tokenizers_lock = threading.Lock()
+        self.prompt_counter = PromptCounter(settings.models_dir)
 
     # --- queries, from any thread --------------------------------------------------------------------
 
@@ -59,11 +58,8 @@ class DiffusersEngine:
         return self.cache.is_ready(model.base)
 
     def prompt_chunks(self, base: str, texts: list[str]) -> int:
-        """How many 75-token chunks the longest of ``texts`` takes with ``base``'s tokenizer (1 when the tokenizer
-        cannot be read: the model's load reports why, and the batch pads to what its prompts need)."""
-        with self._tokenizers_lock:  # a tokenizer is not safe to share between threads
-            tokenizer = self._tokenizer(base)
-            return max((count_chunks(tokenizer, text) for text in texts if text), default=1) if tokenizer else 1
+        """How many 75-token chunks the longest of ``texts`` takes with ``base``'s tokenizer."""
+        return self.prompt_counter.chunks(base, texts)
 
     def needs_loading(self, model: UserModel) -> bool:
         """True when the loader has work for ``model``: its checkpoint is not ready, or its LoRA file could be read
@@ -106,6 +102,10 @@ class DiffusersEngine:
             self.adapters.forget_staged()
             return self.cache.unload(source)
 
+    def close(self) -> None:
+        """Drop every cached checkpoint and free their memory."""
+        self.unload()
+
     def unload_adapter(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""
         return self.adapters.unload(model)
@@ -139,11 +139,7 @@ class DiffusersEngine:
     def start_training(self, base: str, photos: list[Path], settings: TrainingSettings) -> LoraTrainer:
         """A LoRA training on ``base``'s own copy of the components (the cached pipelines, which other users' batches
         run on, are never touched), its photos encoded."""
-        location = checkpoint_location(self.settings.models_dir, base)
-        try:
-            return LoraTrainer(location, photos, settings, self.device, loading=self.cache.residency)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"could not load base '{base}' for training", detail=first_line(error)) from error
+        return start_training(self.settings.models_dir, base, photos, settings, self.device, loading=self.cache.residency)
 
     def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
         """PNG-encode each image with its text as the ``parameters`` chunk."""
@@ -161,16 +157,6 @@ class DiffusersEngine:
             if not self.prepare(CheckpointModel(source=base)):
                 break
         raise ModelLoadError(f"no room on the device for model '{base}' while others run; raise SD_CACHE_DEVICE_GB")
-
-    def _tokenizer(self, base: str) -> transformers.PreTrainedTokenizerBase | None:
-        """``base``'s tokenizer, read from its folder (or hub snapshot) once: small, no weights."""
-        if base not in self._tokenizers:
-            try:
-                location = checkpoint_location(self.settings.models_dir, base)
-                self._tokenizers[base] = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
-            except (OSError, ValueError):
-                return None
-        return self._tokenizers[base]
 
     def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
         """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""

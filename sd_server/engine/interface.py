@@ -103,6 +103,7 @@ class Engine(Protocol):
 
     device: str
     default_max_batch_size: int
+    parallel_batches: int  # batches that may run at once: one per device thread of the queue
 
     def is_ready(self, model: UserModel) -> bool:
         """True when a batch for ``model`` can start now."""
@@ -145,6 +146,10 @@ class Engine(Protocol):
 
     def unload(self, source: str | None = None) -> list[str]:
         """Drop one checkpoint (or all) from memory; returns those dropped."""
+        ...
+
+    def close(self) -> None:
+        """At shutdown, after the last batch: give back what the engine holds."""
         ...
 
     def unload_adapter(self, model: LoraModel) -> bool:

@@ -19,7 +19,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.errors import TrainingFailedError
+from sd_server.errors import ModelLoadError, TrainingFailedError, first_line
+from sd_server.storage.model_files import checkpoint_location
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MAX_GRAD_NORM = 1.0
@@ -181,3 +182,15 @@ class LoraTrainer:
         finally:
             self.vae.to("cpu")
             self.text_encoder.to("cpu")
+
+
+def start_training(
+    models_dir: Path, base: str, photos: list[Path], settings: TrainingSettings, device: str, loading: AbstractContextManager = nullcontext()
+) -> LoraTrainer:
+    """A training of a LoRA on ``base`` (a hub id, or a folder under ``models_dir``) from the prepared ``photos``;
+    ModelLoadError when the base cannot be read."""
+    location = checkpoint_location(models_dir, base)
+    try:
+        return LoraTrainer(location, photos, settings, device, loading=loading)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load base '{base}' for training", detail=first_line(error)) from error

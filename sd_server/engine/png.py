@@ -1,6 +1,8 @@
 """PNG encoding with AUTOMATIC1111-style generation parameters, so image tools read them back."""
 
 import io
+import struct
+import zlib
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -30,10 +32,25 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, parameters: str) -> bytes:
-    """The image as PNG bytes, with ``parameters`` in a PNG text chunk of that name."""
+PNG_HEADER_BYTES = 8 + 25  # the signature, then the IHDR chunk (length, type, 13 bytes of data, CRC)
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The image as PNG bytes, with ``parameters`` (when given) in a PNG text chunk of that name."""
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def with_parameters(png: bytes, parameters: str) -> bytes:
+    """An encoded PNG with ``parameters`` added as a text chunk right after its header, without re-encoding the
+    pixels (as Pillow writes it: tEXt when the text is Latin-1, else uncompressed iTXt)."""
+    try:
+        chunk_type, data = b"tEXt", b"parameters\0" + parameters.encode("latin-1")
+    except UnicodeEncodeError:
+        chunk_type, data = b"iTXt", b"parameters\0\0\0\0\0" + parameters.encode("utf-8")
+    chunk = struct.pack(">I", len(data)) + chunk_type + data + struct.pack(">I", zlib.crc32(chunk_type + data))
+    return png[:PNG_HEADER_BYTES] + chunk + png[PNG_HEADER_BYTES:]

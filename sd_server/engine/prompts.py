@@ -4,11 +4,15 @@ positions less the start and end tokens) whose embeddings are concatenated. A ba
 and short goes to the pipeline as text, exactly as before."""
 
 import math
+import threading
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from sd_server.domain.prompt_weights import is_plain, parse_attention
+from sd_server.storage.model_files import checkpoint_location
 
 
 def weighted_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[float]]:
@@ -35,6 +39,33 @@ def count_chunks(tokenizer: Any, text: str) -> int:
 def chunks_of(tokenizer: Any, ids: list[int]) -> int:
     """How many chunks the token ``ids`` of a prompt take (at least one)."""
     return max(1, math.ceil(len(ids) / chunk_tokens(tokenizer)))
+
+
+class PromptCounter:
+    """Counts the 75-token chunks of prompts with each base's tokenizer, read from its folder (or hub snapshot) once:
+    small, no weights."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._tokenizers: dict[str, Any] = {}
+        self._lock = threading.Lock()  # a tokenizer is not safe to share between threads
+
+    def chunks(self, base: str, texts: list[str]) -> int:
+        """How many chunks the longest of ``texts`` takes with ``base``'s tokenizer (1 when the tokenizer cannot be
+        read: the model's load reports why, and the batch pads to what its prompts need)."""
+        with self._lock:
+            tokenizer = self.tokenizer(base)
+            return max((count_chunks(tokenizer, text) for text in texts if text), default=1) if tokenizer else 1
+
+    def tokenizer(self, base: str) -> Any:
+        """``base``'s tokenizer (read once), or None when it cannot be read; not thread-safe (``chunks`` locks)."""
+        if base not in self._tokenizers:
+            try:
+                location = checkpoint_location(self.models_dir, base)
+                self._tokenizers[base] = transformers.CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+            except (OSError, ValueError):
+                return None
+        return self._tokenizers[base]
 
 
 def prompt_arguments(pipeline: Any, prompts: list[str], negatives: list[str], chunks: int) -> dict[str, Any]:

@@ -34,10 +34,16 @@ class Workers:
     def __init__(self, queue: JobQueue, engine: Engine, trainings: Trainings, on_device_lost: Callable[[], None]) -> None:
         self.queue, self.engine, self.liveness = queue, engine, queue.liveness
         self.encoder = Encoder(queue, engine)
-        device = DeviceWorker(queue, engine, self.encoder, trainings, on_device_lost)
-        self.device = threading.Thread(target=device.run, name="sd-device", daemon=True)
+        self.devices = [  # several when the engine runs batches elsewhere (Ray replicas); only the first trains
+            threading.Thread(
+                target=DeviceWorker(queue, engine, self.encoder, trainings if index == 0 else None, on_device_lost).run,
+                name=f"sd-device-{index}" if index else "sd-device",
+                daemon=True,
+            )
+            for index in range(engine.parallel_batches)
+        ]
         self.loader = threading.Thread(target=Loader(queue, engine).run, name="sd-loader", daemon=True)
-        self.liveness.register("device", alive=self._alive(self.device), critical=True)
+        self.liveness.register("device", alive=lambda: all(self._alive(thread)() for thread in self.devices), critical=True)
         self.liveness.register("loader", alive=self._alive(self.loader))
         self.liveness.register("encoder")
         self.liveness.register("trainer")
@@ -48,14 +54,17 @@ class Workers:
 
     def start(self) -> None:
         """Start the threads."""
-        self.device.start()
+        for thread in self.devices:
+            thread.start()
         self.loader.start()
 
     async def stop(self, timeout_s: float) -> bool:
         """After ``queue.close()``: let the running batch (or training slice) finish, up to ``timeout_s``, and its
         images be stored; a batch cut off by the timeout runs again after the restart. True when the device stopped."""
-        await asyncio.to_thread(self.device.join, timeout_s)
-        if self.device.is_alive():
+        deadline = time.monotonic() + timeout_s
+        for thread in self.devices:
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self.devices):
             logger.warning("the running batch did not finish within SD_SHUTDOWN_TIMEOUT_S; it runs again after restart")
             return False
         await asyncio.to_thread(self.encoder.shutdown)
@@ -123,7 +132,7 @@ class DeviceWorker:
     batches, runs a slice of the training in progress."""
 
     def __init__(
-        self, queue: JobQueue, engine: Engine, encoder: "Encoder", trainings: Trainings, on_device_lost: Callable[[], None]
+        self, queue: JobQueue, engine: Engine, encoder: "Encoder", trainings: Trainings | None, on_device_lost: Callable[[], None]
     ) -> None:
         self.queue, self.engine, self.encoder, self.on_device_lost = queue, engine, encoder, on_device_lost
         self.trainings, self.liveness = trainings, queue.liveness
@@ -134,11 +143,11 @@ class DeviceWorker:
 
     def run_next(self) -> bool:
         """Run the next batch, or else a training slice; False when the queue closes or the device is lost."""
-        batch = self.queue.next_batch(other_work=self.trainings.has_work)
+        batch = self.queue.next_batch(other_work=self.trainings.has_work if self.trainings else lambda: False)
         if batch is None:
             return False
         self.liveness.set("device", PartState.busy)
-        if not batch:
+        if not batch and self.trainings:
             self.trainings.run_slice()
             self.liveness.set("device", PartState.ok)
             return True

@@ -198,7 +198,7 @@ def test_a_plain_prompt_encodes_exactly_as_the_pipeline_encodes_it(client):
 
 
 def test_words_past_the_text_encoders_length_still_change_the_image(client):
-    tokenizer = client.app.state.engine._tokenizer("demo")
+    tokenizer = client.app.state.engine.prompt_counter.tokenizer("demo")
     words = "a photo of sks person " * 3
     assert len(tokenizer(words, add_special_tokens=False).input_ids) > tokenizer.model_max_length  # two chunks or more
 

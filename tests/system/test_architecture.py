@@ -1,5 +1,5 @@
 """The shape of the code: the layer contracts hold, the top level holds only the design card's files, and the unit
-tier runs on a Python where torch cannot be imported."""
+tier runs on a Python where neither torch nor Ray can be imported."""
 
 import os
 import shutil
@@ -17,7 +17,7 @@ class BlockTorch:
     """Refuses the packages the unit tier must run without."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "diffusers", "transformers", "peft", "accelerate"}:
+        if name.split(".")[0] in {"torch", "diffusers", "transformers", "peft", "accelerate", "ray"}:
             raise ModuleNotFoundError(f"No module named {name!r} (blocked for the unit tier)")
         return None
 
@@ -37,7 +37,7 @@ def test_the_top_level_holds_only_the_design_cards_python_files():
     assert {path.name for path in PROJECT_DIR.glob("*.py")} == DESIGN_CARD_FILES
 
 
-def test_the_unit_tier_runs_where_torch_cannot_be_imported(tmp_path):
+def test_the_unit_tier_runs_where_torch_and_ray_cannot_be_imported(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "unit", "tests/unit", "-p", "no:cacheprovider"]

@@ -15,13 +15,22 @@ def run_benchmark(*arguments: str) -> str:
     return result.stdout
 
 
-def test_the_serving_benchmark_runs_and_prints_its_table(models_dir):
+def test_the_serving_benchmark_runs_and_prints_its_table_with_the_ray_engine_beside_local(models_dir):
     output = run_benchmark(
-        "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "4", "--concurrency", "2", "--steps", "2"
-    )
+        "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "4", "--concurrency", "2", "--steps", "2",
+        "--engine", "local,ray", "--ray-layouts", "1x1",
+    )  # fmt: skip
 
     assert "raw pipeline" in output and "server / raw" in output
     assert "no_batching" in output and "batching" in output
+    assert "| local | 1 process |" in output and "| ray | 1 replica(s) x 1 CPU |" in output
+
+
+def test_the_cluster_simulation_prints_a_row_per_gpu_and_user_count():
+    output = run_benchmark("benchmarks/sim_ray_cluster.py", "--gpus", "1", "2", "--users", "10", "100", "--requests", "300")
+
+    rows = [line for line in output.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 1", "10"], ["| 1", "100"], ["| 2", "10"], ["| 2", "100"]]
 
 
 def test_the_model_switching_benchmark_runs_and_prints_its_tables():
