@@ -266,12 +266,13 @@ class Trainings:
     # --- shared --------------------------------------------------------------------------------------
 
     def _end(self, training: Training, status: TrainingStatus, error: ServiceError | None = None) -> None:
-        """Move the training to a terminal state, store it, drop its files, and tell its followers and webhook."""
+        """Drop its files, move the training to a terminal state, store it, and tell its followers and webhook."""
+        self._runs.pop(training.id, None)
+        # The photos and checkpoint, no longer needed, go first: whoever sees the training ended finds them gone.
+        shutil.rmtree(self.folder / training.id, ignore_errors=True)
         training.status, training.finished_at = status, utc_now()
         training.error, training.error_status = (error.message, error.status_code) if error else (None, None)
-        self._runs.pop(training.id, None)
         self._drop(training)
-        shutil.rmtree(self.folder / training.id, ignore_errors=True)  # the photos and checkpoint: no longer needed
         if training.deleted:
             self.events.emit(training, training.status.value)  # its followers learn that it ended; its record is gone
             return
