@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     )
     max_adapters: int = Field(32, ge=1, description="LoRA adapters kept loaded per base checkpoint (LRU).")
     max_upload_bytes: int = Field(512 * 1024**2, ge=1024, description="Largest LoRA upload accepted (413 past it).")
+    max_training_upload_bytes: int = Field(
+        200 * 1024**2, ge=1024, description="Largest training upload (photos or a zip; 413 past it), and most bytes a zip may inflate to (422)."
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="Threads that decode uploaded pictures and zips: a pool of their own, so uploads never hold up other requests."
+    )
     output_dir: Path = Field(Path("output"), description="Where generated PNGs are saved.")
     save_images: bool = True
     cors_origins: list[str] = Field(

@@ -5,12 +5,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from sd_server.domain.generation import MAX_SEED, Generation, Mode, SchedulerName
+from sd_server.domain.generation import MAX_PROMPT_CHARS, MAX_SEED, Generation, Mode, SchedulerName
 from sd_server.domain.jobs import JobStatus
 from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, Text, UserModel
-from sd_server.domain.trainings import TrainingStatus
+from sd_server.domain.trainings import DEFAULT_CAPTION, MAX_CAPTION_CHARS, TrainingStatus, check_caption_template
 
-StyleName = Annotated[str, Field(min_length=1, max_length=100)]
+StyleName = Annotated[Text, Field(min_length=1, max_length=100)]
 
 GENERATE_EXAMPLE = {
     "prompt": "a portrait photo of sks person, studio lighting, 85mm",
@@ -30,8 +30,8 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [GENERATE_EXAMPLE]})
 
-    prompt: Text = Field(..., min_length=1, max_length=2000, description="What the image shows.")
-    negative_prompt: Text | None = Field(None, max_length=2000, description="What the image must not show.")
+    prompt: Text = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image shows.")
+    negative_prompt: Text | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What the image must not show.")
     user_id: str = Field(DEFAULT_USER, pattern=USER_ID_PATTERN, description="Whose model to use.")
     num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1.0, le=20.0, allow_inf_nan=False, description="Classifier-free guidance (CFG) scale.")
@@ -385,12 +385,12 @@ class TrainingForm(BaseModel):
 
     trigger: str = Field("sks", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="The rare word that names the subject in prompts.")
     class_word: str = Field("person", pattern=r"^[A-Za-z][A-Za-z -]{0,31}$", description="What the subject is: person, man, woman, dog...")
-    caption: str = Field(
-        "a photo of {trigger} {class_word}",
+    caption: Text = Field(
+        DEFAULT_CAPTION,
         min_length=1,
-        max_length=200,
+        max_length=MAX_CAPTION_CHARS,
         pattern=r"\{trigger\}",
-        description="Caption of every photo; {trigger} and {class_word} are filled in.",
+        description="Caption of every photo; {trigger} and {class_word} are filled in (no other braces).",
     )
     steps: int = Field(500, ge=1, description="Training steps (at most SD_MAX_TRAINING_STEPS).")
     rank: int = Field(8, ge=1, le=128, description="LoRA rank.")
@@ -407,11 +407,7 @@ class TrainingForm(BaseModel):
     @classmethod
     def only_known_fields(cls, caption: str) -> str:
         """The caption may name {trigger} and {class_word}, nothing else."""
-        try:
-            caption.format(trigger="", class_word="")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError("may only contain {trigger} and {class_word} in braces") from error
-        return caption
+        return check_caption_template(caption)
 
 
 class TrainingLinks(BaseModel):
@@ -493,8 +489,8 @@ class StyleRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "{prompt}, studio lighting, 85mm, sharp focus", "negative_prompt": "blurry, lowres"}]},
     )
 
-    prompt: Text = Field("", max_length=2000)
-    negative_prompt: Text = Field("", max_length=2000)
+    prompt: Text = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Text = Field("", max_length=MAX_PROMPT_CHARS)
 
 
 class StyleResponse(BaseModel):
@@ -518,8 +514,8 @@ class A1111Txt2ImgRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "a portrait photo of sks person", "steps": 20, "sampler_name": "Euler a", "seed": -1}]},
     )
 
-    prompt: Text = Field("", max_length=2000)
-    negative_prompt: Text | None = Field("", max_length=2000)
+    prompt: Text = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Text | None = Field("", max_length=MAX_PROMPT_CHARS)
     styles: list[StyleName] | None = Field(None, max_length=10)
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: a random seed.")
     batch_size: int = Field(1, ge=1, le=4)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -19,6 +19,7 @@ from sqlalchemy import Engine as DatabaseEngine
 
 from config import Settings
 from sd_server import VERSION
+from sd_server.api.dependencies import refuse_nul_characters
 from sd_server.api.errors import (
     UnexpectedErrorMiddleware,
     error_responses,
@@ -28,7 +29,9 @@ from sd_server.api.errors import (
 from sd_server.api.presenters import job_response, training_response
 from sd_server.api.routes import ROUTERS
 from sd_server.api.routes.generation import IMAGE_INPUT_PATHS
+from sd_server.api.routes.trainings import TRAINING_UPLOAD_PATHS
 from sd_server.api.routes.users import UPLOAD_PATHS
+from sd_server.api.work_pools import WEBHOOK_LOOKUP_THREADS, WorkPool
 from sd_server.engine.interface import Engine
 from sd_server.errors import (
     BadRequestError,
@@ -57,7 +60,7 @@ from sd_server.persistence.training_store import SqlTrainingStore
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
-from sd_server.security.sessions import SessionSigner
+from sd_server.security.sessions import Sessions
 from sd_server.storage.images import ImageStorage, create_storage
 from sd_server.storage.model_files import clean_staging
 from sd_server.styles import StyleBook
@@ -192,12 +195,16 @@ def create_app(
         app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
         app.state.retention, app.state.authenticator = services.retention, services.authenticator
         app.state.trainings, app.state.styles = services.trainings, services.styles
-        app.state.sessions = SessionSigner(settings.session_secret, settings.session_ttl_s)
+        app.state.sessions = Sessions(settings.session_secret, settings.session_ttl_s, services.database, settings.database_retry_s)
+        app.state.decoding = WorkPool("sd-decode", settings.decode_threads)
+        app.state.lookups = WorkPool("sd-lookup", WEBHOOK_LOOKUP_THREADS)
         app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
         warn_if_open(settings, services.authenticator)
         yield
         app.state.shutting_down = True
+        app.state.decoding.shutdown()
+        app.state.lookups.shutdown()
         await stop_services(services, settings)
 
     app = FastAPIOffline(  # /docs and /redoc from packaged assets: they work without network
@@ -209,6 +216,7 @@ def create_app(
         ),
         description="Per-user Stable Diffusion 1.5 (DreamBooth) image generation.",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_nul_characters)],
     )
     add_middleware(app, settings)
     app.add_exception_handler(ServiceError, handle_service_error)
@@ -227,6 +235,7 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
         max_bytes=settings.max_body_bytes,
         limits=[
             BodyLimit(UPLOAD_PATHS, settings.max_upload_bytes, "SD_MAX_UPLOAD_BYTES"),
+            BodyLimit(TRAINING_UPLOAD_PATHS, settings.max_training_upload_bytes, "SD_MAX_TRAINING_UPLOAD_BYTES"),
             BodyLimit(IMAGE_INPUT_PATHS, settings.max_image_body_bytes, "SD_MAX_IMAGE_BODY_BYTES"),
         ],
     )

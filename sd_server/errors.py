@@ -92,7 +92,7 @@ class PayloadTooLargeError(ServiceError):
     """The request body is over its cap (answered by the body size middleware before any route runs)."""
 
     status_code = 413
-    description = "The request body is over SD_MAX_BODY_BYTES (SD_MAX_UPLOAD_BYTES for LoRA uploads)."
+    description = "The request body is over SD_MAX_BODY_BYTES (SD_MAX_UPLOAD_BYTES for LoRA uploads, SD_MAX_TRAINING_UPLOAD_BYTES for trainings)."
 
 
 class InvalidFieldError(ServiceError):

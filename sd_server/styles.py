@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from sd_server.domain.jobs import utc_now
-from sd_server.domain.styles import Style, apply_styles, parse_styles_csv
+from sd_server.domain.styles import PromptTooLongError, Style, apply_styles, parse_styles_csv
 from sd_server.errors import ConflictError, InvalidFieldError, NotFoundError
 from sd_server.persistence.retry import in_session
 from sd_server.persistence.tables import StyleRow
@@ -43,14 +43,17 @@ class StyleBook:
 
     def apply(self, names: list[str], prompt: str, negative_prompt: str | None) -> tuple[str, str | None]:
         """The effective prompts with the presets ``names`` applied in order (the prompts as they are without any);
-        422 naming an unknown one."""
+        422 naming an unknown one, or when a prompt would pass MAX_PROMPT_CHARS with them."""
         if not names:
             return prompt, negative_prompt
         styles = self._by_name()
         unknown = [name for name in names if name not in styles]
         if unknown:
             raise InvalidFieldError(f"unknown style(s) {', '.join(unknown)}; GET /styles lists them", field="styles")
-        return apply_styles([styles[name] for name in names], prompt, negative_prompt)
+        try:
+            return apply_styles([styles[name] for name in names], prompt, negative_prompt)
+        except PromptTooLongError as error:
+            raise InvalidFieldError(str(error), field="styles") from error
 
     def put(self, name: str, prompt: str, negative_prompt: str) -> tuple[Style, bool]:
         """Create or replace the preset ``name`` in the database; returns it and whether it is new."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from sd_server.domain.models import LoraModel, UserModel
+from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
 from sd_server.engine.png import encode_png
 
@@ -24,7 +25,9 @@ def empty_cache_report() -> dict:
 class FakeEngine:
     """Records every batch it runs; ``step_gate`` (when set) makes each step wait for a release, ``load_gate`` each
     load, ``encode_gate`` each encoding; ``broken`` maps a checkpoint to the error its load raises; ``failures``,
-    ``encode_failures`` and ``readiness_failures`` are raised by the next batches, encodings and readiness checks."""
+    ``encode_failures`` and ``readiness_failures`` are raised by the next batches, encodings and readiness checks.
+    Trainings count their steps: ``slice_gate`` holds each slice, ``samples_gate`` the samples a training draws after
+    its last step (``samples_drawn`` is set as they start)."""
 
     device = "cpu"
     default_max_batch_size = 4
@@ -40,6 +43,9 @@ class FakeEngine:
         self.encode_gate: threading.Event | None = None
         self.encode_failures: list[Exception] = []
         self.readiness_failures: list[Exception] = []
+        self.slice_gate: threading.Semaphore | None = None
+        self.samples_gate: threading.Event | None = None
+        self.samples_drawn = threading.Event()
 
     def is_ready(self, model: UserModel) -> bool:
         if self.readiness_failures:
@@ -108,6 +114,11 @@ class FakeEngine:
     def check_adapter(self, base: str, path: Path) -> None:
         pass
 
+    def start_training(self, base: str, photos: list[Path], settings: TrainingSettings) -> "FakeTrainingRun":
+        if base in self.broken:
+            raise self.broken[base]
+        return FakeTrainingRun(self, len(photos))
+
     def batch_sizes(self) -> list[int]:
         """Images per batch run so far, in order."""
         return [sum(item.num_images for item in items) for _, items in self.batches]
@@ -116,3 +127,32 @@ class FakeEngine:
 def seed_image(seed: int) -> Image.Image:
     """An 8x8 picture whose colour is a function of ``seed``."""
     return Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 128))
+
+
+class FakeTrainingRun:
+    """A training that counts steps; its checkpoint is the step, its LoRA a few bytes naming its photos."""
+
+    def __init__(self, engine: FakeEngine, photos: int) -> None:
+        self.engine, self.photos, self.step = engine, photos, 0
+
+    def run(self, steps: int) -> float:
+        if self.engine.slice_gate is not None:
+            self.engine.slice_gate.acquire(timeout=GATE_TIMEOUT_S)
+        self.step += steps
+        return 1.0 / self.step
+
+    def save_checkpoint(self, path: Path) -> None:
+        path.write_text(str(self.step))
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.step = int(path.read_text())
+
+    def export(self, path: Path) -> None:
+        path.write_bytes(f"fake adapter of {self.photos} photos".encode())
+
+    def samples(self, prompts: list[str]) -> list[Image.Image]:
+        self.engine.samples_drawn.set()
+        if self.engine.samples_gate is not None:
+            self.engine.samples_gate.wait(GATE_TIMEOUT_S)
+        return [seed_image(index) for index in range(len(prompts))]
+

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -201,3 +202,21 @@ class SilentReceiver:
         for connection in self.connections:
             connection.close()
         self.listener.close()
+
+
+def sqlite_file(settings) -> str:
+    """The SQLite file of the test's database."""
+    return settings.effective_database_url.removeprefix("sqlite:///")
+
+
+class HeldLock:
+    """Another process's write lock on the SQLite file, as long as the test holds it."""
+
+    def __init__(self, path: str) -> None:
+        self.connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.connection.execute("ROLLBACK")
+        self.connection.close()
+

@@ -1,12 +1,13 @@
 """FastAPI dependencies: who the request acts as, the service objects created in the lifespan, and the resources
 a route names in its path, loaded once with their owner checked."""
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
+from sd_server.api.work_pools import WorkPool
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import USER_ID_PATTERN
 from sd_server.domain.trainings import Training
@@ -16,13 +17,25 @@ from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.trainings import Trainings
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import OPEN_ACCESS, Principal
-from sd_server.security.sessions import CSRF_HEADER, SESSION_COOKIE, Session
+from sd_server.security.sessions import CSRF_HEADER, SESSION_COOKIE, Session, same_secret
 from sd_server.styles import StyleBook
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, as a header of its own")
 basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
+
+
+def refuse_nul_characters(request: Request) -> None:
+    """422 naming the path or query parameter that holds a NUL character (%00): no id, name or filter has one, and
+    a database cannot store one (PostgreSQL refuses it). Every route depends on this first."""
+    places = [("path", name, value) for name, value in request.path_params.items()]
+    places += [("query", name, name + value) for name, value in request.query_params.multi_items()]  # in a name too
+    for location, name, value in places:
+        if "\x00" in str(value):
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": (location, name), "msg": "must not contain a NUL character (%00)", "input": None}]
+            )
 
 
 def presented_key(
@@ -66,7 +79,7 @@ def identify(request: Request, key: str | None) -> Principal | None:
 
 
 def session_of(request: Request) -> Session | None:
-    """The valid, unexpired session of the request's cookie; None without one."""
+    """The live session of the request's cookie; None without one (blocking: it reads the database)."""
     token = request.cookies.get(SESSION_COOKIE)
     return request.app.state.sessions.verify(token) if token else None
 
@@ -78,7 +91,7 @@ def session_principal(request: Request) -> Principal | None:
     principal = request.app.state.authenticator.keys.principal(session.key_id) if session else None
     if principal is None:
         return None
-    if request.method not in SAFE_METHODS and not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), session.csrf_token):
+    if request.method not in SAFE_METHODS and not same_secret(request.headers.get(CSRF_HEADER, ""), session.csrf_token):
         raise ForbiddenError(f"a change signed by the session cookie must send the session's {CSRF_HEADER} header (GET /session answers it)")
     return principal
 
@@ -138,11 +151,23 @@ def get_styles(request: Request) -> StyleBook:
     return request.app.state.styles
 
 
+def get_decoding(request: Request) -> WorkPool:
+    """The pool that decodes uploaded pictures and zips (SD_DECODE_THREADS), created in the lifespan."""
+    return request.app.state.decoding
+
+
+def get_lookups(request: Request) -> WorkPool:
+    """The pool that resolves webhook hosts, created in the lifespan."""
+    return request.app.state.lookups
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 TrainingsDep = Annotated[Trainings, Depends(get_trainings)]
 StylesDep = Annotated[StyleBook, Depends(get_styles)]
+DecodingDep = Annotated[WorkPool, Depends(get_decoding)]
+LookupsDep = Annotated[WorkPool, Depends(get_lookups)]
 
 
 def get_job(

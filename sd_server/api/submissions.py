@@ -2,21 +2,28 @@
 sized, its steps checked; then submitted and (for the synchronous routes) waited for."""
 
 import asyncio
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from fastapi import Request
 
 from schemas import GenerateRequest
+from sd_server.api.work_pools import WorkPool
 from sd_server.domain.generation import Generation, ImageInput
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER
+from sd_server.domain.prompt_weights import check_weights
 from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFieldError, JobFailedError, JobFinishedError
 from sd_server.jobs.queue import JobQueue
 from sd_server.observability.logging import request_id_var
 from sd_server.security.keys import Principal
+from sd_server.security.webhook_urls import check_webhook_url
 from sd_server.storage.source_images import decode_base64, prepare_sources
 from sd_server.styles import StyleBook
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
     if files.mask_image is not None and files.init_image is None:
         raise InvalidFieldError("mask_image needs init_image, the picture to inpaint", field="mask_image")
     prompt, negative_prompt = styles.apply(request.styles, request.prompt, request.negative_prompt)
+    check_prompt_weights(prompt, negative_prompt, bool(request.styles))
     generation = replace(request.to_generation(user_id), prompt=prompt, negative_prompt=negative_prompt, styles=tuple(request.styles))
     if files.init_image is None:
         return generation, {}
@@ -70,14 +78,42 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
     return generation, inputs
 
 
+def check_prompt_weights(prompt: str, negative_prompt: str | None, styled: bool) -> None:
+    """422 naming the prompt whose attention weights are out of range or nest too deep (``styled``: the message says
+    the styles are applied)."""
+    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
+        try:
+            check_weights(text)
+        except ValueError as error:
+            where = f"{field} (with its styles applied)" if styled else field
+            raise InvalidFieldError(f"{where}: {error}", field=field) from error
+
+
 async def submission(
-    request: GenerateRequest, principal: Principal, styles: StyleBook, uploads: dict[str, bytes] | None = None
+    request: GenerateRequest, principal: Principal, styles: StyleBook, decoding: WorkPool, uploads: dict[str, bytes] | None = None
 ) -> tuple[Generation, dict[str, bytes]]:
     """The generation a request to /generate, /generate/image or /jobs asks for, on behalf of whom it acts for, and
-    its image inputs (``uploads``: multipart files by field), prepared off the event loop (images decode)."""
+    its image inputs (``uploads``: multipart files by field), prepared off the event loop: on the decoding pool when
+    it carries images, so a text-to-image request never waits behind other users' decoding."""
     requested = request.user_id if "user_id" in request.model_fields_set else None
     user_id = principal.acting_user(requested, DEFAULT_USER)
-    return await asyncio.to_thread(lambda: prepare_generation(request, user_id, styles, ImageFiles.from_request(request, uploads or {})))
+    images = bool(request.init_image or request.mask_image or uploads)
+    return await off_the_loop(lambda: prepare_generation(request, user_id, styles, ImageFiles.from_request(request, uploads or {})), images, decoding)
+
+
+async def off_the_loop(work: Callable[[], T], decodes_images: bool, decoding: WorkPool) -> T:
+    """``work()`` on the decoding pool when it decodes images, else on the default executor: a text-to-image request
+    never waits behind other users' decoding."""
+    return await (decoding.run(work) if decodes_images else asyncio.to_thread(work))
+
+
+async def checked_webhook(url: object | None, lookups: WorkPool, allow_private: bool) -> str | None:
+    """The webhook URL as text, once its host resolves to public addresses only (SD_WEBHOOK_ALLOW_PRIVATE aside),
+    looked up on a pool of its own: a slow DNS answer holds up no other request."""
+    if url is None:
+        return None
+    await lookups.run(check_webhook_url, str(url), allow_private)
+    return str(url)
 
 
 async def run_job(generation: Generation, inputs: dict[str, bytes], queue: JobQueue, http_request: Request) -> Job:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000  # a prompt or negative prompt, as sent and after its styles are applied
 
 
 class SchedulerName(str, Enum):

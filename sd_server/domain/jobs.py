@@ -1,6 +1,7 @@
 """Job records: one generation from submission to its images (or error), and how jobs are listed."""
 
 import asyncio
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -9,6 +10,8 @@ from typing import Protocol
 
 from sd_server.domain.generation import Generation
 from sd_server.domain.models import CheckpointModel, UserModel
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # a job's id: a random UUID's hex
 
 
 def utc_now() -> datetime:

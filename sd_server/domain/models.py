@@ -8,16 +8,19 @@ DEFAULT_USER = "default"
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-def encodable(text: str) -> str:
-    """Refuse text that UTF-8 cannot carry (a lone surrogate such as \\ud800, which JSON can spell)."""
+def storable(text: str) -> str:
+    """Refuse text that UTF-8 or a database cannot carry: a lone surrogate such as \\ud800, or a NUL character
+    (both of which JSON can spell; PostgreSQL refuses NUL in text)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise ValueError(f"must be valid Unicode text; character {error.start} is a lone surrogate") from error
+    if "\x00" in text:
+        raise ValueError(f"must not contain a NUL character (\\u0000, at character {text.index(chr(0))})")
     return text
 
 
-Text = Annotated[str, AfterValidator(encodable)]
+Text = Annotated[str, AfterValidator(storable)]
 
 
 class CheckpointModel(BaseModel):

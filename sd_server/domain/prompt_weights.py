@@ -5,6 +5,8 @@ import re
 from typing import Any
 
 ROUND, SQUARE = 1.1, 1 / 1.1  # what (...) and [...] multiply by
+MIN_WEIGHT, MAX_WEIGHT = 0.0, 3.0  # a token's weight, brackets multiplied out (A1111 users write 0.1-2.0)
+MAX_NESTING = 12  # brackets open at once: 1.1 ** 12 = 3.1 already passes MAX_WEIGHT
 
 ATTENTION_TOKEN = re.compile(
     r"""
@@ -50,6 +52,24 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         multiply(start, SQUARE)
     return merged(segments)
+
+
+def check_weights(text: str) -> None:
+    """ValueError saying why, when ``text`` nests brackets deeper than MAX_NESTING or weighs a span outside
+    MIN_WEIGHT..MAX_WEIGHT: such weights scale the text embedding past what the model can draw from (a black image)."""
+    depth = deepest = 0
+    for match in ATTENTION_TOKEN.finditer(text):
+        token = match.group(0)
+        if token in ("(", "["):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", ")") or match.group(1) is not None:
+            depth = max(0, depth - 1)
+        if deepest > MAX_NESTING:
+            raise ValueError(f"brackets nest more than {MAX_NESTING} deep")
+    for segment, weight in parse_attention(text):
+        if segment.strip() and not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+            raise ValueError(f"the weight of {segment.strip()[:40]!r} is {weight:.3g}; weights run from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}")
 
 
 def is_number(text: str) -> bool:

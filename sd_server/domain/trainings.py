@@ -3,6 +3,7 @@ the record the API, the database and the device worker share."""
 
 import asyncio
 import enum
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,6 +13,28 @@ from sd_server.domain.models import LoraModel
 
 DEFAULT_CAPTION = "a photo of {trigger} {class_word}"
 SAMPLE_PROMPTS = ("a photo of {trigger} {class_word}", "a close-up photo of {trigger} {class_word}")
+MAX_CAPTION_CHARS = 200  # a caption template; filled in, at most 200 + 22 x 32 characters (trigger, class word)
+TEMPLATE_FIELD = re.compile(r"\{(trigger|class_word)\}")
+
+
+def check_caption_template(template: str) -> str:
+    """``template`` when it is a caption template: at most MAX_CAPTION_CHARS, naming ``{trigger}``, and with no brace
+    but those of ``{trigger}`` and ``{class_word}`` (it is filled by plain substitution, never by str.format);
+    ValueError saying what is wrong otherwise."""
+    if len(template) > MAX_CAPTION_CHARS:
+        raise ValueError(f"at most {MAX_CAPTION_CHARS} characters")
+    if "{trigger}" not in template:
+        raise ValueError("must contain {trigger}, the word that names the subject")
+    rest = TEMPLATE_FIELD.sub("", template)
+    if "{" in rest or "}" in rest:
+        raise ValueError("may only contain {trigger} and {class_word} in braces (no other names, format specs or attributes)")
+    return template
+
+
+def fill_template(template: str, trigger: str, class_word: str) -> str:
+    """``template`` with each ``{trigger}`` and ``{class_word}`` replaced; any other text is kept as it is."""
+    values = {"trigger": trigger, "class_word": class_word}
+    return TEMPLATE_FIELD.sub(lambda field: values[field.group(1)], template)
 
 
 class TrainingStatus(str, enum.Enum):
@@ -49,7 +72,7 @@ class TrainingSettings:
 
     def captioned(self, template: str) -> str:
         """``template`` with this training's trigger and class word filled in."""
-        return template.format(trigger=self.trigger, class_word=self.class_word)
+        return fill_template(template, self.trigger, self.class_word)
 
     @property
     def caption_text(self) -> str:
@@ -89,6 +112,7 @@ class Training:
     error: str | None = None
     error_status: int | None = None
     cancel_requested: bool = False
+    committed: bool = False  # past its last step and past the point a cancel can stop (Trainings._finish)
     deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 

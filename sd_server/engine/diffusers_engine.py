@@ -21,7 +21,7 @@ from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
 from sd_server.engine.prompts import PromptCounter, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
-from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, ModelLoadError, first_line
+from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, GenerationFailedError, ModelLoadError, first_line
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
@@ -29,6 +29,16 @@ transformers.utils.logging.disable_progress_bar()
 
 class BatchStopped(Exception):
     """Raised from the step callback when the queue says to stop: the pipeline call ends there."""
+
+
+def check_finite(latents: torch.Tensor, key: BatchKey) -> None:
+    """GenerationFailedError when the denoised latents hold a NaN or an infinity: decoded, they would be a black
+    image that nobody asked for (the queue then runs a batch's jobs one by one, so only the culprit fails)."""
+    if not torch.isfinite(latents).all():
+        raise GenerationFailedError(
+            f"the model '{key.base}' produced no finite values for this image (NaN or infinity), which would decode to "
+            "a black image; try other prompt weights, another LoRA scale, or another sampler"
+        )
 
 
 class DiffusersEngine:
@@ -180,6 +190,8 @@ class DiffusersEngine:
 
         def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
             on_step(index + 1, pipe.num_timesteps)
+            if index + 1 == pipe.num_timesteps:
+                check_finite(tensors["latents"], key)  # one device sync a batch, before the VAE decodes
             if should_stop():
                 raise BatchStopped()
             return tensors

@@ -42,9 +42,9 @@ def scoped_key(user_id: str, idempotency_key: str | None) -> str | None:
     return f"{user_id}:{idempotency_key}" if idempotency_key else None
 
 
-def check_repeat(job: Job | Training, existing: Job | Training, idempotency_key: str) -> None:
-    """An idempotent retry must carry the same body as the job (or training) its key made."""
-    if existing.fingerprint != job.fingerprint:
+def check_repeat(fingerprint: str, existing: Job | Training, idempotency_key: str) -> None:
+    """An idempotent retry (its body's ``fingerprint``) must carry the same body as the job (or training) its key made."""
+    if existing.fingerprint != fingerprint:
         raise IdempotencyConflictError(f"Idempotency-Key '{idempotency_key}' was used for another request body")
 
 

@@ -82,7 +82,7 @@ class JobQueue:
         model = self.registry.get(request.user_id)
         job = admission.new_job(self.settings, request, model, synchronous, webhook_url, idempotency_key, request_id)
         if job.idempotency_key and (existing := self.store.find_by_idempotency_key(job.idempotency_key)):
-            admission.check_repeat(job, existing, idempotency_key or "")
+            admission.check_repeat(job.fingerprint, existing, idempotency_key or "")
             return existing, False
         job.inputs = dict(inputs or {})
         job.prompt_chunks = self._prompt_chunks(job)
@@ -101,7 +101,7 @@ class JobQueue:
             if stored is not job:
                 self._delete_inputs(job)
         if stored is not job:
-            admission.check_repeat(job, stored, idempotency_key or "")
+            admission.check_repeat(job.fingerprint, stored, idempotency_key or "")
             return stored, False
         with self._condition:
             self._queue.append(job)

@@ -9,8 +9,10 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from PIL.Image import Image
 
@@ -19,10 +21,18 @@ from sd_server.domain.jobs import utc_now
 from sd_server.domain.models import LoraModel
 from sd_server.domain.trainings import Training, TrainingSettings, TrainingStatus
 from sd_server.engine.interface import Engine, TrainingRun
-from sd_server.errors import JobFinishedError, ServiceError, TrainingFailedError, TrainingLimitError, summary
+from sd_server.errors import (
+    DatabaseUnavailableError,
+    JobFinishedError,
+    ServiceError,
+    TrainingFailedError,
+    TrainingLimitError,
+    summary,
+)
 from sd_server.jobs import admission
 from sd_server.jobs.events import JobEvents
 from sd_server.jobs.model_changes import unload_if_unused
+from sd_server.jobs.writer import PendingWrites
 from sd_server.observability.liveness import Liveness, PartState
 from sd_server.persistence.training_store import SqlTrainingStore
 from sd_server.registry import ModelRegistry
@@ -32,6 +42,25 @@ from sd_server.storage.photos import photo_paths, save_photos
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+DATABASE_PAUSE_S = 5.0  # how long the trainer leaves the device to generation after the database failed it
+
+
+@dataclass
+class Reservation:
+    """A user's one place for a training, held while their upload is read and checked (``Trainings.reservation``)."""
+
+    user_id: str
+    held: bool = True
+
+
+@dataclass
+class TrainedOutput:
+    """What a training that ran its last step made, kept until it is committed: the staged LoRA file, the samples
+    stored, and (once kept under its hash) the model."""
+
+    staged: Path
+    samples: list[str] = field(default_factory=list)
+    model: LoraModel | None = None
 
 
 def sample_key(training: Training, index: int) -> str:
@@ -57,24 +86,60 @@ class Trainings:
         self.folder = settings.data_dir / "trainings"
         self.terminal_hook: Callable[[Training], None] | None = None  # the webhook, set by the composition root
         self.wake_device: Callable[[], None] = lambda: None
+        self.writes: PendingWrites[Training] = PendingWrites(store.save, "training", liveness)
         self._active: list[Training] = []
-        self._admitting: list[Training] = []  # admitted, their photos and record being written
+        self._reserved: set[str] = set()  # users whose upload is being read and checked
         self._runs: dict[str, TrainingRun] = {}
+        self._outputs: dict[str, TrainedOutput] = {}
+        self._paused_until = 0.0  # the database failed the last slice: generation has the device until then
         self._lock = threading.Lock()
 
     # --- requests ------------------------------------------------------------------------------------
 
+    def check_room(self, user_id: str) -> None:
+        """429 while the user has a training queued, running, or being uploaded (one at a time)."""
+        with self._lock:
+            self._check_room(user_id)
+
+    @contextmanager
+    def reservation(self, user_id: str) -> Iterator[Reservation]:
+        """Hold the user's one place while their upload is unpacked, checked and decoded (429 when it is taken), so
+        that a user who sends several at once has the others refused before any is decoded."""
+        with self._lock:
+            self._check_room(user_id)
+            self._reserved.add(user_id)
+        reservation = Reservation(user_id)
+        try:
+            yield reservation
+        finally:
+            with self._lock:
+                reservation.held = False
+                self._reserved.discard(user_id)
+
+    def repeat_of(self, user_id: str, idempotency_key: str | None, fingerprint: str) -> Training | None:
+        """The training an earlier request with this Idempotency-Key made (409 when its body differed), else None."""
+        scoped = admission.scoped_key(user_id, idempotency_key)
+        existing = self.store.find_by_idempotency_key(scoped) if scoped else None
+        if existing is None:
+            return None
+        admission.check_repeat(fingerprint, existing, idempotency_key or "")
+        return self.live(existing.id) or existing
+
     def submit(
         self,
-        user_id: str,
+        reservation: Reservation,
         settings: TrainingSettings,
         photos: list[Image],
+        fingerprint: str,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
         request_id: str | None = None,
     ) -> tuple[Training, bool]:
         """Keep the prepared photos and queue a training on the user's base (the base of their LoRA, or their
-        checkpoint); returns it and whether it is new (False: an idempotent repeat). 429 while the user has one."""
+        checkpoint), in the place ``reservation`` holds; returns it and whether it is new (False: a racing repeat of
+        the same Idempotency-Key, on another replica, stored first)."""
+        assert reservation.held, "submit within Trainings.reservation()"
+        user_id = reservation.user_id
         training = Training(
             user_id=user_id,
             base=self.registry.base_for_training(user_id),
@@ -82,35 +147,21 @@ class Trainings:
             photo_count=len(photos),
             webhook_url=webhook_url,
             idempotency_key=admission.scoped_key(user_id, idempotency_key),
-            fingerprint=fingerprint(settings, photos, webhook_url),
+            fingerprint=fingerprint,
             request_id=request_id,
         )
-        if training.idempotency_key and (existing := self.store.find_by_idempotency_key(training.idempotency_key)):
-            admission.check_repeat(training, existing, idempotency_key or "")
-            return self.live(existing.id) or existing, False
-        with self._lock:
-            running = next((other for other in self._active + self._admitting if other.user_id == user_id), None)
-            if running is not None:
-                raise TrainingLimitError(
-                    f"user '{user_id}' already has training {running.id} {running.status.value}; one at a time "
-                    f"(cancel it with POST /trainings/{running.id}/cancel)",
-                    max(1, int(running.eta_s or 60)),
-                )
-            self._admitting.append(training)  # holds the user's place while the photos are written
         stored = None
         try:
             save_photos(photos, self.folder / training.id / "photos")
             stored = self.store.add(training)
         finally:
-            with self._lock:
-                self._admitting.remove(training)
-                if stored is training:
-                    self._active.append(training)
             if stored is not training:  # failed, or a racing repeat of the same key stored first
                 shutil.rmtree(self.folder / training.id, ignore_errors=True)
         if stored is not training:
-            admission.check_repeat(training, stored, idempotency_key or "")
+            admission.check_repeat(fingerprint, stored, idempotency_key or "")
             return stored, False
+        with self._lock:
+            self._active.append(training)
         self.events.emit(training, "queued")
         self.wake_device()
         return training, True
@@ -121,14 +172,18 @@ class Trainings:
             return next((training for training in self._active if training.id == training_id), None)
 
     def get(self, training_id: str) -> Training | None:
-        """The live training when it is active, else its record; None when there is none."""
-        return self.live(training_id) or self.store.get(training_id)
+        """The live training when it is active (or its last state is not stored yet), else its record; None when
+        there is none, or it was deleted."""
+        training = self.live(training_id) or self.writes.unsaved(training_id) or self.store.get(training_id)
+        return None if training is None or training.deleted else training
 
     def cancel(self, training: Training) -> None:
         """Cancel: a queued training ends now, a running one at the end of its slice; 409 once ended."""
         with self._lock:
             if training.status.is_terminal:
                 raise JobFinishedError(f"training {training.id} has already {training.status.value}")
+            if training.committed:
+                raise JobFinishedError(f"training {training.id} has run its last step; its model is being stored")
             training.cancel_requested = True
             ends_now = training.status is TrainingStatus.queued  # not claimed by the device worker (run_slice)
             if ends_now and training in self._active:
@@ -138,13 +193,12 @@ class Trainings:
 
     def delete(self, training: Training) -> None:
         """Cancel the training if it is active, then delete its samples, its files and its record (the LoRA it
-        produced stays: it may be the user's model)."""
+        produced stays: it may be the user's model). A training cancelled here removes the samples it was drawing
+        as it ends; one past its commit has stored them all already."""
         training.deleted = True
         if not training.status.is_terminal:
-            try:
+            with suppress(JobFinishedError):  # it ended, or committed, meanwhile
                 self.cancel(training)
-            except JobFinishedError:
-                pass  # it ended meanwhile
         for key in training.samples:
             self.storage.delete(key)
         self.store.delete(training.id)  # its folder went when it ended (``_end``)
@@ -178,18 +232,20 @@ class Trainings:
                 continue
             run.save_checkpoint(self.folder / training.id / CHECKPOINT)
             training.status, training.checkpoint_step, training.attempts = TrainingStatus.queued, run.step, 0
-            self.store.save(training)
+            self.writes.persist([training])
         self._runs.clear()
 
     # --- for the device worker -----------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        """True when a training waits for the device."""
+        """True when a training waits for the device (and the database did not just fail one)."""
         with self._lock:
-            return bool(self._active)
+            return bool(self._active) and time.monotonic() >= self._paused_until
 
     def run_slice(self) -> None:
-        """Advance the first active training by one slice (or prepare it); a failure fails that training only."""
+        """Advance the first active training by one slice (or prepare or finish it). A database that is away pauses
+        it, its steps kept, and generation has the device meanwhile; any other failure fails that training only."""
+        self.writes.flush()
         with self._lock:
             training = self._active[0] if self._active else None
             if training is not None and training.status is TrainingStatus.queued:
@@ -199,6 +255,10 @@ class Trainings:
         try:
             self._advance(training)
             self.liveness.set("trainer", PartState.ok)
+        except DatabaseUnavailableError as error:
+            logger.warning("training %s waits for the database: %s", training.id, error.message, extra={"request_id": training.request_id})
+            self.liveness.set("trainer", PartState.failing, error.message)
+            self._paused_until = time.monotonic() + DATABASE_PAUSE_S
         except Exception as error:
             failure = error if isinstance(error, ServiceError) else TrainingFailedError(
                 f"the training failed; the server log has the details (request id {training.request_id or training.id})"
@@ -209,7 +269,7 @@ class Trainings:
             self.engine.free_memory()
 
     def _advance(self, training: Training) -> None:
-        """Prepare the training's run, or train one slice; checkpoint, and finish at the last step."""
+        """Prepare the training's run, or train one slice and checkpoint; at the last step, finish."""
         if training.cancel_requested:
             self._end(training, TrainingStatus.cancelled)
             return
@@ -217,6 +277,17 @@ class Trainings:
         if run is None:
             self._prepare(training)
             return
+        if run.step < training.settings.steps:
+            self._train_slice(training, run)
+        if run.step >= training.settings.steps:
+            self._finish(training, run)
+        elif training.step - training.checkpoint_step >= self.settings.training_checkpoint_every:
+            run.save_checkpoint(self.folder / training.id / CHECKPOINT)
+            training.checkpoint_step, training.attempts = training.step, 0
+            self.writes.persist([training])
+
+    def _train_slice(self, training: Training, run: TrainingRun) -> None:
+        """Up to SD_TRAINING_SLICE_STEPS steps; the loss, the pace and a progress event."""
         started = time.monotonic()
         steps = min(self.settings.training_slice_steps, training.settings.steps - run.step)
         training.loss = round(run.run(steps), 6)
@@ -224,12 +295,6 @@ class Trainings:
         pace = (time.monotonic() - started) / steps
         training.seconds_per_step = round(pace if training.seconds_per_step is None else 0.8 * training.seconds_per_step + 0.2 * pace, 4)
         self.events.emit(training, "progress", progress(training))
-        if training.step >= training.settings.steps:
-            self._finish(training, run)
-        elif training.step - training.checkpoint_step >= self.settings.training_checkpoint_every:
-            run.save_checkpoint(self.folder / training.id / CHECKPOINT)
-            training.checkpoint_step, training.attempts = training.step, 0
-            self.store.save(training)
 
     def _prepare(self, training: Training) -> None:
         """Load the base and encode the photos; continue from the checkpoint a crash left, if any."""
@@ -246,43 +311,81 @@ class Trainings:
         self._announce(training)
 
     def _finish(self, training: Training, run: TrainingRun) -> None:
-        """Keep the LoRA under its content hash, draw and store the samples, make it the user's model (``activate``)."""
-        staged = self.settings.models_dir / STAGING_FOLDER / f"training-{training.id}.safetensors"
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        run.export(staged)
-        source = keep_upload(staged, hashlib.sha256(staged.read_bytes()).hexdigest(), self.settings.models_dir)
-        model = LoraModel(base=training.base, source=source, scale=1.0)
-        prompts = training.settings.sample_prompts
-        pngs = self.engine.encode(run.samples(prompts), prompts)
-        training.samples = [sample_key(training, index) for index in range(len(pngs))]
-        for key, png in zip(training.samples, pngs):
-            self.storage.put(key, png)
-        training.model = model
+        """Export the LoRA and store the samples (once), then commit: a cancel that came first wins (nothing changes;
+        what was made goes, in ``_end``); past the commit a cancel answers 409, the LoRA is kept under its content
+        hash and becomes the user's model (``activate``). A database that is away raises here, and the next slice
+        commits again."""
+        output = self._outputs.get(training.id) or self._make_output(training, run)
+        with self._lock:
+            training.committed = not training.cancel_requested
+        if not training.committed:
+            self._end(training, TrainingStatus.cancelled)
+            return
+        if output.model is None:
+            source = keep_upload(output.staged, hashlib.sha256(output.staged.read_bytes()).hexdigest(), self.settings.models_dir)
+            output.model = LoraModel(base=training.base, source=source, scale=1.0)
+        training.model = output.model
         if training.settings.activate and not training.deleted:
-            previous = self.registry.set(training.user_id, model)
+            previous = self.registry.set(training.user_id, output.model)
             unload_if_unused(previous, self.registry, self.engine)
         self._end(training, TrainingStatus.succeeded)
 
+    def _make_output(self, training: Training, run: TrainingRun) -> TrainedOutput:
+        """The adapter exported to the staging folder, the samples drawn with it and stored."""
+        output = TrainedOutput(self.settings.models_dir / STAGING_FOLDER / f"training-{training.id}.safetensors")
+        output.staged.parent.mkdir(parents=True, exist_ok=True)
+        self._outputs[training.id] = output  # from here on, ``_end`` removes what it holds unless the training succeeds
+        run.export(output.staged)
+        prompts = training.settings.sample_prompts
+        pngs = self.engine.encode(run.samples(prompts), prompts)
+        output.samples = [sample_key(training, index) for index in range(len(pngs))]
+        for key, png in zip(output.samples, pngs):
+            self.storage.put(key, png)
+        training.samples = list(output.samples)
+        return output
+
     # --- shared --------------------------------------------------------------------------------------
 
+    def _check_room(self, user_id: str) -> None:
+        """429 while the user has a training active, or an upload being checked (with the lock held)."""
+        running = next((training for training in self._active if training.user_id == user_id), None)
+        if running is not None:
+            raise TrainingLimitError(
+                f"user '{user_id}' already has training {running.id} {running.status.value}; one at a time "
+                f"(cancel it with POST /trainings/{running.id}/cancel)",
+                max(1, int(running.eta_s or 60)),
+            )
+        if user_id in self._reserved:
+            raise TrainingLimitError(f"user '{user_id}' already has a training upload being checked; one at a time", 5)
+
     def _end(self, training: Training, status: TrainingStatus, error: ServiceError | None = None) -> None:
-        """Drop its files, move the training to a terminal state, store it, and tell its followers and webhook."""
+        """Drop its files (and what an unfinished commit made), move the training to a terminal state, store it,
+        and tell its followers and webhook."""
         self._runs.pop(training.id, None)
+        output = self._outputs.pop(training.id, None)
+        if output is not None and status is not TrainingStatus.succeeded:
+            self._discard(training, output)
         # The photos and checkpoint, no longer needed, go first: whoever sees the training ended finds them gone.
         shutil.rmtree(self.folder / training.id, ignore_errors=True)
         training.status, training.finished_at = status, utc_now()
         training.error, training.error_status = (error.message, error.status_code) if error else (None, None)
+        if not training.deleted:
+            self.writes.persist([training])  # stored before it leaves the active list: a reader finds one or the other
         self._drop(training)
-        if training.deleted:
-            self.events.emit(training, training.status.value)  # its followers learn that it ended; its record is gone
-            return
-        self._announce(training)
-        if training.webhook_url and self.terminal_hook:
+        self.events.emit(training, training.status.value)  # a deleted one's followers learn that it ended too
+        if training.webhook_url and self.terminal_hook and not training.deleted:
             self.terminal_hook(training)
 
+    def _discard(self, training: Training, output: TrainedOutput) -> None:
+        """Remove what a training that did not succeed made: its samples and its staged LoRA."""
+        for key in output.samples:
+            self.storage.delete(key)
+        training.samples, training.model = [], None
+        output.staged.unlink(missing_ok=True)
+
     def _announce(self, training: Training) -> None:
-        """Store the training's state and send it to its followers."""
-        self.store.save(training)
+        """Store the training's state (later, if the database is away) and send it to its followers."""
+        self.writes.persist([training])
         self.events.emit(training, training.status.value)
 
     def _drop(self, training: Training) -> None:
@@ -296,10 +399,10 @@ def progress(training: Training) -> dict:
     return {"step": training.step, "total": training.settings.steps, "loss": training.loss, "eta_s": training.eta_s}
 
 
-def fingerprint(settings: TrainingSettings, photos: list[Image], webhook_url: str | None) -> str:
-    """What makes two submissions the same: the settings, the webhook and the photos' pixels."""
+def fingerprint(settings: TrainingSettings, photos: list[bytes], webhook_url: str | None) -> str:
+    """What makes two submissions the same: the settings, the webhook and the uploaded files' bytes (known before
+    anything is decoded, so an idempotent repeat costs no decoding)."""
     digest = hashlib.sha256(json.dumps([asdict(settings), webhook_url]).encode())
     for photo in photos:
-        digest.update(photo.tobytes())
+        digest.update(hashlib.sha256(photo).digest())
     return digest.hexdigest()
-

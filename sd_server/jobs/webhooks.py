@@ -5,7 +5,9 @@ with exponential backoff, and pending deliveries survive a restart."""
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
@@ -23,6 +25,16 @@ POLL_S = 1.0  # how often the outbox is read for retries that have come due
 CONCURRENT_DELIVERIES = 8
 
 
+@dataclass(frozen=True)
+class UnkeptDelivery:
+    """A delivery the outbox did not take (the database was away), and whose it is."""
+
+    url: str | None
+    payload: dict
+    request_id: str | None
+    subject: dict[str, str]
+
+
 class WebhookSender:
     """Keeps finished jobs' and trainings' webhooks in the outbox (``job_ended``, ``training_ended``, from any
     thread) and delivers them (``start``)."""
@@ -36,6 +48,8 @@ class WebhookSender:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._unkept: list[UnkeptDelivery] = []  # deliveries the database did not take when their job or training ended
+        self._unkept_lock = threading.Lock()
 
     def job_ended(self, job: Job) -> None:
         """Keep the job's webhook in the outbox and wake the sender (called on the thread that ended the job)."""
@@ -46,14 +60,29 @@ class WebhookSender:
         self._keep(training.webhook_url, payload, training.request_id, training_id=training.id)
 
     def _keep(self, url: str | None, payload: dict, request_id: str | None, **subject: str) -> None:
+        """Put a delivery in the outbox; one the database does not take now waits in memory and is put there by the
+        delivery loop once the database is back (a restart meanwhile loses it)."""
         try:
             self.outbox.add(url, payload, **subject)
         except ServiceError as error:
             what = " ".join(f"{name.removesuffix('_id')} {value}" for name, value in subject.items())  # "job <id>"
-            logger.error("could not keep the webhook of %s: %s", what, error.message, extra={"request_id": request_id})
+            logger.error("could not keep the webhook of %s yet: %s; it is kept until the database is back", what, error.message, extra={"request_id": request_id})
+            with self._unkept_lock:
+                self._unkept.append(UnkeptDelivery(url, payload, request_id, subject))
             return
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _keep_unkept(self) -> None:
+        """Put the deliveries that waited for the database into the outbox, as long as it takes them."""
+        while True:
+            with self._unkept_lock:
+                if not self._unkept:
+                    return
+                delivery = self._unkept[0]
+            self.outbox.add(delivery.url, delivery.payload, **delivery.subject)  # raises while the database is away
+            with self._unkept_lock:
+                self._unkept.remove(delivery)
 
     def start(self) -> None:
         """Start delivering on the running event loop."""
@@ -75,6 +104,7 @@ class WebhookSender:
         deliveries: set[asyncio.Task] = set()
         while not self._closing:
             try:
+                await asyncio.to_thread(self._keep_unkept)
                 due = await asyncio.to_thread(self.outbox.due, CONCURRENT_DELIVERIES * 4, set(self._in_flight))
                 for delivery in due:
                     self._in_flight.add(delivery.id)

@@ -1,5 +1,5 @@
 """The tables: jobs and their images, API keys, the user -> model registry's changes, the webhook outbox,
-trainings, and style presets."""
+trainings, style presets, and browser sessions."""
 
 from datetime import datetime
 
@@ -147,3 +147,15 @@ class StyleRow(Base):
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BrowserSessionRow(Base):
+    """A browser session (POST /session): live while its row is here and unexpired; signing out deletes it, so the
+    cookie stops working at once on every replica."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

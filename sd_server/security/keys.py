@@ -7,12 +7,13 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session
 
 from config import Settings
 from sd_server.domain.jobs import utc_now
 from sd_server.errors import ForbiddenError
 from sd_server.persistence.retry import in_session
-from sd_server.persistence.tables import ApiKeyRow
+from sd_server.persistence.tables import ApiKeyRow, BrowserSessionRow
 
 KEY_PREFIX = "sdk_"
 
@@ -82,9 +83,13 @@ class KeyStore:
         return in_session(self.engine, lambda session: list(session.scalars(statement)), "reading keys", self.retry_s)
 
     def delete(self, key_id: str) -> bool:
-        """Revoke a key; False when there was none with that id."""
-        statement = delete(ApiKeyRow).where(ApiKeyRow.id == key_id)
-        deleted = in_session(self.engine, lambda session: session.execute(statement).rowcount, "revoking a key", self.retry_s, write=True)
+        """Revoke a key and end its browser sessions; False when there was none with that id."""
+
+        def revoke(session: Session) -> int:
+            session.execute(delete(BrowserSessionRow).where(BrowserSessionRow.key_id == key_id))
+            return session.execute(delete(ApiKeyRow).where(ApiKeyRow.id == key_id)).rowcount
+
+        deleted = in_session(self.engine, revoke, "revoking a key", self.retry_s, write=True)
         self.count = self._count()
         return bool(deleted)
 

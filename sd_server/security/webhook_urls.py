@@ -22,23 +22,59 @@ class WebhookTarget:
     tls_name: str | None
 
 
+# IANA's special-purpose blocks that are not globally reachable and that Python 3.11's ``is_global`` still calls
+# global (later Pythons know some of them); what ``is_global`` refuses is refused as well.
+NOT_GLOBAL = [
+    ipaddress.ip_network(block)
+    for block in (
+        "192.0.0.0/24",  # IETF protocol assignments (192.0.0.9 and .10 are global: below)
+        "192.88.99.0/24",  # 6to4 relay anycast, deprecated
+        "198.18.0.0/15",  # benchmarking
+        "240.0.0.0/4",  # reserved
+        "fec0::/10",  # site-local, deprecated
+        "64:ff9b:1::/48",  # local-use IPv4/IPv6 translation
+        "2001::/23",  # IETF protocol assignments (some global exceptions below)
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing SIDs
+    )
+]
+GLOBAL_EXCEPTIONS = [
+    ipaddress.ip_network(block)
+    for block in ("192.0.0.9/32", "192.0.0.10/32", "2001:1::1/128", "2001:1::2/128", "2001:3::/32", "2001:4:112::/48", "2001:20::/28")
+]
+GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: a DNS64 resolver's answer for an IPv4 host
+
+
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d), 6to4 or Teredo."""
+    """The IPv4 address an IPv6 one carries: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d), NAT64
+    (64:ff9b::a.b.c.d), 6to4 or Teredo."""
     if address.ipv4_mapped:
         return address.ipv4_mapped
     if address.sixtofour:
         return address.sixtofour
     if address.teredo:
         return address.teredo[1]
-    return ipaddress.IPv4Address(int(address)) if int(address) >> 32 == 0 else None
+    if address in NAT64 or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def is_public(address: IPAddress) -> bool:
-    """True for a global unicast address (and, for IPv6, one that carries no private IPv4 address)."""
-    if isinstance(address, ipaddress.IPv6Address) and (inner := embedded_ipv4(address)) is not None and not is_public(inner):
+    """True for a globally reachable unicast address. An IPv6 address that carries an IPv4 one is judged by it: a
+    mapped, compatible or NAT64 address stands for its IPv4 host; a 6to4 or Teredo one must be public both ways."""
+    if isinstance(address, ipaddress.IPv6Address) and (inner := embedded_ipv4(address)) is not None:
+        if not is_public(inner):
+            return False
+        if address.ipv4_mapped or address in NAT64 or int(address) >> 32 == 0:
+            return True
+    if isinstance(address, ipaddress.IPv6Address) and address not in GLOBAL_UNICAST_V6:
         return False
-    special = address.is_multicast or address.is_reserved or address.is_unspecified or address.is_loopback
-    return address.is_global and not special and not address.is_link_local and not address.is_private
+    if any(address in network for network in GLOBAL_EXCEPTIONS):
+        return True
+    special = address.is_multicast or address.is_reserved or address.is_unspecified or address.is_loopback or address.is_link_local
+    return address.is_global and not special and not address.is_private and not any(address in network for network in NOT_GLOBAL)
 
 
 def resolve(url: str) -> tuple[str, list[IPAddress]]:

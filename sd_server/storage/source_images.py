@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from sd_server.errors import InvalidPhotoError
-from sd_server.storage.photos import open_upright
+from sd_server.storage.photos import image_size, open_upright
 
 NATIVE_SIDE = 512  # SD1.5's own size: an output that follows the init image is at most this on its longer side
 MIN_SIDE, MAX_SIDE = 256, 1024  # the sizes a request may ask for
@@ -38,35 +38,42 @@ class SourceImages:
 
 
 def base64_payload(value: str) -> str:
-    """The base64 of an image sent bare or as a ``data:image/...;base64,`` URL."""
-    return value.split(",", 1)[1] if value.startswith("data:") else value
+    """The base64 of an image sent bare or as a ``data:image/...;base64,`` URL (a ``data:`` URL without its comma
+    has none: the empty string)."""
+    return value.partition(",")[2] if value.startswith("data:") else value
 
 
 def decode_base64(field: str, value: str) -> bytes:
     """The bytes of a base64 image, bare or as a ``data:`` URL; 422 at ``field`` when it is not base64."""
     try:
-        return base64.b64decode(base64_payload(value), validate=True)
+        data = base64.b64decode(base64_payload(value), validate=True)
     except (binascii.Error, ValueError) as error:
         raise InvalidPhotoError(f"{field}: not base64 (send the PNG or JPEG base64-encoded, or as a data: URL)", field=field) from error
+    if not data:
+        raise InvalidPhotoError(f"{field}: empty (a data: URL needs its comma and the base64 after it)", field=field)
+    return data
 
 
-def output_size(image: Image.Image) -> tuple[int, int]:
-    """The output size that follows an init image: its own, scaled down to NATIVE_SIDE on the longer side if larger
-    and up to MIN_SIDE on the shorter side if smaller; each side a multiple of 8 within MIN_SIDE..MAX_SIDE."""
-    scale = max(MIN_SIDE / min(image.size), min(1.0, NATIVE_SIDE / max(image.size)))
-    return tuple(min(MAX_SIDE, max(MIN_SIDE, round(side * scale / 8) * 8)) for side in image.size)  # type: ignore[return-value]
+def output_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The output size that follows an init image of ``size``: its own, scaled down to NATIVE_SIDE on the longer side
+    if larger and up to MIN_SIDE on the shorter side if smaller; each side a multiple of 8 within MIN_SIDE..MAX_SIDE."""
+    scale = max(MIN_SIDE / min(size), min(1.0, NATIVE_SIDE / max(size)))
+    return tuple(min(MAX_SIDE, max(MIN_SIDE, round(side * scale / 8) * 8)) for side in size)  # type: ignore[return-value]
 
 
 def prepare_sources(
     init_image: bytes, mask_image: bytes | None, size: tuple[int, int] | None, invert_mask: bool = False
 ) -> SourceImages:
     """The init image and mask stretched to ``size`` (None: ``output_size`` of the init image) as PNGs; 422 naming
-    the field for one that does not decode, is over the pixel cap, or a mask with nothing to repaint."""
-    init = open_upright("init_image", init_image, field="init_image")
-    width, height = size or output_size(init)
+    the field for one that does not decode, is over the pixel cap, or a mask with nothing to repaint. Both headers
+    are checked before either image is decoded."""
+    if mask_image is not None:
+        image_size("mask_image", mask_image, field="mask_image")
+    init = open_upright("init_image", init_image, field="init_image", fits=(max(size),) * 2 if size else None)
+    width, height = size or output_size(init.size)
     mask_png = None
     if mask_image is not None:
-        mask = open_upright("mask_image", mask_image, field="mask_image").convert("L")
+        mask = open_upright("mask_image", mask_image, field="mask_image", fits=(max(width, height),) * 2).convert("L")
         mask = ImageOps.invert(mask) if invert_mask else mask
         mask = mask.resize((width, height), Image.Resampling.LANCZOS)
         if mask.getextrema()[1] < 128:

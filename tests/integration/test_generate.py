@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import pixels
+from helpers import pixels, wait_for
 from sd_server.app import create_app
 from sd_server.domain.generation import MAX_SEED, SchedulerName
 from sd_server.domain.jobs import JobQuery
@@ -176,3 +176,14 @@ def test_users_get_their_own_model(client, small_request):
     assert bob["model_id"] == "demo2" and alice["model_id"] == "demo"
     assert np.array_equal(pixels(default["image_base64"]), pixels(alice["image_base64"]))
     assert not np.array_equal(pixels(default["image_base64"]), pixels(bob["image_base64"]))
+
+
+def test_a_batch_whose_values_stop_being_finite_fails_saying_so_instead_of_answering_a_black_image(client, small_request, monkeypatch):
+    monkeypatch.setattr("sd_server.api.submissions.check_weights", lambda text: None)  # let an absurd weight through
+    absurd = client.post("/jobs", json=small_request(prompt="(a red circle:" + "9" * 40 + ")"))
+    plain = client.post("/jobs", json=small_request(prompt="a red circle"))  # batched with it: succeeds all the same
+
+    failed, succeeded = (wait_for(client, response.json()["job_id"]) for response in (absurd, plain))
+
+    assert failed["status"] == "failed" and "black image" in failed["error"]
+    assert succeeded["status"] == "succeeded"

@@ -64,3 +64,9 @@ def test_the_modes_benchmark_runs_and_prints_txt2img_img2img_and_inpainting_rows
     )
 
     assert "| txt2img |" in output and "| img2img |" in output and "| inpaint |" in output
+
+
+def test_the_upload_benchmark_runs_and_prints_its_table():
+    output = run_benchmark("benchmarks/bench_uploads.py", "--uploads", "2", "--photos", "3", "--side", "256", "--same-user")
+
+    assert "| GET /jobs p50 s |" in output and "1x 202, 1x 429" in output

@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import png_bytes
 from sd_server.errors import InvalidPhotoError
-from sd_server.storage.photos import MAX_PHOTOS, Photo, photos_in_archive, prepare_photo, prepare_photos
+from sd_server.storage.photos import MAX_PHOTOS, Photo, checked_photos, photos_in_archive, prepare_photo
 
 
 def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
@@ -38,14 +38,14 @@ def test_exact_duplicates_are_dropped_and_too_few_distinct_photos_are_refused():
     photos = [Photo(f"{index}.png", png_bytes(seed=index % 2, size=64)) for index in range(4)]
 
     with pytest.raises(InvalidPhotoError, match="got 2 .*2 exact duplicates dropped"):
-        prepare_photos(photos, resolution=64, min_side=64)
+        checked_photos(photos, min_side=64)
 
 
 def test_a_file_that_is_not_an_image_is_refused_naming_it():
     photos = [Photo(f"{index}.png", png_bytes(seed=index, size=64)) for index in range(3)] + [Photo("notes.txt", b"hello")]
 
     with pytest.raises(InvalidPhotoError, match="notes.txt: not an image"):
-        prepare_photos(photos, resolution=64, min_side=64)
+        checked_photos(photos, min_side=64)
 
 
 def test_a_photo_smaller_than_the_minimum_is_refused_naming_it():
@@ -57,7 +57,7 @@ def test_more_photos_than_the_cap_are_refused():
     photos = [Photo(f"{index}.png", png_bytes(seed=index, size=8)) for index in range(MAX_PHOTOS + 1)]
 
     with pytest.raises(InvalidPhotoError, match=f"3 to {MAX_PHOTOS} distinct photos"):
-        prepare_photos(photos, resolution=64, min_side=8)
+        checked_photos(photos, min_side=8)
 
 
 def test_the_images_in_a_zip_are_read_and_other_files_skipped():
@@ -65,18 +65,20 @@ def test_the_images_in_a_zip_are_read_and_other_files_skipped():
     with zipfile.ZipFile(archive, "w") as bundle:
         bundle.writestr("me/one.png", png_bytes(seed=1, size=64))
         bundle.writestr("me/two.JPG", png_bytes(seed=2, size=64))
+        bundle.writestr("me/three.webp", png_bytes(seed=3, size=64))
         bundle.writestr("me/readme.txt", "not a photo")
         bundle.writestr("__MACOSX/me/._one.png", "resource fork")
 
     photos = photos_in_archive(archive.getvalue(), max_bytes=10_000_000)
 
-    assert [photo.name for photo in photos] == ["me/one.png", "me/two.JPG"]
+    assert [photo.name for photo in photos] == ["me/one.png", "me/two.JPG", "me/three.webp"]
 
 
 def test_a_zip_that_unpacks_past_the_cap_is_refused():
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
-        bundle.writestr("big.png", b"\0" * 2_000_000)
+        for index in range(3):
+            bundle.writestr(f"big-{index}.png", b"\0" * 400_000)
 
     with pytest.raises(InvalidPhotoError, match="unpacks to more than 1000000 bytes"):
         photos_in_archive(archive.getvalue(), max_bytes=1_000_000)

@@ -1,13 +1,12 @@
 """Nothing breaks quietly: the database held locked or gone, a loop that raises, an encoder that fails, a device
 that is lost. Each fault is injected for real (a lock taken by another connection) or through the fake engine."""
 
-import sqlite3
 import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import poll, wait_for
+from helpers import HeldLock, WebhookReceiver, poll, sqlite_file, wait_for
 from sd_server.errors import DeviceLostError
 from sd_server.persistence.database import create_database_engine
 from sd_server.persistence.job_store import SqlJobStore
@@ -18,23 +17,6 @@ def quick_database(settings):
     """A database whose locks time out fast, so the retries show within a test."""
     settings.database_lock_timeout_s = 0.2
     return settings
-
-
-def sqlite_file(settings) -> str:
-    """The SQLite file of the test's database."""
-    return settings.effective_database_url.removeprefix("sqlite:///")
-
-
-class HeldLock:
-    """Another process's write lock on the SQLite file, as long as the test holds it."""
-
-    def __init__(self, path: str) -> None:
-        self.connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.connection.execute("BEGIN IMMEDIATE")
-
-    def release(self) -> None:
-        self.connection.execute("ROLLBACK")
-        self.connection.close()
 
 
 def stored_status(settings, job_id: str) -> str:
@@ -139,3 +121,24 @@ def test_a_lost_device_stops_the_process_requeues_async_jobs_and_answers_sync_on
     assert health.status_code == 503 and health.json()["status"] == "not ok"
     assert job["status"] == "queued"
     assert stored_status(settings, queued_async) == "queued"  # it runs after the restart
+
+
+def test_a_webhook_whose_job_ends_while_the_database_is_locked_is_delivered_once_it_is_back(
+    quick_database, app_factory, engine, small_request, caplog
+):
+    quick_database.database_retry_s = 0.5
+    engine.step_gate = threading.Semaphore(0)
+    receiver = WebhookReceiver()
+    try:
+        with TestClient(app_factory(quick_database)) as client:
+            job_id = client.post("/jobs", json=small_request(webhook_url=receiver.url)).json()["job_id"]
+            wait_for(client, job_id, "running")
+            lock = HeldLock(sqlite_file(quick_database))
+            engine.step_gate.release(1000)
+            poll(lambda: caplog.text, lambda text: "could not keep the webhook" in text, "the webhook refused by the database")
+            lock.release()
+            poll(lambda: list(receiver.bodies), bool, "the webhook after the database came back")
+    finally:
+        receiver.close()
+
+    assert receiver.bodies[0]["job_id"] == job_id and receiver.bodies[0]["status"] == "succeeded"

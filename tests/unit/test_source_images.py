@@ -42,7 +42,7 @@ def test_text_that_is_not_base64_is_refused_at_its_field():
     [((256, 256), (256, 256)), ((300, 200), (384, 256)), ((1000, 1000), (512, 512)), ((3024, 4032), (384, 512)), ((2000, 400), (1024, 256))],
 )
 def test_left_out_the_output_size_keeps_the_init_images_own_size_and_aspect_within_256_and_512(size, expected):
-    assert output_size(Image.new("RGB", size)) == expected
+    assert output_size(size) == expected
 
 
 def test_the_init_image_and_mask_are_stretched_to_the_requested_size_and_the_mask_made_grayscale():

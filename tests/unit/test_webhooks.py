@@ -2,6 +2,7 @@
 to a checked address pinned for the connection."""
 
 import asyncio
+import ipaddress
 import socket
 
 import pytest
@@ -123,11 +124,20 @@ def test_webhook_urls_that_could_reach_inside_are_refused_with_422(settings, app
     assert response.json()["detail"][0]["loc"] in (["body", "webhook_url"], ["body", "webhook_url", "url"])
 
 
-@pytest.mark.parametrize("address", ["::127.0.0.1", "::ffff:192.168.1.1", "2002:c0a8:0101::1", "224.0.0.1", "fe80::1", "::"])
-def test_addresses_that_are_not_public_unicast_are_not_public(address):
-    import ipaddress
-
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1", "::ffff:192.168.1.1", "2002:c0a8:0101::1", "224.0.0.1", "fe80::1", "::", "fec0::1", "192.0.0.8",
+        "198.18.0.1", "240.0.0.1", "2001:db8::1", "fc00::1", "64:ff9b::a00:1", "64:ff9b:1::808:808", "::ffff:169.254.169.254",
+    ],
+)  # fmt: skip
+def test_addresses_that_are_not_globally_routable_are_not_public(address):
     assert not is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "192.0.0.9", "2606:4700::1111", "::ffff:93.184.216.34", "64:ff9b::5db8:d822"])
+def test_globally_routable_addresses_and_the_forms_that_carry_them_are_public(address):
+    assert is_public(ipaddress.ip_address(address))
 
 
 def test_a_delivery_connects_to_the_address_that_was_checked(monkeypatch):

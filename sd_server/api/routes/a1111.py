@@ -23,10 +23,10 @@ from schemas import (
     A1111Txt2ImgRequest,
     GenerateRequest,
 )
-from sd_server.api.dependencies import CurrentUser, QueueDep, RegistryDep, StylesDep
+from sd_server.api.dependencies import CurrentUser, QueueDep, RegistryDep, StylesDep, get_decoding
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
-from sd_server.api.submissions import ImageFiles, decode_image, prepare_generation, run_job
+from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job
 from sd_server.domain.generation import A1111_SAMPLERS, SchedulerName, sampler_label
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER
@@ -99,7 +99,13 @@ async def generate(
 ) -> Job:
     """Run an A1111 call as a synchronous job in our queue."""
     request = generate_request(body)
-    generation, inputs = await asyncio.to_thread(prepare_generation, request, acting_user(principal), styles, files)
+    user_id, decodes = acting_user(principal), files.init_image is not None
+    try:
+        generation, inputs = await off_the_loop(lambda: prepare_generation(request, user_id, styles, files), decodes, get_decoding(http_request))
+    except InvalidFieldError as error:  # named as A1111 names the field
+        error.location = tuple(A1111_FIELDS.get(part, part) for part in error.location)
+        raise
+
     return await run_job(generation, inputs, queue, http_request)
 
 
@@ -155,7 +161,7 @@ async def txt2img(body: A1111Txt2ImgRequest, queue: QueueDep, principal: Current
 @a1111_router.post("/img2img", responses=GENERATION_ERRORS)
 async def img2img(body: A1111Img2ImgRequest, queue: QueueDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
     """A1111's img2img, and inpainting with `mask` (white repaints; `inpainting_mask_invert: 1` flips it)."""
-    files = await asyncio.to_thread(
+    files = await get_decoding(http_request).run(
         lambda: ImageFiles(decode_image("init_images", body.init_images[0]), decode_image("mask", body.mask), bool(body.inpainting_mask_invert))
     )
     job = await generate(body, files, principal, queue, styles, http_request)

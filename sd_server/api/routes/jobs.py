@@ -11,20 +11,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from schemas import JobCreated, JobList, JobRequest, JobResponse
-from sd_server.api.dependencies import CurrentUser, JobDep, QueueDep, StylesDep
+from sd_server.api.dependencies import CurrentUser, DecodingDep, JobDep, LookupsDep, QueueDep, StylesDep
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
 from sd_server.api.sse import event_response, follow
-from sd_server.api.submissions import submission
-from sd_server.domain.jobs import JobQuery, JobStatus, as_utc
+from sd_server.api.submissions import checked_webhook, submission
+from sd_server.domain.jobs import JOB_ID, JobQuery, JobStatus, as_utc
 from sd_server.errors import (
     ConflictError,
     ForbiddenError,
     NotFoundError,
     UnknownUserError,
+    first_line,
 )
 from sd_server.observability.logging import request_id_var
-from sd_server.security.webhook_urls import check_webhook_url
 
 jobs_router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_OFFSET = 2**31 - 1  # past it databases overflow; past the total, pages are empty anyway
@@ -37,15 +37,15 @@ async def create_job(
     queue: QueueDep,
     principal: CurrentUser,
     styles: StylesDep,
+    decoding: DecodingDep,
+    lookups: LookupsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same job.")] = None,
 ) -> JobCreated:
     """Queue a generation (text-to-image, img2img or inpainting, as POST /generate takes them) and answer at once;
     follow it at `links.self` or `links.events`."""
-    generation, inputs = await submission(body, principal, styles)
-    webhook_url = str(body.webhook_url) if body.webhook_url else None
-    if webhook_url:
-        await asyncio.to_thread(check_webhook_url, webhook_url, queue.settings.webhook_allow_private)
+    generation, inputs = await submission(body, principal, styles, decoding)
+    webhook_url = await checked_webhook(body.webhook_url, lookups, queue.settings.webhook_allow_private)
     job, _ = await asyncio.to_thread(queue.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
@@ -95,15 +95,18 @@ def encode_cursor(position: tuple[datetime, str] | None) -> str | None:
 
 
 def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
-    """The position a cursor stands for; 422 when it is not one of ours."""
+    """The position a cursor stands for; 422 when it is not one of ours (not base64, no time and id, a time with no
+    UTC equivalent, an id no job can have)."""
     if cursor is None:
         return None
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, binascii.Error) as error:
-        message = f"invalid cursor: pass next_cursor from the previous page ({error})"
-        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "msg": message, "input": cursor}]) from error
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError(f"{job_id[:40]!r} is not a job id")
+        return as_utc(datetime.fromisoformat(created)), job_id
+    except (ValueError, OverflowError, binascii.Error) as error:
+        message = f"invalid cursor: pass next_cursor from the previous page ({first_line(error)})"
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "cursor"), "msg": message, "input": None}]) from error
 
 
 @jobs_router.get("/{job_id}", responses=error_responses(NotFoundError))

@@ -36,7 +36,7 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
     if principal.key_id is None:
         return session_response(principal, None)
     sessions = request.app.state.sessions
-    token, session = sessions.issue(principal.key_id)
+    token, session = await asyncio.to_thread(sessions.issue, principal.key_id)
     secure = request.url.scheme == "https"
     response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite="strict", secure=secure, path="/")
     return session_response(principal, session)
@@ -45,12 +45,16 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
 @session_router.get("", responses=error_responses(UnauthorizedError))
 async def read_session(principal: CurrentUser, request: Request) -> SessionResponse:
     """Who this browser (or key) acts as; with a session cookie, also its CSRF token (a reloaded page reads it here)."""
-    return session_response(principal, session_of(request))
+    return session_response(principal, await asyncio.to_thread(session_of, request))
 
 
 @session_router.delete("", status_code=204)
-async def sign_out() -> Response:
-    """Forget the session cookie."""
+async def sign_out(request: Request) -> Response:
+    """End the cookie's session (at once, on every replica: the same cookie is refused from now on) and forget the
+    cookie. Without a live session there is nothing to end, and the answer is the same."""
+    session = await asyncio.to_thread(session_of, request)
+    if session is not None:
+        await asyncio.to_thread(request.app.state.sessions.end, session)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response

@@ -2,21 +2,22 @@
 delete trainings, and fetch their sample images."""
 
 import asyncio
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from schemas import TrainingCreated, TrainingForm, TrainingList, TrainingResponse
-from sd_server.api.dependencies import CurrentUser, TrainingDep, TrainingsDep, VisibleUser
-from sd_server.api.errors import error_responses
+from sd_server.api.dependencies import CurrentUser, DecodingDep, LookupsDep, TrainingDep, TrainingsDep, VisibleUser
+from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import training_links, training_response
 from sd_server.api.routes.images import stored_image
 from sd_server.api.sse import event_response, follow
-from sd_server.domain.trainings import TrainingSettings
+from sd_server.api.submissions import checked_webhook
+from sd_server.domain.trainings import Training, TrainingSettings
 from sd_server.errors import (
     ConflictError,
     InvalidFieldError,
@@ -25,11 +26,19 @@ from sd_server.errors import (
     TrainingLimitError,
     UnknownUserError,
 )
+from sd_server.jobs.trainings import fingerprint
 from sd_server.observability.logging import request_id_var
-from sd_server.security.webhook_urls import check_webhook_url
-from sd_server.storage.photos import MAX_PHOTOS, Photo, photos_in_archive, prepare_photos
+from sd_server.storage.photos import (
+    MAX_PHOTO_BYTES,
+    MAX_PHOTOS,
+    Photo,
+    checked_photos,
+    photos_in_archive,
+    prepare_photo,
+)
 
 trainings_router = APIRouter(tags=["trainings"])
+TRAINING_UPLOAD_PATHS = re.compile(r"/users/[^/]+/trainings")  # bodies up to SD_MAX_TRAINING_UPLOAD_BYTES
 TRAINING_ERRORS = error_responses(NotFoundError, ConflictError)
 TRAINING_UPLOAD_BODY = {
     "required": True,
@@ -52,32 +61,41 @@ TRAINING_UPLOAD_BODY = {
 }
 
 
-async def read_photos(request: Request) -> tuple[list[Photo], TrainingForm]:
-    """The multipart body, read only now (after the key and the size were checked): the photos (from `images` or a
-    zip in `archive`) and the fields; 422 naming the field that is missing or invalid."""
+async def read_upload(request: Request) -> tuple[list[Photo], bytes | None, TrainingForm]:
+    """The multipart body, read only now (after the key, the user's room for a training and the size were checked):
+    the photos of `images`, or the zip in `archive` (unpacked later, on the decoding pool), and the fields; 422 naming
+    the field that is missing or invalid. Nothing is decoded here."""
     form = await request.form(max_files=MAX_PHOTOS + 1, max_fields=len(TrainingForm.model_fields) + 1)
     try:
         fields = {name: value for name, value in form.items() if name not in ("images", "archive")}
         try:
             settings = TrainingForm.model_validate(fields)
         except ValidationError as error:
-            raise RequestValidationError([{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors()]) from error
-        return await uploaded_photos(form, request.app.state.settings.max_upload_bytes), settings
+            raise body_validation_error(error) from error
+        return *await uploaded_files(form), settings
     finally:
         await form.close()
 
 
-async def uploaded_photos(form: FormData, max_bytes: int) -> list[Photo]:
-    """The photos of the form: each file of `images`, or the image files inside the zip in `archive`."""
+async def uploaded_files(form: FormData) -> tuple[list[Photo], bytes | None]:
+    """The form's files: each photo of `images`, or the zip in `archive` as it is."""
     images = [upload for upload in form.getlist("images") if isinstance(upload, UploadFile)]
     archive = form.get("archive")
     if images and isinstance(archive, UploadFile):
         raise InvalidPhotoError("send the photos as `images` or as one zip in `archive`, not both")
     if isinstance(archive, UploadFile):
-        return await asyncio.to_thread(photos_in_archive, await archive.read(), max_bytes)
+        return [], await archive.read()
     if not images:
         raise InvalidPhotoError("no photos: send 3 or more files in the repeated field `images`, or a zip in `archive`")
-    return [Photo(upload.filename or f"images[{index}]", await upload.read()) for index, upload in enumerate(images)]
+    return [await read_photo(upload, index) for index, upload in enumerate(images)], None
+
+
+async def read_photo(upload: UploadFile, index: int) -> Photo:
+    """One uploaded photo; 422 naming it when its file is over MAX_PHOTO_BYTES (checked before it is read)."""
+    name = upload.filename or f"images[{index}]"
+    if upload.size is not None and upload.size > MAX_PHOTO_BYTES:
+        raise InvalidPhotoError(f"{name}: {upload.size} bytes; a photo may have at most {MAX_PHOTO_BYTES}")
+    return Photo(name, await upload.read())
 
 
 def training_settings(form: TrainingForm, max_steps: int) -> TrainingSettings:
@@ -85,6 +103,12 @@ def training_settings(form: TrainingForm, max_steps: int) -> TrainingSettings:
     if form.steps > max_steps:
         raise InvalidFieldError(f"steps: at most {max_steps} (SD_MAX_TRAINING_STEPS)", field="steps")
     return TrainingSettings(**form.model_dump(exclude={"webhook_url"}))
+
+
+def created(training: Training, response: Response) -> TrainingCreated:
+    """The 202 answer for ``training``, with its Location."""
+    response.headers["Location"] = f"/trainings/{training.id}"
+    return TrainingCreated(training_id=training.id, status=training.status, photos=training.photo_count, links=training_links(training))
 
 
 @trainings_router.post(
@@ -97,23 +121,36 @@ async def create_training(
     user_id: VisibleUser,
     request: Request,
     trainings: TrainingsDep,
+    decoding: DecodingDep,
+    lookups: LookupsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same training.")] = None,
 ) -> TrainingCreated:
     """Train a LoRA of the user's subject from their photos (multipart: `images` repeated, or a zip in `archive`,
     and the settings as form fields). Answers at once; follow it at `links.self` or `links.events`. On success the
-    LoRA becomes the user's model (unless `activate=false`). A user's own key may train their own model."""
-    photos, form = await read_photos(request)
-    settings = training_settings(form, trainings.settings.max_training_steps)
-    webhook_url = str(form.webhook_url) if form.webhook_url else None
-    if webhook_url:
-        await asyncio.to_thread(check_webhook_url, webhook_url, trainings.settings.webhook_allow_private)
-    prepared = await asyncio.to_thread(prepare_photos, photos, settings.resolution, trainings.settings.training_min_photo_side)
-    training, _ = await asyncio.to_thread(
-        trainings.submit, user_id, settings, prepared, webhook_url, idempotency_key, request_id_var.get()
-    )
-    response.headers["Location"] = f"/trainings/{training.id}"
-    return TrainingCreated(training_id=training.id, status=training.status, photos=training.photo_count, links=training_links(training))
+    LoRA becomes the user's model (unless `activate=false`). A user's own key may train their own model. The cheap
+    checks come first (the key, one training at a time, the fields, counts and sizes from the files' headers); the
+    photos are decoded last, on a pool of their own."""
+    settings = trainings.settings
+    if idempotency_key is None:
+        trainings.check_room(user_id)  # 429 before the body is read (a repeat with a key may find its training)
+    photos, archive, form = await read_upload(request)
+    training_setup = training_settings(form, settings.max_training_steps)
+    webhook_url = await checked_webhook(form.webhook_url, lookups, settings.webhook_allow_private)
+    upload_fingerprint = fingerprint(training_setup, [archive] if archive is not None else [photo.data for photo in photos], webhook_url)
+    if (repeat := await asyncio.to_thread(trainings.repeat_of, user_id, idempotency_key, upload_fingerprint)) is not None:
+        return created(repeat, response)
+    with trainings.reservation(user_id) as reservation:
+        if archive is not None:
+            photos = await decoding.run(photos_in_archive, archive, settings.max_training_upload_bytes)
+            archive = None  # its photos replace it in memory
+        photos = await decoding.run(checked_photos, photos, settings.training_min_photo_side)  # all counted and checked first
+        # One photo a task: another request's decoding waits for at most one photo of this one.
+        prepared = [await decoding.run(prepare_photo, photo, training_setup.resolution, settings.training_min_photo_side) for photo in photos]
+        training, _ = await asyncio.to_thread(
+            trainings.submit, reservation, training_setup, prepared, upload_fingerprint, webhook_url, idempotency_key, request_id_var.get()
+        )
+    return created(training, response)
 
 
 @trainings_router.get("/trainings")

@@ -26,7 +26,7 @@ from sd_server.registry import ModelRegistry
 from sd_server.storage.model_files import keep_upload, stage_upload
 
 users_router = APIRouter(prefix="/users/{user_id}", tags=["users"])
-UPLOAD_PATHS = re.compile(r"/users/[^/]+/(lora|trainings)")  # routes whose bodies may reach SD_MAX_UPLOAD_BYTES
+UPLOAD_PATHS = re.compile(r"/users/[^/]+/lora")  # routes whose bodies may reach SD_MAX_UPLOAD_BYTES
 NOT_FOUND = error_responses(UnknownUserError)
 ADMIN_ONLY = error_responses(ForbiddenError, UnknownUserError)
 
