@@ -79,9 +79,12 @@ def identify(request: Request, key: str | None) -> Principal | None:
 
 
 def session_of(request: Request) -> Session | None:
-    """The live session of the request's cookie; None without one (blocking: it reads the database)."""
-    token = request.cookies.get(SESSION_COOKIE)
-    return request.app.state.sessions.verify(token) if token else None
+    """The live session of the request's cookie; None without one (blocking: it reads the database, once a request:
+    authentication and the session routes share the answer)."""
+    if not hasattr(request.state, "session"):
+        token = request.cookies.get(SESSION_COOKIE)
+        request.state.session = request.app.state.sessions.verify(token) if token else None
+    return request.state.session
 
 
 def session_principal(request: Request) -> Principal | None:

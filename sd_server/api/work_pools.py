@@ -17,7 +17,6 @@ class WorkPool:
     """A bounded pool of named threads; ``run`` awaits a function on it, the request id's context carried along."""
 
     def __init__(self, name: str, threads: int) -> None:
-        self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

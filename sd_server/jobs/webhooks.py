@@ -104,7 +104,8 @@ class WebhookSender:
         deliveries: set[asyncio.Task] = set()
         while not self._closing:
             try:
-                await asyncio.to_thread(self._keep_unkept)
+                if self._unkept:  # only while the database was away: no thread hop on every poll
+                    await asyncio.to_thread(self._keep_unkept)
                 due = await asyncio.to_thread(self.outbox.due, CONCURRENT_DELIVERIES * 4, set(self._in_flight))
                 for delivery in due:
                     self._in_flight.add(delivery.id)

@@ -41,11 +41,14 @@ def image_size(name: str, data: bytes, field: str = "images") -> tuple[int, int]
         return image.size
 
 
-def open_upright(name: str, data: bytes, field: str = "images", fits: tuple[int, int] | None = None) -> Image.Image:
+def open_upright(
+    name: str, data: bytes, field: str = "images", fits: tuple[int, int] | None = None, min_side: int = 0
+) -> Image.Image:
     """The image in ``data`` decoded, turned upright by its EXIF orientation, RGB; InvalidPhotoError naming it (at
-    ``field``) when it is not an image in an accepted format, is corrupt, or has more than MAX_PIXELS (refused before
-    decoding). With ``fits``, a JPEG may be decoded at a reduced scale that still covers that size (much faster)."""
-    with opened(name, data, field) as image:
+    ``field``) when it is not an image in an accepted format, is corrupt, or its header shows more than MAX_PIXELS or
+    fewer than ``min_side`` pixels a side (refused before decoding). With ``fits``, a JPEG may be decoded at a
+    reduced scale that still covers that size (much faster)."""
+    with opened(name, data, field, min_side) as image:
         try:
             if fits is not None:
                 image.draft("RGB", fits)
@@ -55,9 +58,9 @@ def open_upright(name: str, data: bytes, field: str = "images", fits: tuple[int,
 
 
 @contextmanager
-def opened(name: str, data: bytes, field: str) -> Iterator[Image.Image]:
+def opened(name: str, data: bytes, field: str, min_side: int = 0) -> Iterator[Image.Image]:
     """The image in ``data`` opened lazily (its header read, no pixel decoded) and checked: an accepted format, at
-    most MAX_PIXELS; closed on leaving."""
+    most MAX_PIXELS, at least ``min_side`` pixels a side; closed on leaving."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -70,22 +73,22 @@ def opened(name: str, data: bytes, field: str) -> Iterator[Image.Image]:
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise InvalidPhotoError(f"{name}: {width}x{height} is over {MAX_PIXELS // 1_000_000} megapixels", field=field)
+        if min(width, height) < min_side:
+            raise InvalidPhotoError(f"{name}: {width}x{height} is too small; each photo needs at least {min_side} pixels a side", field=field)
         yield image
 
 
 def check_photo(photo: Photo, min_side: int) -> None:
     """InvalidPhotoError naming the photo when its header shows it cannot be used: not an accepted image, more than
     MAX_PIXELS, or fewer than ``min_side`` pixels on a side. Nothing is decoded."""
-    width, height = image_size(photo.name, photo.data)
-    if min(width, height) < min_side:
-        raise InvalidPhotoError(f"{photo.name}: {width}x{height} is too small; each photo needs at least {min_side} pixels a side")
+    with opened(photo.name, photo.data, "images", min_side):
+        pass
 
 
 def prepare_photo(photo: Photo, resolution: int, min_side: int) -> Image.Image:
     """The photo upright, RGB, centre-cropped to a square of ``resolution`` pixels; InvalidPhotoError naming the file
     when it is not an image, has fewer than ``min_side`` pixels on a side, or more than MAX_PIXELS."""
-    check_photo(photo, min_side)
-    upright = open_upright(photo.name, photo.data, fits=(resolution, resolution))
+    upright = open_upright(photo.name, photo.data, fits=(resolution, resolution), min_side=min_side)
     return ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
 
 

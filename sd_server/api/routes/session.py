@@ -48,13 +48,17 @@ async def read_session(principal: CurrentUser, request: Request) -> SessionRespo
     return session_response(principal, await asyncio.to_thread(session_of, request))
 
 
+def end_session(request: Request) -> None:
+    """End the live session of the request's cookie, if it has one (blocking: the database)."""
+    if (session := session_of(request)) is not None:
+        request.app.state.sessions.end(session)
+
+
 @session_router.delete("", status_code=204)
 async def sign_out(request: Request) -> Response:
     """End the cookie's session (at once, on every replica: the same cookie is refused from now on) and forget the
     cookie. Without a live session there is nothing to end, and the answer is the same."""
-    session = await asyncio.to_thread(session_of, request)
-    if session is not None:
-        await asyncio.to_thread(request.app.state.sessions.end, session)
+    await asyncio.to_thread(end_session, request)
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response
