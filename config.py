@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         None, description="A JSON file with more of the user -> model mapping (SD_USER_MODELS wins on conflicts)."
     )
     models_dir: Path = Field(Path("models"), description="Where local model folders are looked up by name.")
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: CUDA, then MPS, then CPU.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto: float16 on CUDA, float32 elsewhere."
     )
@@ -51,7 +51,10 @@ class Settings(BaseSettings):
         2, ge=1, description="Threads that decode uploaded pictures and zips: a pool of their own, so uploads never hold up other requests."
     )
     output_dir: Path = Field(Path("output"), description="Where generated PNGs are saved.")
-    save_images: bool = True
+    save_images: bool = Field(
+        True,
+        description="Save the images of /generate and /generate/image to SD_OUTPUT_DIR (jobs of POST /jobs always store theirs: their results link to them).",
+    )
     cors_origins: list[str] = Field(
         ["http://localhost:3000", "http://localhost:5173"], description="Origins allowed by CORS, as a JSON list."
     )
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
     )
     safety_checker: bool = Field(False, description="Run the model's NSFW safety checker when it ships one.")
     max_batch_size: int | None = Field(
-        None, ge=1, description="Most images in one pipeline call; unset: 8 on CUDA, 4 elsewhere (see README)."
+        None, ge=1, description="Most images in one pipeline call; unset: 8 on CUDA, 4 elsewhere (see docs/performance.md)."
     )
     batch_wait_ms: float = Field(10, ge=0, description="How long a job waits for companions to batch with.")
     batch_across_adapters: bool = Field(
@@ -85,10 +88,10 @@ class Settings(BaseSettings):
         10, gt=0, description="How long one attempt waits for a lock another process holds (SQLite busy timeout, PostgreSQL lock_timeout)."
     )
     storage: Literal["local", "s3"] = Field("local", description="Where images go: SD_OUTPUT_DIR, or an S3 bucket.")
-    s3_bucket: str | None = None
+    s3_bucket: str | None = Field(None, description="The bucket of SD_STORAGE=s3.")
     s3_prefix: str = Field("", description="Key prefix inside the bucket, e.g. images/.")
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, R2, ...); unset: AWS.")
-    s3_region: str | None = None
+    s3_region: str | None = Field(None, description="The region of the bucket.")
     s3_url_expiry_s: int = Field(3600, ge=1, description="Lifetime of presigned image URLs.")
     retention_days: float | None = Field(
         None, gt=0, description="Delete finished jobs and their images older than this; unset: keep forever."
@@ -125,7 +128,7 @@ class Settings(BaseSettings):
     )
     webhook_allow_private: bool = Field(False, description="Allow webhooks to private, loopback, link-local hosts.")
     metrics_require_admin: bool = Field(False, description="Require an admin key for GET /metrics.")
-    log_format: Literal["text", "json"] = "text"
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or as one JSON object each (with request ids).")
     max_training_steps: int = Field(3000, ge=1, description="Most steps one training may ask for (422 past it).")
     training_slice_steps: int = Field(
         5, ge=1, description="Training steps run between two generation batches: a generation waits at most one slice."
@@ -155,8 +158,8 @@ class Settings(BaseSettings):
         description='Serve\'s autoscaling_config as JSON, e.g. {"min_replicas": 1, "max_replicas": 8, '
         '"target_ongoing_requests": 1}; replaces SD_RAY_REPLICAS.',
     )
-    host: str = "0.0.0.0"
-    port: int = 8000
+    host: str = Field("0.0.0.0", description="The address to listen on (127.0.0.1: this machine only).")
+    port: int = Field(8000, ge=1, le=65535, description="The port to listen on.")
 
     @cached_property
     def user_model_map(self) -> dict[str, str | dict]:

@@ -7,7 +7,6 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
@@ -31,6 +30,7 @@ from sd_server.api.routes import ROUTERS
 from sd_server.api.routes.generation import IMAGE_INPUT_PATHS
 from sd_server.api.routes.trainings import TRAINING_UPLOAD_PATHS
 from sd_server.api.routes.users import UPLOAD_PATHS
+from sd_server.api.services import Services
 from sd_server.api.work_pools import WEBHOOK_LOOKUP_THREADS, WorkPool
 from sd_server.engine.interface import Engine
 from sd_server.errors import (
@@ -41,11 +41,18 @@ from sd_server.errors import (
     TooManyRequestsError,
     UnauthorizedError,
 )
+from sd_server.jobs.batching import BatchRules
+from sd_server.jobs.dispatch import Dispatcher
+from sd_server.jobs.events import EventBus, counting
 from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.retention import Retention
+from sd_server.jobs.scheduler import FifoScheduler
+from sd_server.jobs.submission import Jobs
 from sd_server.jobs.trainings import Trainings
 from sd_server.jobs.webhooks import WebhookSender
 from sd_server.jobs.workers import Workers
+from sd_server.jobs.writer import Writer
+from sd_server.observability.liveness import Liveness, Readiness
 from sd_server.observability.logging import configure_logging
 from sd_server.observability.metrics import Metrics
 from sd_server.observability.middleware import (
@@ -97,60 +104,87 @@ def stop_this_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-@dataclass
-class Services:
-    """What the lifespan builds, starts and stops."""
-
-    engine: Engine
-    database: DatabaseEngine
-    registry: ModelRegistry
-    queue: JobQueue
-    workers: Workers
-    retention: Retention
-    webhooks: WebhookSender
-    trainings: Trainings
-    styles: StyleBook
-    metrics: Metrics
-    authenticator: Authenticator
-
-
-async def start_services(settings: Settings, engine_factory: EngineFactory, on_device_lost: Callable[[], None]) -> Services:
-    """Build every service, clean up what a crash left behind, recover the last run's jobs, start the workers."""
+async def start_services(
+    settings: Settings, engine_factory: EngineFactory, on_device_lost: Callable[[], None], metrics: Metrics
+) -> Services:
+    """Build every service, clean up what a crash left behind, recover the last run's work, start the workers."""
     engine = engine_factory(settings)  # on the main thread: Ray's start-up sets signal handlers (see ray_engine)
     await asyncio.to_thread(migrate, settings.effective_database_url)
     database = create_database_engine(settings.effective_database_url, settings.database_lock_timeout_s)
-    registry = await asyncio.to_thread(ModelRegistry, settings, database)
     storage = create_storage(settings)
     await asyncio.to_thread(clean_up_leftovers, settings, storage)
-    queue = JobQueue(settings, engine, registry, SqlJobStore(database, settings.database_retry_s), storage)
-    webhooks = WebhookSender(
-        settings, WebhookOutbox(database, settings.database_retry_s), lambda job: job_response(job, queue).model_dump(mode="json"), queue.liveness
-    )
-    trainings = Trainings(
-        settings, engine, registry, SqlTrainingStore(database, settings.database_retry_s), storage, queue.events, queue.liveness
-    )
-    trainings.wake_device = queue.wake
-    trainings.terminal_hook = lambda training: webhooks.training_ended(training, training_response(training).model_dump(mode="json"))
-    services = Services(
-        engine, database, registry, queue, Workers(queue, engine, trainings, on_device_lost), Retention(queue), webhooks,
-        trainings, await asyncio.to_thread(StyleBook, settings, database), Metrics(), await asyncio.to_thread(lambda: Authenticator(settings, KeyStore(database, settings.database_retry_s))),
-    )  # fmt: skip
-    queue.writer.observer, queue.writer.terminal_hook = services.metrics, webhooks
-    services.metrics.watch(queue.stats, engine.report)
-    queue.events.bind(asyncio.get_running_loop())
-    await asyncio.to_thread(queue.recover)
-    await asyncio.to_thread(trainings.recover)
+    services = await asyncio.to_thread(build_services, settings, engine, database, storage, on_device_lost, metrics)
+    services.bus.bind(asyncio.get_running_loop())
+    await asyncio.to_thread(services.jobs.recover)
+    await asyncio.to_thread(services.trainings.recover)
     services.workers.start()
     services.retention.start()
-    webhooks.start()
+    services.webhooks.start()
     return services
 
 
-async def stop_services(services: Services, settings: Settings) -> None:
+def build_services(
+    settings: Settings,
+    engine: Engine,
+    database: DatabaseEngine,
+    storage: ImageStorage,
+    on_device_lost: Callable[[], None],
+    metrics: Metrics,
+) -> Services:
+    """Every service, each given what it uses when it is made (blocking: the registry, styles and keys read the
+    database)."""
+    retry_s = settings.database_retry_s
+    registry = ModelRegistry(settings, database)
+    liveness, readiness = Liveness(), Readiness()
+    job_store, training_store = SqlJobStore(database, retry_s), SqlTrainingStore(database, retry_s)
+    webhooks = WebhookSender(
+        settings,
+        WebhookOutbox(database, retry_s),
+        lambda job: job_response(job, None, storage).model_dump(mode="json"),  # an ended job has no position
+        lambda training: training_response(training).model_dump(mode="json"),
+        liveness,
+    )
+    bus = EventBus([counting(metrics), webhooks.on_event])
+    writer = Writer(job_store, training_store, bus, liveness)
+    max_batch_images = settings.max_batch_size or engine.default_max_batch_size
+    rules = BatchRules(max_batch_images, settings.max_adapters, settings.batch_across_adapters)
+    queue = JobQueue(FifoScheduler(rules), max_batch_images, settings.batch_wait_ms / 1000)
+    dispatcher = Dispatcher(settings, queue, engine, writer, bus, readiness)
+    jobs = Jobs(settings, queue, dispatcher, job_store, writer, bus, engine, registry, storage)
+    trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify)
+    metrics.watch(dispatcher.stats, engine.report)
+    return Services(
+        settings=settings,
+        engine=engine,
+        database=database,
+        storage=storage,
+        registry=registry,
+        bus=bus,
+        liveness=liveness,
+        readiness=readiness,
+        dispatcher=dispatcher,
+        jobs=jobs,
+        trainings=trainings,
+        workers=Workers(settings, dispatcher, engine, registry, storage, trainings, liveness, on_device_lost),
+        retention=Retention(settings, jobs, job_store, liveness),
+        webhooks=webhooks,
+        styles=StyleBook(settings, database),
+        metrics=metrics,
+        authenticator=Authenticator(settings, KeyStore(database, retry_s)),
+        sessions=Sessions(settings.session_secret, settings.session_ttl_s, database, retry_s),
+        rate_limiter=RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage),
+        decoding=WorkPool("sd-decode", settings.decode_threads),
+        lookups=WorkPool("sd-lookup", WEBHOOK_LOOKUP_THREADS),
+    )
+
+
+async def stop_services(services: Services) -> None:
     """Let the running batch finish and its images be stored, then close everything."""
-    services.queue.close()
+    services.decoding.shutdown()
+    services.lookups.shutdown()
+    services.dispatcher.close()
     services.retention.stop()
-    if await services.workers.stop(settings.shutdown_timeout_s):
+    if await services.workers.stop(services.settings.shutdown_timeout_s):
         await asyncio.to_thread(services.trainings.suspend)
     await services.webhooks.close()
     await asyncio.to_thread(services.engine.close)
@@ -186,26 +220,18 @@ def create_app(
     """The application; its lifespan creates the engine with ``engine_factory`` from ``settings``, and calls
     ``on_device_lost`` when the device fails for good (the default stops the process for its supervisor)."""
     settings = settings or Settings()
+    metrics = Metrics()  # the HTTP middleware counts into it from the first request; the services add their series
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format)
-        services = await start_services(settings, engine_factory, on_device_lost)
-        app.state.settings, app.state.shutting_down, app.state.metrics = settings, False, services.metrics
-        app.state.engine, app.state.job_queue, app.state.registry = services.engine, services.queue, services.registry
-        app.state.retention, app.state.authenticator = services.retention, services.authenticator
-        app.state.trainings, app.state.styles = services.trainings, services.styles
-        app.state.sessions = Sessions(settings.session_secret, settings.session_ttl_s, services.database, settings.database_retry_s)
-        app.state.decoding = WorkPool("sd-decode", settings.decode_threads)
-        app.state.lookups = WorkPool("sd-lookup", WEBHOOK_LOOKUP_THREADS)
-        app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage)
+        services = await start_services(settings, engine_factory, on_device_lost, metrics)
+        app.state.settings, app.state.services, app.state.shutting_down = settings, services, False
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)
         warn_if_open(settings, services.authenticator)
         yield
         app.state.shutting_down = True
-        app.state.decoding.shutdown()
-        app.state.lookups.shutdown()
-        await stop_services(services, settings)
+        await stop_services(services)
 
     app = FastAPIOffline(  # /docs and /redoc from packaged assets: they work without network
         static_url="/docs-assets",
@@ -218,7 +244,7 @@ def create_app(
         lifespan=lifespan,
         dependencies=[Depends(refuse_nul_characters)],
     )
-    add_middleware(app, settings)
+    add_middleware(app, settings, metrics)
     app.add_exception_handler(ServiceError, handle_service_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     for router in ROUTERS:
@@ -227,7 +253,7 @@ def create_app(
     return app
 
 
-def add_middleware(app: FastAPI, settings: Settings) -> None:
+def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """From the inside out: the catch-all 500, the body size cap, CORS, then request ids and metrics outermost."""
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(
@@ -247,4 +273,4 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
         allow_headers=["*"],
         expose_headers=["Location", "X-Seed", "X-Model-Id", "X-Generation-Time", "X-Request-ID", "Retry-After"],
     )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -1,5 +1,5 @@
 """Fixtures every tier shares: settings for one test, the databases, an app client, a live server. Nothing here
-imports torch at import time: the unit tier runs without it (tests/unit/conftest.py swaps in a fake engine)."""
+imports torch at import time: the unit and service tiers run without it (on the fake engine of tests/fakes.py)."""
 
 import os
 import threading
@@ -17,8 +17,8 @@ from config import Settings  # noqa: E402
 from helpers import DEADLINE_S, free_port, poll  # noqa: E402
 from sd_server.app import create_app  # noqa: E402
 
-TIERS = ("unit", "integration", "system")
-TIER_TIMEOUTS_S = {"unit": 60, "integration": 600, "system": 900}
+TIERS = ("unit", "service", "integration", "system")
+TIER_TIMEOUTS_S = {"unit": 60, "service": 120, "integration": 600, "system": 900}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

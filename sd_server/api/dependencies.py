@@ -1,26 +1,32 @@
 """FastAPI dependencies: who the request acts as, the service objects created in the lifespan, and the resources
 a route names in its path, loaded once with their owner checked."""
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
+from config import Settings
+from sd_server.api.services import Services
 from sd_server.api.work_pools import WorkPool
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import USER_ID_PATTERN
 from sd_server.domain.trainings import Training
 from sd_server.engine.interface import Engine
 from sd_server.errors import ForbiddenError, NotFoundError, UnauthorizedError
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.events import EventBus
+from sd_server.jobs.submission import Jobs
 from sd_server.jobs.trainings import Trainings
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import OPEN_ACCESS, Principal
 from sd_server.security.sessions import CSRF_HEADER, SESSION_COOKIE, Session, same_secret
+from sd_server.storage.images import ImageStorage
 from sd_server.styles import StyleBook
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+T = TypeVar("T")
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, as a header of its own")
 basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
@@ -60,14 +66,14 @@ def current_principal(request: Request, key: PresentedKey) -> Principal:
             "as password; browsers sign in with POST /session"
         )
     reading = request.method in ("GET", "HEAD")
-    request.app.state.rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
+    get_services(request).rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
     return principal
 
 
 def identify(request: Request, key: str | None) -> Principal | None:
     """The principal of ``key``, else of the request's session cookie (everyone is the open-access admin when no
     key is required); None without either where one is required; 401 for a key that is not valid."""
-    authenticator = request.app.state.authenticator
+    authenticator = get_services(request).authenticator
     if not authenticator.required:
         return OPEN_ACCESS
     if not key:
@@ -83,16 +89,16 @@ def session_of(request: Request) -> Session | None:
     authentication and the session routes share the answer)."""
     if not hasattr(request.state, "session"):
         token = request.cookies.get(SESSION_COOKIE)
-        request.state.session = request.app.state.sessions.verify(token) if token else None
-    return request.state.session
+        request.state.session = get_services(request).sessions.verify(token) if token else None
+    return cast(Session | None, request.state.session)
 
 
 def session_principal(request: Request) -> Principal | None:
     """Who the session cookie acts as (None without a valid one, or once its key is revoked); 403 for a change
     (POST, PUT, DELETE) that does not send the session's CSRF token, which another site's page cannot know."""
     session = session_of(request)
-    principal = request.app.state.authenticator.keys.principal(session.key_id) if session else None
-    if principal is None:
+    principal = get_services(request).authenticator.keys.principal(session.key_id) if session else None
+    if session is None or principal is None:
         return None
     if request.method not in SAFE_METHODS and not same_secret(request.headers.get(CSRF_HEADER, ""), session.csrf_token):
         raise ForbiddenError(f"a change signed by the session cookie must send the session's {CSRF_HEADER} header (GET /session answers it)")
@@ -123,61 +129,46 @@ AdminUser = Annotated[Principal, Depends(require_admin)]
 def metrics_access(request: Request) -> None:
     """Open, unless SD_METRICS_REQUIRE_ADMIN: then an admin key. Reads the headers itself, so that the schema
     shows /metrics as open, which is its default."""
-    if request.app.state.settings.metrics_require_admin:
+    if get_services(request).settings.metrics_require_admin:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme.lower() == "bearer" else None
         require_admin(current_principal(request, request.headers.get("x-api-key") or (bearer.credentials if bearer else None)))
 
 
-def get_engine(request: Request) -> Engine:
-    """The one engine, created in the lifespan."""
-    return request.app.state.engine
+def get_services(request: Request) -> Services:
+    """The services the composition root built in the lifespan."""
+    return cast(Services, request.app.state.services)
 
 
-def get_job_queue(request: Request) -> JobQueue:
-    """The one JobQueue, created in the lifespan."""
-    return request.app.state.job_queue
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    """The user -> model registry, created in the lifespan."""
-    return request.app.state.registry
+def provided(pick: Callable[[Services], T]) -> Any:
+    """A dependency on the one service ``pick`` takes from the Services: a route names what it uses, nothing more."""
+
+    def dependency(services: ServicesDep) -> T:
+        return pick(services)
+
+    return Depends(dependency)
 
 
-def get_trainings(request: Request) -> Trainings:
-    """The trainings, created in the lifespan."""
-    return request.app.state.trainings
-
-
-def get_styles(request: Request) -> StyleBook:
-    """The style presets, created in the lifespan."""
-    return request.app.state.styles
-
-
-def get_decoding(request: Request) -> WorkPool:
-    """The pool that decodes uploaded pictures and zips (SD_DECODE_THREADS), created in the lifespan."""
-    return request.app.state.decoding
-
-
-def get_lookups(request: Request) -> WorkPool:
-    """The pool that resolves webhook hosts, created in the lifespan."""
-    return request.app.state.lookups
-
-
-EngineDep = Annotated[Engine, Depends(get_engine)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
-QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
-TrainingsDep = Annotated[Trainings, Depends(get_trainings)]
-StylesDep = Annotated[StyleBook, Depends(get_styles)]
-DecodingDep = Annotated[WorkPool, Depends(get_decoding)]
-LookupsDep = Annotated[WorkPool, Depends(get_lookups)]
+SettingsDep = Annotated[Settings, provided(lambda services: services.settings)]
+EngineDep = Annotated[Engine, provided(lambda services: services.engine)]
+RegistryDep = Annotated[ModelRegistry, provided(lambda services: services.registry)]
+JobsDep = Annotated[Jobs, provided(lambda services: services.jobs)]
+TrainingsDep = Annotated[Trainings, provided(lambda services: services.trainings)]
+StylesDep = Annotated[StyleBook, provided(lambda services: services.styles)]
+StorageDep = Annotated[ImageStorage, provided(lambda services: services.storage)]
+BusDep = Annotated[EventBus, provided(lambda services: services.bus)]  # SSE streams subscribe to it
+DecodingDep = Annotated[WorkPool, provided(lambda services: services.decoding)]  # decodes uploads (SD_DECODE_THREADS)
+LookupsDep = Annotated[WorkPool, provided(lambda services: services.lookups)]  # resolves webhook hosts
 
 
 def get_job(
-    job_id: Annotated[str, Path(description="The id POST /jobs answered.")], queue: QueueDep, principal: CurrentUser
+    job_id: Annotated[str, Path(description="The id POST /jobs answered.")], jobs: JobsDep, principal: CurrentUser
 ) -> Job:
     """The job with that id, if the caller may see it; 404 otherwise (another user's job is not revealed)."""
-    job = queue.store.get(job_id)
+    job = jobs.get(job_id)
     if job is None or not principal.can_access(job.user_id):
         raise NotFoundError(f"no job '{job_id}' (deleted, or removed by SD_RETENTION_DAYS)")
     return job

@@ -3,6 +3,7 @@ anything else, and the OpenAPI error responses, all from the classes in ``sd_ser
 
 import logging
 import math
+from typing import Any
 
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
@@ -19,10 +20,10 @@ from sd_server.observability.middleware import send_json
 logger = logging.getLogger(__name__)
 
 
-def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict]:
+def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the errors a route may answer with, one entry per status. 422 is left to FastAPI,
     which documents its validation error shape, the shape InvalidFieldError answers in too."""
-    responses: dict[int | str, dict] = {}
+    responses: dict[int | str, dict[str, Any]] = {}
     for error in errors:
         if error.status_code == 422:
             continue
@@ -70,7 +71,7 @@ async def handle_validation_error(request: Request, error: RequestValidationErro
     return JSONResponse({"detail": printable(jsonable_encoder(errors))}, status_code=422)
 
 
-def printable(value):
+def printable(value: Any) -> Any:
     """``value`` with every float that JSON cannot hold as its name, and every string as valid UTF-8."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)

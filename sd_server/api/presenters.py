@@ -2,6 +2,7 @@
 
 import base64
 from dataclasses import asdict
+from typing import Any
 
 from schemas import (
     GeneratedImage,
@@ -19,7 +20,6 @@ from schemas import (
 )
 from sd_server.domain.jobs import Job, StoredImage
 from sd_server.domain.trainings import Training
-from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.trainings import progress
 from sd_server.storage.images import ImageStorage
 
@@ -56,7 +56,7 @@ def image_path(image: StoredImage, storage: ImageStorage) -> str | None:
     return str(path) if path else None
 
 
-def outcome(job: Job) -> dict:
+def outcome(job: Job) -> dict[str, Any]:
     """What every answer about a finished generation says: seed, model, user, time, effective parameters."""
     return {
         "seed": job.seed,
@@ -78,20 +78,20 @@ def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
     return JobResult(image_url=images[0].url, images=images, image_path=images[0].image_path, **outcome(job))
 
 
-def job_response(job: Job, queue: JobQueue) -> JobResponse:
-    """The job as the API shows it."""
+def job_response(job: Job, position: int | None, storage: ImageStorage) -> JobResponse:
+    """The job as the API shows it (``position``: in the queue, while queued)."""
     return JobResponse(
         job_id=job.id,
         status=job.status,
         user_id=job.user_id,
         model_id=job.model_id,
-        position=queue.position(job),
+        position=position,
         progress=JobProgress(step=job.step, total=job.total_steps),
         batch_size=job.batch_size,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        result=job_result(job, queue.storage),
+        result=job_result(job, storage),
         error=job.error,
         links=job_links(job),
     )

@@ -2,15 +2,16 @@
 
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi.responses import StreamingResponse
 
 from sd_server.domain.jobs import Job
 from sd_server.domain.trainings import Training
-from sd_server.jobs.events import JobEvents
+from sd_server.jobs.events import EventBus
 
 
-def sse(event: str, data: dict) -> str:
+def sse(event: str, data: dict[str, Any]) -> str:
     """One Server-Sent Event."""
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -21,7 +22,7 @@ def event_response(stream: AsyncIterator[str]) -> StreamingResponse:
 
 
 async def follow(
-    events: JobEvents, subject: Job | Training, state: Callable[[], str], present: Callable[[], dict]
+    events: EventBus, subject: Job | Training, state: Callable[[], str], present: Callable[[], dict[str, Any]]
 ) -> AsyncIterator[str]:
     """The subject's ``state()`` now with ``present()``, then each event (progress with its own data, the others
     with ``present()``), until the terminal one. The state is read once subscribed, so no change falls between."""

@@ -16,7 +16,7 @@ from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.domain.prompt_weights import check_weights
 from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFieldError, JobFailedError, JobFinishedError
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.submission import Jobs
 from sd_server.observability.logging import request_id_var
 from sd_server.security.keys import Principal
 from sd_server.security.webhook_urls import check_webhook_url
@@ -116,17 +116,17 @@ async def checked_webhook(url: object | None, lookups: WorkPool, allow_private: 
     return str(url)
 
 
-async def run_job(generation: Generation, inputs: dict[str, bytes], queue: JobQueue, http_request: Request) -> Job:
+async def run_job(generation: Generation, inputs: dict[str, bytes], jobs: Jobs, http_request: Request) -> Job:
     """Queue ``generation`` as a synchronous job and wait for it; a client that disconnects cancels it."""
     # The database write runs off the event loop (asyncio.to_thread copies the request-id context along).
-    job, _ = await asyncio.to_thread(queue.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs)
+    job, _ = await asyncio.to_thread(jobs.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs)
     while not job.finished.is_set():
         with suppress(TimeoutError):
             async with asyncio.timeout(0.25):
                 await job.finished.wait()
         if not job.finished.is_set() and await http_request.is_disconnected():
             with suppress(JobFinishedError):
-                await asyncio.to_thread(queue.cancel, job)
+                await asyncio.to_thread(jobs.cancel, job)
             raise ClientDisconnectedError(f"job {job.id} cancelled: its client left")
     if job.status is JobStatus.failed:
         raise JobFailedError(job.error or "the job failed", job.error_status or 500)

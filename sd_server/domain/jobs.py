@@ -6,9 +6,10 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, overload
 
 from sd_server.domain.generation import Generation
+from sd_server.domain.lifecycle import Phase
 from sd_server.domain.models import CheckpointModel, UserModel
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # a job's id: a random UUID's hex
@@ -19,6 +20,14 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+
+
+@overload
+def as_utc(moment: None) -> None: ...
+
+
 def as_utc(moment: datetime | None) -> datetime | None:
     """``moment`` as an aware UTC datetime (SQLite hands back naive ones)."""
     if moment is None:
@@ -27,7 +36,7 @@ def as_utc(moment: datetime | None) -> datetime | None:
 
 
 class JobStatus(str, Enum):
-    """Where a job is in its life; the last three are terminal."""
+    """Where a job is in its life: queued, running, then succeeded, failed or cancelled (terminal)."""
 
     queued = "queued"
     running = "running"
@@ -36,9 +45,14 @@ class JobStatus(str, Enum):
     cancelled = "cancelled"
 
     @property
+    def phase(self) -> Phase:
+        """The lifecycle phase this status stands for (a job's statuses are the phases it goes through)."""
+        return Phase(self.value)
+
+    @property
     def is_terminal(self) -> bool:
         """True once the job can change no more."""
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self.phase.is_terminal
 
 
 @dataclass
@@ -81,7 +95,7 @@ class Job:
     cancel_requested: bool = False
     deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    model: UserModel | None = None  # the user's model at submission; None: the checkpoint ``model_id``
+    model: UserModel = None  # type: ignore[assignment]  # the user's model at submission; left out: the checkpoint ``model_id``
     inputs: dict[str, bytes] = field(default_factory=dict)  # "init" and "mask" PNGs of img2img/inpainting, while held
     prompt_chunks: int = 1  # 77-token chunks its longer prompt takes (jobs of one batch take as many)
 

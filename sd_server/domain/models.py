@@ -62,6 +62,6 @@ UserModel = Annotated[CheckpointModel | LoraModel, Field(discriminator="kind")]
 USER_MODEL = TypeAdapter(UserModel)
 
 
-def parse_model(value: str | dict) -> UserModel:
+def parse_model(value: str | dict[str, object]) -> UserModel:
     """A mapping value of the settings: a checkpoint id (the simple form), or a model object."""
     return CheckpointModel(source=value) if isinstance(value, str) else USER_MODEL.validate_python(value)

@@ -7,8 +7,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from sd_server.domain.jobs import utc_now
+from sd_server.domain.lifecycle import Phase
 from sd_server.domain.models import LoraModel
 
 DEFAULT_CAPTION = "a photo of {trigger} {class_word}"
@@ -48,9 +50,14 @@ class TrainingStatus(str, enum.Enum):
     cancelled = "cancelled"
 
     @property
+    def phase(self) -> Phase:
+        """The lifecycle phase this status stands for ("training" is the running phase)."""
+        return Phase.running if self is TrainingStatus.training else Phase(self.value)
+
+    @property
     def is_terminal(self) -> bool:
         """True for the states a training never leaves."""
-        return self in (TrainingStatus.succeeded, TrainingStatus.failed, TrainingStatus.cancelled)
+        return self.phase.is_terminal
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,21 @@ class Training:
         if self.seconds_per_step is None or self.status.is_terminal:
             return None
         return round((self.settings.steps - self.step) * self.seconds_per_step, 1)
+
+
+class TrainingStore(Protocol):
+    """Keeps training records durably."""
+
+    def add(self, training: Training) -> Training: ...
+
+    def save(self, training: Training) -> None: ...
+
+    def get(self, training_id: str) -> Training | None: ...
+
+    def delete(self, training_id: str) -> None: ...
+
+    def find_by_idempotency_key(self, key: str) -> Training | None: ...
+
+    def page(self, user_id: str | None, limit: int, offset: int) -> tuple[list[Training], int]: ...
+
+    def unfinished(self) -> list[Training]: ...

@@ -13,7 +13,7 @@ from config import Settings
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-CPU_MAX_BATCH_SIZE = 4  # measured with benchmarks/bench_serving.py on 2 CPU cores; see README
+CPU_MAX_BATCH_SIZE = 4  # measured with benchmarks/bench_serving.py on 2 CPU cores; see docs/performance.md
 CUDA_MAX_BATCH_SIZE = 8
 
 

@@ -67,7 +67,7 @@ class EngineReport(TypedDict):
     device: str
     dtype: str
     loaded_models: list[str]
-    cache: dict
+    cache: dict[str, Any]
     device_memory_bytes: int
 
 

@@ -2,6 +2,7 @@
 call shape (size, steps, CFG, sampler, mode, strength, prompt length in chunks) share it even when their LoRAs differ (each image runs with its own adapter), up to SD_MAX_ADAPTERS
 distinct LoRAs, so that every adapter of a batch can be resident at once."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sd_server.domain.jobs import Job
@@ -34,7 +35,7 @@ def batch_key(job: Job) -> BatchKey:
     )
 
 
-def companions(first: Job, queued: list[Job], rules: BatchRules) -> list[Job]:
+def companions(first: Job, queued: Sequence[Job], rules: BatchRules) -> list[Job]:
     """``first`` and the queued jobs that can share its pipeline call, in queue order, within the rules."""
     key, taken, images, adapters = batch_key(first), [first], first.images_requested, lora_sources([first])
     for job in queued:

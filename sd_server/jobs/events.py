@@ -1,52 +1,110 @@
-"""Job events: emitted from any thread, delivered on the event loop to SSE subscribers and end-of-job listeners."""
+"""The event bus of all work: typed events published from any thread. Listeners (metrics, webhooks) are told on
+the publishing thread; SSE subscribers of one job or training get its events on the event loop."""
 
 import asyncio
+import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from sd_server.domain.jobs import Job
+from sd_server.domain.lifecycle import Work
 
-Event = tuple[str, dict]  # (SSE event name, data)
+logger = logging.getLogger(__name__)
+StreamEvent = tuple[str, dict[str, Any]]  # (SSE event name, data)
 
 
-class JobEvents:
-    """Per-job subscriber queues, and listeners told when a job ends (webhooks)."""
+@dataclass(frozen=True)
+class WorkEvent:
+    """Something happened to a job or a training: ``name`` is its new status, or "progress" with ``data``."""
 
-    def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue[Event]]] = defaultdict(set)
-        self._terminal_listeners: list[Callable[[Job], None]] = []
+    work: Work
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        """True for the event that announces the work's end (stored before it is published)."""
+        return self.work.status.phase.is_terminal and self.name == self.work.status.value
+
+
+@dataclass(frozen=True)
+class BatchRan:
+    """The device ran one batch: its images, seconds and steps."""
+
+    images: int
+    seconds: float
+    steps: int
+
+
+Event = WorkEvent | BatchRan
+Listener = Callable[[Event], None]
+
+
+class EventBus:
+    """Publishes events to the listeners given at construction and to each work's SSE subscribers."""
+
+    def __init__(self, listeners: Iterable[Listener] = ()) -> None:
+        self._listeners = list(listeners)
+        self._subscribers: dict[str, set[asyncio.Queue[StreamEvent]]] = defaultdict(set)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Deliver events on ``loop`` (the server's event loop)."""
+        """Deliver SSE events on ``loop`` (the server's event loop)."""
         self._loop = loop
 
-    def on_terminal(self, listener: Callable[[Job], None]) -> None:
-        """Call ``listener(job)`` on the event loop whenever a job ends."""
-        self._terminal_listeners.append(listener)
-
-    def subscribe(self, job: Job) -> asyncio.Queue[Event]:
-        """A queue that receives the job's events from now on; unsubscribe when done."""
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers[job.id].add(events)
+    def subscribe(self, work: Work) -> asyncio.Queue[StreamEvent]:
+        """A queue that receives the work's events from now on; unsubscribe when done."""
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._subscribers[work.id].add(events)
         return events
 
-    def unsubscribe(self, job: Job, events: asyncio.Queue[Event]) -> None:
-        """Stop sending the job's events to ``events``."""
-        self._subscribers[job.id].discard(events)
-        if not self._subscribers[job.id]:
-            del self._subscribers[job.id]
+    def unsubscribe(self, work: Work, events: asyncio.Queue[StreamEvent]) -> None:
+        """Stop sending the work's events to ``events``."""
+        self._subscribers[work.id].discard(events)
+        if not self._subscribers[work.id]:
+            del self._subscribers[work.id]
 
-    def emit(self, job: Job, name: str, data: dict | None = None) -> None:
-        """Send an event to the job's subscribers, from any thread."""
-        assert self._loop is not None, "JobEvents.bind() was not called"
-        self._loop.call_soon_threadsafe(self._publish, job, (name, data or {}))
+    def emit(self, work: Work, name: str, data: dict[str, Any] | None = None) -> None:
+        """Publish a WorkEvent of ``work``, from any thread."""
+        self.publish(WorkEvent(work, name, data or {}))
 
-    def _publish(self, job: Job, event: Event) -> None:
-        """Event loop: hand ``event`` to the job's subscribers; on a terminal one, wake waiters and listeners."""
-        for events in self._subscribers.get(job.id, ()):
-            events.put_nowait(event)
-        if job.status.is_terminal and event[0] == job.status.value:
-            job.finished.set()
-            for listener in self._terminal_listeners:
-                listener(job)
+    def publish(self, event: Event) -> None:
+        """Tell the listeners on this thread, then the work's subscribers on the event loop. A listener that fails
+        is logged and the others are still told: no listener can stop work from ending."""
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("an event listener failed on %s", event)
+        if isinstance(event, WorkEvent):
+            assert self._loop is not None, "EventBus.bind() was not called"
+            self._loop.call_soon_threadsafe(self._stream, event)
+
+    def _stream(self, event: WorkEvent) -> None:
+        """Event loop: hand the event to the work's subscribers; at its end, wake whoever waits for it."""
+        for events in self._subscribers.get(event.work.id, ()):
+            events.put_nowait((event.name, event.data))
+        if event.ended:
+            event.work.finished.set()
+
+
+class Counters(Protocol):
+    """What counts batches and ended jobs (the Prometheus metrics)."""
+
+    def batch_ran(self, images: int, seconds: float, steps: int) -> None: ...
+
+    def job_finished(self, status: str) -> None: ...
+
+
+def counting(counters: Counters) -> Listener:
+    """A bus listener that counts each batch and each ended job in ``counters``."""
+
+    def listen(event: Event) -> None:
+        if isinstance(event, BatchRan):
+            counters.batch_ran(event.images, event.seconds, event.steps)
+        elif event.ended and isinstance(event.work, Job):
+            counters.job_finished(event.work.status.value)
+
+    return listen

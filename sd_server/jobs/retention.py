@@ -4,10 +4,11 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from sd_server.domain.jobs import utc_now
+from config import Settings
+from sd_server.domain.jobs import JobStore, utc_now
 from sd_server.errors import summary
-from sd_server.jobs.queue import JobQueue
-from sd_server.observability.liveness import PartState
+from sd_server.jobs.submission import Jobs
+from sd_server.observability.liveness import Liveness, PartState
 
 logger = logging.getLogger(__name__)
 
@@ -15,16 +16,15 @@ logger = logging.getLogger(__name__)
 class Retention:
     """Deletes old finished jobs every SD_RETENTION_INTERVAL_S while SD_RETENTION_DAYS is set."""
 
-    def __init__(self, queue: JobQueue) -> None:
-        self.queue = queue
-        self.settings = queue.settings
-        self._task: asyncio.Task | None = None
+    def __init__(self, settings: Settings, jobs: Jobs, store: JobStore, liveness: Liveness) -> None:
+        self.settings, self.jobs, self.store, self.liveness = settings, jobs, store, liveness
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the periodic task on the running event loop (nothing when SD_RETENTION_DAYS is unset)."""
         if self.settings.retention_days:
             self._task = asyncio.create_task(self._run_periodically())
-            self.queue.liveness.register("retention", alive=lambda: self._task is not None and not self._task.done())
+            self.liveness.register("retention", alive=lambda: self._task is not None and not self._task.done())
 
     def stop(self) -> None:
         """Stop the periodic task."""
@@ -34,9 +34,9 @@ class Retention:
     def apply(self) -> int:
         """Delete the jobs that ended over SD_RETENTION_DAYS ago, and their images; returns how many."""
         cutoff = utc_now() - timedelta(days=self.settings.retention_days or 0)
-        old_jobs = self.queue.store.finished_before(cutoff)
+        old_jobs = self.store.finished_before(cutoff)
         for job in old_jobs:
-            self.queue.delete(job)
+            self.jobs.delete(job)
         if old_jobs:
             logger.info("retention: deleted %d jobs that ended before %s", len(old_jobs), cutoff.isoformat())
         return len(old_jobs)
@@ -47,8 +47,8 @@ class Retention:
         while True:
             try:
                 await asyncio.to_thread(self.apply)
-                self.queue.liveness.set("retention", PartState.ok)
+                self.liveness.set("retention", PartState.ok)
             except Exception as error:
                 logger.exception("the retention run failed; the next one comes in SD_RETENTION_INTERVAL_S")
-                self.queue.liveness.set("retention", PartState.failing, summary(error))
+                self.liveness.set("retention", PartState.failing, summary(error))
             await asyncio.sleep(self.settings.retention_interval_s)

@@ -13,13 +13,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL.Image import Image
 
 from config import Settings
 from sd_server.domain.jobs import utc_now
+from sd_server.domain.lifecycle import transition
 from sd_server.domain.models import LoraModel
-from sd_server.domain.trainings import Training, TrainingSettings, TrainingStatus
+from sd_server.domain.trainings import Training, TrainingSettings, TrainingStatus, TrainingStore
 from sd_server.engine.interface import Engine, TrainingRun
 from sd_server.errors import (
     DatabaseUnavailableError,
@@ -30,11 +32,11 @@ from sd_server.errors import (
     summary,
 )
 from sd_server.jobs import admission
-from sd_server.jobs.events import JobEvents
+from sd_server.jobs.events import EventBus
 from sd_server.jobs.model_changes import unload_if_unused
-from sd_server.jobs.writer import PendingWrites
+from sd_server.jobs.recovery import Restart, on_restart
+from sd_server.jobs.writer import Writer
 from sd_server.observability.liveness import Liveness, PartState
-from sd_server.persistence.training_store import SqlTrainingStore
 from sd_server.registry import ModelRegistry
 from sd_server.storage.images import ImageStorage
 from sd_server.storage.model_files import STAGING_FOLDER, keep_upload
@@ -76,17 +78,17 @@ class Trainings:
         settings: Settings,
         engine: Engine,
         registry: ModelRegistry,
-        store: SqlTrainingStore,
+        store: TrainingStore,
         storage: ImageStorage,
-        events: JobEvents,
+        writer: Writer,
+        bus: EventBus,
         liveness: Liveness,
+        wake_device: Callable[[], None],
     ) -> None:
         self.settings, self.engine, self.registry, self.store, self.storage = settings, engine, registry, store, storage
-        self.events, self.liveness = events, liveness
+        self.writer, self.bus, self.liveness, self.wake_device = writer, bus, liveness, wake_device
         self.folder = settings.data_dir / "trainings"
-        self.terminal_hook: Callable[[Training], None] | None = None  # the webhook, set by the composition root
-        self.wake_device: Callable[[], None] = lambda: None
-        self.writes: PendingWrites[Training] = PendingWrites(store.save, "training", liveness)
+        liveness.register("trainer")
         self._active: list[Training] = []
         self._reserved: set[str] = set()  # users whose upload is being read and checked
         self._runs: dict[str, TrainingRun] = {}
@@ -123,7 +125,7 @@ class Trainings:
         if existing is None:
             return None
         admission.check_repeat(fingerprint, existing, idempotency_key or "")
-        return self.live(existing.id) or existing
+        return self.get_live(existing)
 
     def submit(
         self,
@@ -160,9 +162,10 @@ class Trainings:
         if stored is not training:
             admission.check_repeat(fingerprint, stored, idempotency_key or "")
             return stored, False
+        self.writer.track([training])
         with self._lock:
             self._active.append(training)
-        self.events.emit(training, "queued")
+        self.bus.emit(training, "queued")
         self.wake_device()
         return training, True
 
@@ -174,8 +177,19 @@ class Trainings:
     def get(self, training_id: str) -> Training | None:
         """The live training when it is active (or its last state is not stored yet), else its record; None when
         there is none, or it was deleted."""
-        training = self.live(training_id) or self.writes.unsaved(training_id) or self.store.get(training_id)
+        live = self.writer.current(training_id)
+        training = live if isinstance(live, Training) else self.store.get(training_id)
         return None if training is None or training.deleted else training
+
+    def get_live(self, training: Training) -> Training:
+        """The live record of ``training`` while it is active, else ``training``."""
+        live = self.writer.current(training.id)
+        return live if isinstance(live, Training) else training
+
+    def page(self, user_id: str | None, limit: int, offset: int) -> tuple[list[Training], int]:
+        """A page of trainings, newest first (one user's, or everyone's), each the live record while active."""
+        trainings, total = self.store.page(user_id, limit, offset)
+        return [self.get_live(training) for training in trainings], total
 
     def cancel(self, training: Training) -> None:
         """Cancel: a queued training ends now, a running one at the end of its slice; 409 once ended."""
@@ -202,22 +216,26 @@ class Trainings:
         for key in training.samples:
             self.storage.delete(key)
         self.store.delete(training.id)  # its folder went when it ended (``_end``)
+        self.writer.forget(training.id)
 
     # --- start ---------------------------------------------------------------------------------------
 
     def recover(self) -> None:
         """Queue again what the last run left active: a training resumes from its last checkpoint; one that already
         restarted from that checkpoint once (so crashed twice at the same point) fails."""
-        for training in self.store.unfinished():
-            if training.status is not TrainingStatus.queued and training.attempts >= 1:
+        unfinished = self.store.unfinished()
+        self.writer.track(list(unfinished))
+        for training in unfinished:
+            restart = on_restart(training.status.phase, training.attempts)
+            if restart is Restart.fail:
                 self._end(training, TrainingStatus.failed, TrainingFailedError(
                     f"the server stopped twice while this training ran from step {training.checkpoint_step}; train again"
                 ))  # fmt: skip
                 continue
-            if training.status is not TrainingStatus.queued:
-                training.attempts += 1
-                training.status, training.step = TrainingStatus.queued, training.checkpoint_step
-                self.store.save(training)
+            if restart is Restart.retry:
+                transition(training, TrainingStatus.queued)
+                training.attempts, training.step = training.attempts + 1, training.checkpoint_step
+                self.writer.persist([training])
             with self._lock:
                 self._active.append(training)
         if self._active:
@@ -231,8 +249,9 @@ class Trainings:
             if training is None or training.status.is_terminal:
                 continue
             run.save_checkpoint(self.folder / training.id / CHECKPOINT)
-            training.status, training.checkpoint_step, training.attempts = TrainingStatus.queued, run.step, 0
-            self.writes.persist([training])
+            transition(training, TrainingStatus.queued)
+            training.checkpoint_step, training.attempts = run.step, 0
+            self.writer.persist([training])
         self._runs.clear()
 
     # --- for the device worker -----------------------------------------------------------------------
@@ -245,11 +264,11 @@ class Trainings:
     def run_slice(self) -> None:
         """Advance the first active training by one slice (or prepare or finish it). A database that is away pauses
         it, its steps kept, and generation has the device meanwhile; any other failure fails that training only."""
-        self.writes.flush()
+        self.writer.flush()
         with self._lock:
             training = self._active[0] if self._active else None
             if training is not None and training.status is TrainingStatus.queued:
-                training.status = TrainingStatus.preparing  # claimed: from now on a cancel waits for the slice
+                transition(training, TrainingStatus.preparing)  # claimed: from now on a cancel waits for the slice
         if training is None:
             return
         try:
@@ -284,7 +303,7 @@ class Trainings:
         elif training.step - training.checkpoint_step >= self.settings.training_checkpoint_every:
             run.save_checkpoint(self.folder / training.id / CHECKPOINT)
             training.checkpoint_step, training.attempts = training.step, 0
-            self.writes.persist([training])
+            self.writer.persist([training])
 
     def _train_slice(self, training: Training, run: TrainingRun) -> None:
         """Up to SD_TRAINING_SLICE_STEPS steps; the loss, the pace and a progress event."""
@@ -294,7 +313,7 @@ class Trainings:
         training.step = run.step
         pace = (time.monotonic() - started) / steps
         training.seconds_per_step = round(pace if training.seconds_per_step is None else 0.8 * training.seconds_per_step + 0.2 * pace, 4)
-        self.events.emit(training, "progress", progress(training))
+        self.bus.emit(training, "progress", progress(training))
 
     def _prepare(self, training: Training) -> None:
         """Load the base and encode the photos; continue from the checkpoint a crash left, if any."""
@@ -307,7 +326,7 @@ class Trainings:
             logger.info("training %s resumes from step %d", training.id, run.step, extra={"request_id": training.request_id})
         training.step = training.checkpoint_step = run.step
         self._runs[training.id] = run
-        training.status = TrainingStatus.training
+        transition(training, TrainingStatus.training)
         self._announce(training)
 
     def _finish(self, training: Training, run: TrainingRun) -> None:
@@ -367,14 +386,10 @@ class Trainings:
             self._discard(training, output)
         # The photos and checkpoint, no longer needed, go first: whoever sees the training ended finds them gone.
         shutil.rmtree(self.folder / training.id, ignore_errors=True)
-        training.status, training.finished_at = status, utc_now()
-        training.error, training.error_status = (error.message, error.status_code) if error else (None, None)
-        if not training.deleted:
-            self.writes.persist([training])  # stored before it leaves the active list: a reader finds one or the other
+        transition(training, status, (error.message, error.status_code) if error else None)
+        self.writer.persist([training])  # stored before it leaves the active list: a reader finds one or the other
         self._drop(training)
-        self.events.emit(training, training.status.value)  # a deleted one's followers learn that it ended too
-        if training.webhook_url and self.terminal_hook and not training.deleted:
-            self.terminal_hook(training)
+        self.writer.publish_ends([training])  # a deleted one's followers learn that it ended too
 
     def _discard(self, training: Training, output: TrainedOutput) -> None:
         """Remove what a training that did not succeed made: its samples and its staged LoRA."""
@@ -385,8 +400,8 @@ class Trainings:
 
     def _announce(self, training: Training) -> None:
         """Store the training's state (later, if the database is away) and send it to its followers."""
-        self.writes.persist([training])
-        self.events.emit(training, training.status.value)
+        self.writer.persist([training])
+        self.bus.emit(training, training.status.value)
 
     def _drop(self, training: Training) -> None:
         with self._lock:
@@ -394,7 +409,7 @@ class Trainings:
                 self._active.remove(training)
 
 
-def progress(training: Training) -> dict:
+def progress(training: Training) -> dict[str, Any]:
     """A training's progress, as its events and its JSON show it."""
     return {"step": training.step, "total": training.settings.steps, "loss": training.loss, "eta_s": training.eta_s}
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import httpx
 
@@ -16,9 +17,10 @@ from config import Settings
 from sd_server.domain.jobs import Job, utc_now
 from sd_server.domain.trainings import Training
 from sd_server.errors import ServiceError, UnsafeWebhookError, summary
+from sd_server.jobs.events import Event, WorkEvent
 from sd_server.observability.liveness import Liveness, PartState
 from sd_server.persistence.outbox import Delivery, WebhookOutbox
-from sd_server.security.webhook_urls import webhook_target
+from sd_server.security.webhook_urls import WebhookTarget, webhook_target
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the outbox is read for retries that have come due
@@ -29,8 +31,8 @@ CONCURRENT_DELIVERIES = 8
 class UnkeptDelivery:
     """A delivery the outbox did not take (the database was away), and whose it is."""
 
-    url: str | None
-    payload: dict
+    url: str
+    payload: dict[str, Any]
     request_id: str | None
     subject: dict[str, str]
 
@@ -39,27 +41,38 @@ class WebhookSender:
     """Keeps finished jobs' and trainings' webhooks in the outbox (``job_ended``, ``training_ended``, from any
     thread) and delivers them (``start``)."""
 
-    def __init__(self, settings: Settings, outbox: WebhookOutbox, payload: Callable[[Job], dict], liveness: Liveness) -> None:
-        self.settings, self.outbox, self.payload, self.liveness = settings, outbox, payload, liveness
+    def __init__(
+        self,
+        settings: Settings,
+        outbox: WebhookOutbox,
+        job_payload: Callable[[Job], dict[str, Any]],
+        training_payload: Callable[[Training], dict[str, Any]],
+        liveness: Liveness,
+    ) -> None:
+        self.settings, self.outbox, self.liveness = settings, outbox, liveness
+        self.job_payload, self.training_payload = job_payload, training_payload
         self._client = httpx.AsyncClient(timeout=settings.webhook_timeout_s, trust_env=False, follow_redirects=False)
         self._wake = asyncio.Event()
         self._in_flight: set[int] = set()
         self._slots = asyncio.Semaphore(CONCURRENT_DELIVERIES)
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unkept: list[UnkeptDelivery] = []  # deliveries the database did not take when their job or training ended
         self._unkept_lock = threading.Lock()
 
-    def job_ended(self, job: Job) -> None:
-        """Keep the job's webhook in the outbox and wake the sender (called on the thread that ended the job)."""
-        self._keep(job.webhook_url, self.payload(job), job.request_id, job_id=job.id)
+    def on_event(self, event: Event) -> None:
+        """A bus listener: keep the webhook of a job or training that ended (stored, not deleted) in the outbox and
+        wake the sender, on the thread that ended it."""
+        if not isinstance(event, WorkEvent) or not event.ended or not event.work.webhook_url or event.work.deleted:
+            return
+        work = event.work
+        if isinstance(work, Job):
+            self._keep(event.work.webhook_url, self.job_payload(work), work.request_id, job_id=work.id)
+        elif isinstance(work, Training):
+            self._keep(event.work.webhook_url, self.training_payload(work), work.request_id, training_id=work.id)
 
-    def training_ended(self, training: Training, payload: dict) -> None:
-        """Keep the training's webhook (``payload``: its JSON) in the outbox and wake the sender."""
-        self._keep(training.webhook_url, payload, training.request_id, training_id=training.id)
-
-    def _keep(self, url: str | None, payload: dict, request_id: str | None, **subject: str) -> None:
+    def _keep(self, url: str, payload: dict[str, Any], request_id: str | None, **subject: str) -> None:
         """Put a delivery in the outbox; one the database does not take now waits in memory and is put there by the
         delivery loop once the database is back (a restart meanwhile loses it)."""
         try:
@@ -101,7 +114,7 @@ class WebhookSender:
 
     async def _run(self) -> None:
         """Deliver what is due, then wait for a new delivery or the next retry; no error ends the loop."""
-        deliveries: set[asyncio.Task] = set()
+        deliveries: set[asyncio.Task[None]] = set()
         while not self._closing:
             try:
                 if self._unkept:  # only while the database was away: no thread hop on every poll
@@ -152,7 +165,7 @@ class WebhookSender:
         except httpx.HTTPError as error:
             return f"{type(error).__name__}: {error}"
 
-    async def _post(self, target, payload: str) -> str | None:
+    async def _post(self, target: WebhookTarget, payload: str) -> str | None:
         """Send the request and read the status line and headers only: the body, however long, is never read."""
         headers = {"Host": target.host_header, "Content-Type": "application/json", "User-Agent": "sd-api-webhook"}
         extensions = {"sni_hostname": target.tls_name} if target.tls_name else {}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from config import Settings
 from sd_server.domain.generation import Generation, sampler_label
 from sd_server.domain.jobs import Job, JobStatus, StoredImage
 from sd_server.domain.models import DEFAULT_USER
@@ -18,10 +19,11 @@ from sd_server.engine.interface import BatchKey, BatchOutput, Engine
 from sd_server.engine.png import a1111_parameters
 from sd_server.errors import DeviceLostError, GenerationFailedError, ModelLoadError, ServiceError, StorageError, summary
 from sd_server.jobs.batching import batch_items, batch_key
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.dispatch import Dispatcher
 from sd_server.jobs.trainings import Trainings
-from sd_server.observability.liveness import Liveness, PartState
-from sd_server.storage.images import image_name
+from sd_server.observability.liveness import Liveness, PartState, Readiness
+from sd_server.registry import ModelRegistry
+from sd_server.storage.images import ImageStorage, image_name
 
 logger = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 5.0)  # first and longest pause of a loop after an unexpected failure
@@ -31,26 +33,38 @@ class Workers:
     """Starts and stops the device thread, the loader thread and the encoder pool of one queue, and registers
     each with the liveness."""
 
-    def __init__(self, queue: JobQueue, engine: Engine, trainings: Trainings, on_device_lost: Callable[[], None]) -> None:
-        self.queue, self.engine, self.liveness = queue, engine, queue.liveness
-        self.encoder = Encoder(queue, engine)
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        engine: Engine,
+        registry: ModelRegistry,
+        storage: ImageStorage,
+        trainings: Trainings,
+        liveness: Liveness,
+        on_device_lost: Callable[[], None],
+    ) -> None:
+        self.dispatcher, self.engine, self.liveness = dispatcher, engine, liveness
+        self.encoder = Encoder(settings, dispatcher, engine, storage, liveness)
         self.devices = [  # several when the engine runs batches elsewhere (Ray replicas); only the first trains
             threading.Thread(
-                target=DeviceWorker(queue, engine, self.encoder, trainings if index == 0 else None, on_device_lost).run,
+                target=DeviceWorker(
+                    dispatcher, engine, registry, self.encoder, trainings if index == 0 else None, liveness, on_device_lost
+                ).run,
                 name=f"sd-device-{index}" if index else "sd-device",
                 daemon=True,
             )
             for index in range(engine.parallel_batches)
         ]
-        self.loader = threading.Thread(target=Loader(queue, engine).run, name="sd-loader", daemon=True)
+        loader = Loader(settings, dispatcher, engine, registry, dispatcher.readiness, liveness)
+        self.loader = threading.Thread(target=loader.run, name="sd-loader", daemon=True)
         self.liveness.register("device", alive=lambda: all(self._alive(thread)() for thread in self.devices), critical=True)
         self.liveness.register("loader", alive=self._alive(self.loader))
         self.liveness.register("encoder")
-        self.liveness.register("trainer")
 
     def _alive(self, thread: threading.Thread) -> Callable[[], bool]:
         """A thread is alive once started and until it returns; before start (or after stop) it counts as alive."""
-        return lambda: thread.is_alive() or thread.ident is None or self.queue.stopping
+        return lambda: thread.is_alive() or thread.ident is None or self.dispatcher.queue.stopping
 
     def start(self) -> None:
         """Start the threads."""
@@ -59,7 +73,7 @@ class Workers:
         self.loader.start()
 
     async def stop(self, timeout_s: float) -> bool:
-        """After ``queue.close()``: let the running batch (or training slice) finish, up to ``timeout_s``, and its
+        """After ``Dispatcher.close()``: let the running batch (or training slice) finish, up to ``timeout_s``, and its
         images be stored; a batch cut off by the timeout runs again after the restart. True when the device stopped."""
         deadline = time.monotonic() + timeout_s
         for thread in self.devices:
@@ -91,40 +105,43 @@ class Loader:
     """Loads the default model (readiness), then brings the models of queued jobs onto the device in queue order,
     while the device runs other batches."""
 
-    def __init__(self, queue: JobQueue, engine: Engine) -> None:
-        self.queue, self.engine = queue, engine
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, engine: Engine, registry: ModelRegistry, readiness: Readiness, liveness: Liveness
+    ) -> None:
+        self.settings, self.dispatcher, self.engine, self.registry = settings, dispatcher, engine, registry
+        self.readiness, self.liveness = readiness, liveness
 
     def run(self) -> None:
         """The loader thread's loop, until the queue closes."""
-        if self.queue.settings.preload_default_model:
+        if self.settings.preload_default_model:
             self.preload_default()
-        run_guarded("loader", self.queue.liveness, self.load_next)
+        run_guarded("loader", self.liveness, self.load_next)
 
     def load_next(self) -> bool:
         """Load the next model a queued job needs; False once the queue closes."""
-        target = self.queue.next_model_to_load()
+        target = self.dispatcher.next_model_to_load()
         if target is None:
             return False
-        model, keep = target
+        model, keep = target.model, target.keep
         try:
             loaded = self.engine.prepare(model, keep)
         except Exception as error:  # a load failure fails the jobs that need that model, and nothing else
             failure = error if isinstance(error, ServiceError) else ModelLoadError(f"could not load model '{model.label}'")
             log_failure(f"loading model {model.label}", failure, error)
-            self.queue.fail_queued(lambda job: job.model == model, failure)
+            self.dispatcher.fail_queued(lambda job: job.model == model, failure)
             return True
-        self.queue.liveness.set("loader", PartState.ok)
-        self.queue.model_prepared(loaded)
+        self.liveness.set("loader", PartState.ok)
+        self.dispatcher.model_prepared(loaded)
         return True
 
     def preload_default(self) -> None:
         """Bring the default user's model onto the device; readiness follows it."""
         try:
-            if not self.engine.prepare(self.queue.registry.get(DEFAULT_USER)):
+            if not self.engine.prepare(self.registry.get(DEFAULT_USER)):
                 raise ModelLoadError("no room on the device for the default model (SD_CACHE_DEVICE_GB)")
-            self.queue.ready = True
+            self.readiness.set_ready()
         except Exception as error:  # the service stays up, not ready; jobs report the error themselves
-            self.queue.not_ready_reason = error.message if isinstance(error, ServiceError) else repr(error)
+            self.readiness.set_not_ready(error.message if isinstance(error, ServiceError) else repr(error))
 
 
 class DeviceWorker:
@@ -132,10 +149,17 @@ class DeviceWorker:
     batches, runs a slice of the training in progress."""
 
     def __init__(
-        self, queue: JobQueue, engine: Engine, encoder: "Encoder", trainings: Trainings | None, on_device_lost: Callable[[], None]
+        self,
+        dispatcher: Dispatcher,
+        engine: Engine,
+        registry: ModelRegistry,
+        encoder: "Encoder",
+        trainings: Trainings | None,
+        liveness: Liveness,
+        on_device_lost: Callable[[], None],
     ) -> None:
-        self.queue, self.engine, self.encoder, self.on_device_lost = queue, engine, encoder, on_device_lost
-        self.trainings, self.liveness = trainings, queue.liveness
+        self.dispatcher, self.engine, self.registry, self.encoder = dispatcher, engine, registry, encoder
+        self.trainings, self.liveness, self.on_device_lost = trainings, liveness, on_device_lost
 
     def run(self) -> None:
         """The device thread's loop, until the queue closes or the device is lost."""
@@ -143,7 +167,7 @@ class DeviceWorker:
 
     def run_next(self) -> bool:
         """Run the next batch, or else a training slice; False when the queue closes or the device is lost."""
-        batch = self.queue.next_batch(other_work=self.trainings.has_work if self.trainings else lambda: False)
+        batch = self.dispatcher.next_batch(self.trainings.has_work if self.trainings else lambda: False)
         if batch is None:
             return False
         self.liveness.set("device", PartState.busy)
@@ -157,7 +181,7 @@ class DeviceWorker:
             failure = GenerationFailedError(f"the batch failed; {log_reference(batch[0])}")
             log_failure(f"batch of {len(batch)} jobs", failure, error, batch)
             self.liveness.set("device", PartState.failing, summary(error))
-            self.queue.fail(batch, failure)
+            self.dispatcher.fail(batch, failure)
             return True
 
     def run_batch(self, batch: list[Job], key: BatchKey) -> bool:
@@ -184,7 +208,7 @@ class DeviceWorker:
         )
         log_failure(f"batch of {len(batch)} jobs on {key.base}", reported, failure, batch)
         self.liveness.set("device", PartState.failing, reported.message)
-        self.queue.fail(batch, reported)
+        self.dispatcher.fail(batch, reported)
         return True
 
     def generate(self, batch: list[Job], key: BatchKey) -> Exception | None:
@@ -192,7 +216,10 @@ class DeviceWorker:
         started = time.monotonic()
         try:
             output = self.engine.run_batch(
-                key, batch_items(batch), lambda step, total: self.queue.progress(batch, step, total), lambda: self.queue.all_ended(batch)
+                key,
+                batch_items(batch),
+                lambda step, total: self.dispatcher.progress(batch, step, total),
+                lambda: self.dispatcher.all_ended(batch),
             )
         except Exception as error:
             return error
@@ -202,9 +229,9 @@ class DeviceWorker:
 
     def finished(self, batch: list[Job], output: BatchOutput, seconds: float) -> None:
         """Count the batch, and encode and store its images on the encoder's threads."""
-        self.queue.record_batch(batch, seconds)
-        if any(job.model == self.queue.registry.get(DEFAULT_USER) for job in batch):
-            self.queue.ready = True
+        self.dispatcher.record_batch(batch, seconds)
+        if any(job.model == self.registry.get(DEFAULT_USER) for job in batch):
+            self.dispatcher.readiness.set_ready()
         for job, images in zip(batch, output.images):
             self.encoder.submit(job, images, output.scheduler, seconds)
 
@@ -213,15 +240,15 @@ class DeviceWorker:
         queue (stored as queued, it runs after the restart), and ask for the process to stop."""
         log_failure(f"batch of {len(batch)} jobs", error, error, batch)
         self.liveness.set("device", PartState.dead, error.message)
-        self.queue.give_back(batch, error)
+        self.dispatcher.give_back(batch, error)
         self.on_device_lost()
 
 
 class Encoder:
     """Encodes and stores each job's images on threads of its own, so the device runs the next batch meanwhile."""
 
-    def __init__(self, queue: JobQueue, engine: Engine) -> None:
-        self.queue, self.engine = queue, engine
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, engine: Engine, storage: ImageStorage, liveness: Liveness) -> None:
+        self.settings, self.dispatcher, self.engine, self.storage, self.liveness = settings, dispatcher, engine, storage, liveness
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sd-encode")
 
     def submit(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
@@ -239,16 +266,16 @@ class Encoder:
         except Exception as error:
             failure = GenerationFailedError(f"encoding the images failed; {log_reference(job)}")
             log_failure(f"encoding job {job.id}", failure, error, [job])
-            self.queue.liveness.set("encoder", PartState.failing, summary(error))
-            self.queue.fail([job], failure)
+            self.liveness.set("encoder", PartState.failing, summary(error))
+            self.dispatcher.fail([job], failure)
 
     def finish(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
         """Encode and store the images, then mark the job succeeded: never succeeded without its images, and no
         image left behind by a job that ended otherwise meanwhile."""
         job.scheduler_used = scheduler
         pngs = self.engine.encode(images, [png_parameters(job, scheduler, index) for index in range(len(images))])
-        self.queue.liveness.set("encoder", PartState.ok)  # before the job is announced, so its client sees it
-        store = self.queue.settings.save_images or not job.synchronous
+        self.liveness.set("encoder", PartState.ok)  # before the job is announced, so its client sees it
+        store = self.settings.save_images or not job.synchronous
         stored = []
         for index, png in enumerate(pngs):
             key = image_name(job.seed + index) if store else None
@@ -257,23 +284,23 @@ class Encoder:
         try:
             for image in stored:
                 if image.key:
-                    self.queue.storage.put(image.key, image.png)
+                    self.storage.put(image.key, image.png)
                     written.append(image.key)
         except StorageError as error:
             self.remove(written)
             log_failure(f"storing the images of job {job.id}", error, error, [job])
-            self.queue.fail([job], error)
+            self.dispatcher.fail([job], error)
             return
         if not job.synchronous:
             for image in stored:
                 image.png = b""  # stored; nobody waits for the bytes
-        if not self.queue.succeed(job, stored, seconds):
+        if not self.dispatcher.succeed(job, stored, seconds):
             self.remove(written)
 
     def remove(self, keys: list[str]) -> None:
         """Delete stored images that no job will point at."""
         for key in keys:
-            self.queue.storage.delete(key)
+            self.storage.delete(key)
 
 
 def png_parameters(job: Job, scheduler: str, index: int) -> str:

@@ -71,3 +71,19 @@ class Liveness:
             for name, part in self.report().items()
             if part["state"] == PartState.dead.value or (part["state"] == PartState.failing.value and name in critical)
         ]
+
+
+class Readiness:
+    """Whether the service takes traffic: not before the default model has loaded, and not once it stops or its
+    device is lost; ``reason`` says why not."""
+
+    def __init__(self, reason: str = "the default model is loading") -> None:
+        self.ready, self.reason = False, reason
+
+    def set_ready(self) -> None:
+        """The service takes traffic."""
+        self.ready = True
+
+    def set_not_ready(self, reason: str) -> None:
+        """The service does not take traffic, for ``reason``."""
+        self.ready, self.reason = False, reason

@@ -33,10 +33,15 @@ class Metrics:
             "sd_step_seconds", "Seconds per denoising step of a batch.", buckets=(0.01, 0.03, 0.1, 0.3, 1, 3), registry=self.registry
         )
         self.images = Counter("sd_images_generated", "Images generated.", registry=self.registry)
+        self._watched: _StateCollector | None = None
 
     def watch(self, queue_stats: Callable[[], dict], engine_report: Callable[[], dict]) -> None:
-        """Read the queue's figures and the engine's report (cache, loaded models, device memory) at every scrape."""
-        self.registry.register(_StateCollector(queue_stats, engine_report))
+        """Read the queue's figures and the engine's report (cache, loaded models, device memory) at every scrape;
+        a later call (the app started again) replaces the services read before."""
+        if self._watched is not None:
+            self.registry.unregister(self._watched)
+        self._watched = _StateCollector(queue_stats, engine_report)
+        self.registry.register(self._watched)
 
     def batch_ran(self, images: int, seconds: float, steps: int) -> None:
         """Observe one finished pipeline call."""

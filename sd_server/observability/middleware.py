@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sd_server.observability.logging import request_id_var
+from sd_server.observability.metrics import Metrics
 
 ALWAYS_OPEN = {"/health", "/health/ready", "/metrics"}
 
@@ -23,8 +24,8 @@ async def send_json(send: Send, status: int, body: dict) -> None:
 class RequestContextMiddleware:
     """Accepts or creates X-Request-ID (returned, and in every log line); counts and times requests; 503 while stopping."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,11 +49,9 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            metrics = getattr(scope["app"].state, "metrics", None)
-            if metrics is not None:
-                route = getattr(scope.get("route"), "path", "unmatched")
-                metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
-                metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
             request_id_var.reset(token)
 
 

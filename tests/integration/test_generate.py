@@ -164,7 +164,7 @@ def test_images_are_not_saved_when_saving_is_off(settings, small_request):
 
     assert body["image_path"] is None and body["image_base64"]
     assert not settings.output_dir.exists()
-    job = client.app.state.job_queue.store.page(JobQuery(limit=1))[0][0]
+    job = client.app.state.services.jobs.page(JobQuery(limit=1))[0][0]
     assert [image.key for image in job.images] == [None] and job.images[0].size_bytes > 0
 
 

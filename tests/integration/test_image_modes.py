@@ -79,7 +79,7 @@ def test_img2img_runs_on_the_cached_pipelines_modules_without_loading_again(clie
     generate(client, init_image=encoded(stripes()), strength=0.5)
     generate(client, init_image=encoded(stripes()), mask_image=encoded(square_mask()))
 
-    checkpoint = client.app.state.engine.cache.get("demo")
+    checkpoint = client.app.state.services.engine.cache.get("demo")
     assert load_calls == [str(client.app.state.settings.models_dir / "demo")]
     assert {type(pipeline).__name__ for pipeline in checkpoint.derived.values()} == {"StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
     assert all(pipeline.unet is checkpoint.pipeline.unet and pipeline.vae is checkpoint.pipeline.vae for pipeline in checkpoint.derived.values())
@@ -105,7 +105,7 @@ def test_an_inpainting_checkpoint_runs_text_to_image_img2img_and_inpainting_on_i
         plain = generate(client, user_id="ivy")
         from_image = generate(client, user_id="ivy", init_image=encoded(stripes()), strength=0.6)
         inpainted = generate(client, user_id="ivy", init_image=encoded(stripes()), mask_image=encoded(square_mask()))
-        derived = client.app.state.engine.cache.get("demo-inpainting").derived
+        derived = client.app.state.services.engine.cache.get("demo-inpainting").derived
 
     assert [result["parameters"]["mode"] for result in (plain, from_image, inpainted)] == ["txt2img", "img2img", "inpaint"]
     assert list(derived) == ["StableDiffusionInpaintPipeline"]
@@ -188,7 +188,7 @@ def test_a_weighted_prompt_changes_the_image_and_a_plain_one_in_its_batch_does_n
 
 def test_a_plain_prompt_encodes_exactly_as_the_pipeline_encodes_it(client):
     generate(client)
-    pipeline = client.app.state.engine.cache.get("demo").pipeline
+    pipeline = client.app.state.services.engine.cache.get("demo").pipeline
     prompts = ["a photo of sks person", "a red circle"]
 
     ours = encode_tokens(pipeline, [weighted_tokens(pipeline.tokenizer, prompt) for prompt in prompts], 1)
@@ -198,7 +198,7 @@ def test_a_plain_prompt_encodes_exactly_as_the_pipeline_encodes_it(client):
 
 
 def test_words_past_the_text_encoders_length_still_change_the_image(client):
-    tokenizer = client.app.state.engine.prompt_counter.tokenizer("demo")
+    tokenizer = client.app.state.services.engine.prompt_counter.tokenizer("demo")
     words = "a photo of sks person " * 3
     assert len(tokenizer(words, add_special_tokens=False).input_ids) > tokenizer.model_max_length  # two chunks or more
 
@@ -235,6 +235,6 @@ def test_img2img_leaves_the_cached_modules_in_their_dtype(settings):
     settings.dtype = "bfloat16"  # as float16 on a GPU: from_pipe would cast the shared modules to float32 unless told
     with TestClient(create_app(settings)) as client:
         generate(client, init_image=encoded(stripes()), strength=0.5, num_inference_steps=2)
-        checkpoint = client.app.state.engine.cache.get("demo")
+        checkpoint = client.app.state.services.engine.cache.get("demo")
 
     assert checkpoint.pipeline.unet.dtype == checkpoint.pipeline.vae.dtype == checkpoint.pipeline.text_encoder.dtype == torch.bfloat16

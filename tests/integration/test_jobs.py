@@ -56,7 +56,7 @@ def test_post_jobs_answers_202_with_location_and_the_job_runs_to_a_result(client
     assert [image["seed"] for image in result["images"]] == [11, 12]
     assert result["image_url"] == result["images"][0]["url"] and result["parameters"]["seed"] == 11
     assert "image_base64" not in json.dumps(result)
-    assert all(image.png == b"" for image in client.app.state.job_queue.store.get(created["job_id"]).images)
+    assert all(image.png == b"" for image in client.app.state.services.jobs.get(created["job_id"]).images)
 
 
 def test_async_job_images_are_stored_even_when_sync_saving_is_off(settings, small_request):

@@ -60,13 +60,13 @@ def test_queued_jobs_stay_queued_through_a_shutdown_and_run_after_the_restart(se
 def test_retention_deletes_old_jobs_and_images_and_keeps_new_ones(settings, small_request):
     settings.retention_days = 1
     with TestClient(create_app(settings)) as client:
-        queue = client.app.state.job_queue
+        queue = client.app.state.services.jobs
         old, new = (wait_for(client, client.post("/jobs", json=small_request(seed=seed)).json()["job_id"]) for seed in (1, 2))
         aged = queue.store.get(old["job_id"])
         aged.finished_at = utc_now() - timedelta(days=2)
         queue.store.save(aged)
 
-        assert client.app.state.retention.apply() == 1
+        assert client.app.state.services.retention.apply() == 1
         assert client.get(f"/jobs/{old['job_id']}").status_code == 404
         assert client.get(old["result"]["image_url"]).status_code == 404
         assert client.get(f"/jobs/{new['job_id']}").json()["status"] == "succeeded"
@@ -76,7 +76,7 @@ def test_retention_deletes_old_jobs_and_images_and_keeps_new_ones(settings, smal
 def test_retention_runs_periodically_when_enabled(settings, small_request):
     settings.retention_days, settings.retention_interval_s = 1, 0.1
     with TestClient(create_app(settings)) as client:
-        queue = client.app.state.job_queue
+        queue = client.app.state.services.jobs
         job = queue.store.get(wait_for(client, client.post("/jobs", json=small_request()).json()["job_id"])["job_id"])
         job.finished_at = utc_now() - timedelta(days=2)
         queue.store.save(job)

@@ -11,16 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from fastapi.testclient import TestClient
-from ray import serve
+
+ray = pytest.importorskip("ray", reason="the Ray engine's tests need the Ray extra: pip install -r requirements-ray.txt")
+serve = pytest.importorskip("ray.serve", reason="the Ray engine's tests need Ray Serve: pip install -r requirements-ray.txt")
 
 from config import Settings
 from helpers import PROJECT_DIR, parse_sse, png_bytes, poll, wait_for, wait_until_running
 from sd_server.app import create_app
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.engine.ray_replica import APP_NAME
+from sd_server.engine.ray_replica import APP_NAME  # noqa: E402  (after the skip: it imports Ray)
 from sd_server.errors import ModelLoadError
 
 USERS = {"alice": "demo", "bob": "tiny-a", "carol": "tiny-b"}  # three users, three base checkpoints
@@ -161,7 +162,7 @@ def test_a_training_runs_in_a_ray_actor_and_its_lora_generates_on_a_replica(ray_
 
 
 def test_a_training_whose_base_cannot_load_fails_with_the_models_own_error(ray_client):
-    engine = ray_client.app.state.engine
+    engine = ray_client.app.state.services.engine
 
     with pytest.raises(ModelLoadError, match="could not load base 'missing/base' for training"):
         engine.start_training("missing/base", [], TrainingSettings())

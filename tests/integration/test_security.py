@@ -321,7 +321,7 @@ def test_request_id_is_returned_logged_and_stored_with_the_job(settings, small_r
         given = client.post("/jobs", json=small_request(), headers={"X-Request-ID": "trace-abc-123"})
         made = client.get("/health")
         client.post("/generate", json=small_request(user_id="mallory"), headers={"X-Request-ID": "trace-missing-user"})
-        stored = client.app.state.job_queue.store.get(given.json()["job_id"])
+        stored = client.app.state.services.jobs.get(given.json()["job_id"])
 
     assert given.headers["X-Request-ID"] == "trace-abc-123"
     assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-ID"])

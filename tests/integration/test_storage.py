@@ -94,6 +94,6 @@ def test_stored_image_checksum_and_size_match_the_file(client, small_request, se
     job_id = client.post("/jobs", json=small_request()).json()["job_id"]
     wait_for(client, job_id)
 
-    image = client.app.state.job_queue.store.get(job_id).images[0]
+    image = client.app.state.services.jobs.get(job_id).images[0]
     data = (settings.output_dir / image.key).read_bytes()
     assert image.size_bytes == len(data) and image.sha256 == hashlib.sha256(data).hexdigest()

@@ -351,7 +351,7 @@ def test_identical_components_are_loaded_once_and_counted_once(settings, small_r
     with TestClient(create_app(settings)) as client:
         generate(client, small_request, "default")
         generate(client, small_request, "dave")
-        engine = client.app.state.engine
+        engine = client.app.state.services.engine
         demo, dreambooth = (engine.cache.checkpoints[source].pipeline for source in ("demo", "demo-dreambooth"))
         report = cache(client)
 

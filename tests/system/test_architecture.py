@@ -1,5 +1,5 @@
-"""The shape of the code: the layer contracts hold, the top level holds only the design card's files, and the unit
-tier runs on a Python where neither torch nor Ray can be imported."""
+"""The shape of the code: the layer contracts hold, the typed packages pass mypy strict, the top level holds only the
+design card's files, and the unit and service tiers run on a Python where neither torch nor Ray can be imported."""
 
 import os
 import shutil
@@ -33,14 +33,22 @@ def test_the_import_layer_contracts_hold():
     assert "0 broken" in result.stdout
 
 
+def test_the_typed_packages_pass_mypy_strict_and_every_engine_matches_the_engine_protocol():
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    result = subprocess.run([mypy], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=DEADLINE_S)  # pyproject.toml
+
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert "Success: no issues found" in result.stdout
+
+
 def test_the_top_level_holds_only_the_design_cards_python_files():
     assert {path.name for path in PROJECT_DIR.glob("*.py")} == DESIGN_CARD_FILES
 
 
-def test_the_unit_tier_runs_where_torch_and_ray_cannot_be_imported(tmp_path):
+def test_the_unit_and_service_tiers_run_where_torch_and_ray_cannot_be_imported(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "unit", "tests/unit", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "unit or service", "tests/unit", "tests/service", "-p", "no:cacheprovider"]
 
     result = subprocess.run(command, cwd=PROJECT_DIR, env=environment, capture_output=True, text=True, timeout=DEADLINE_S)
 

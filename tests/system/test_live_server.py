@@ -9,7 +9,7 @@ import uvicorn
 
 from helpers import DEADLINE_S, SLOW, free_port, pixels, poll
 from sd_server.app import create_app
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.submission import Jobs
 
 
 def test_health_answers_while_a_generation_runs(live_server, small_request, hold_generation):
@@ -36,8 +36,8 @@ def test_health_answers_under_a_queue_of_20_jobs(live_server, small_request, hol
 
 
 def test_client_that_disconnects_cancels_its_sync_job(live_server, small_request, hold_generation, monkeypatch):
-    cancel, cancelled = JobQueue.cancel, threading.Event()
-    monkeypatch.setattr(JobQueue, "cancel", lambda queue, job: (cancel(queue, job), cancelled.set()))
+    cancel, cancelled = Jobs.cancel, threading.Event()
+    monkeypatch.setattr(Jobs, "cancel", lambda jobs, job: (cancel(jobs, job), cancelled.set()))
     with pytest.raises(httpx.ReadTimeout):  # gives up after 1 s, while the generation is held
         httpx.post(f"{live_server}/generate", json=small_request(), timeout=1.0)
 
@@ -114,6 +114,6 @@ def test_graceful_shutdown_lets_the_running_job_finish_and_keeps_queued_ones(set
     hold_generation.set()  # the running batch finishes during the shutdown
     thread.join(timeout=DEADLINE_S)
 
-    store = app.state.job_queue.store
+    store = app.state.services.jobs.store
     assert store.get(running).status.value == "succeeded"
     assert store.get(queued).status.value == "queued"

@@ -1,174 +1,131 @@
-"""Trainings on the fake engine, where a test can hold a training at any point: a cancel or a delete that meets the
-end of a training, a database that is away while one runs, and uploads that cannot hold up anyone else (one
-training per user is refused before any decoding; decoding has threads of its own)."""
+"""Trainings as a part, called directly on the fake engine: the device worker's slices run here on the test's own
+thread, so every step of the lifecycle is seen as it happens (no app, no worker threads)."""
 
-import threading
-from collections.abc import Callable
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from PIL import Image
 
-from helpers import DEADLINE_S, HeldLock, png_bytes, poll, sqlite_file
-from sd_server.api.routes import trainings as trainings_route
+from config import Settings
+from fakes import FakeEngine
+from sd_server.domain.trainings import Training, TrainingSettings, TrainingStatus
+from sd_server.errors import JobFinishedError, TrainingLimitError
+from sd_server.jobs.events import EventBus, WorkEvent
+from sd_server.jobs.trainings import Trainings
+from sd_server.jobs.writer import Writer
+from sd_server.observability.liveness import Liveness
+from sd_server.persistence.database import create_database_engine, migrate
+from sd_server.persistence.job_store import SqlJobStore
+from sd_server.persistence.training_store import SqlTrainingStore
+from sd_server.registry import ModelRegistry
+from sd_server.storage.images import LocalStorage
 
-FIELDS = {"steps": "20", "resolution": "64"}
-DEMO_MODEL = {"kind": "checkpoint", "source": "demo"}
-
-
-@pytest.fixture
-def training_settings(settings):
-    """Small photos, slices of 5 steps, a checkpoint every 10."""
-    settings.training_min_photo_side = 64
-    settings.training_slice_steps = 5
-    settings.training_checkpoint_every = 10
-    return settings
-
-
-def photo_files(count: int = 3, seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
-    """``count`` distinct 64x64 photos as the multipart `images` field."""
-    return [("images", (f"photo-{index}.png", png_bytes(seed + index, 64), "image/png")) for index in range(count)]
+STEPS = TrainingSettings(steps=20, resolution=64)
 
 
-def start_training(client: TestClient, user_id: str = "alice", **fields: str) -> dict:
-    """POST a training for ``user_id``; its 202 answer."""
-    response = client.post(f"/users/{user_id}/trainings", files=photo_files(), data={**FIELDS, **fields})
-    assert response.status_code == 202, response.text
-    return response.json()
+@dataclass
+class Setup:
+    """The trainings part, its store, and every event it published."""
 
+    trainings: Trainings
+    store: SqlTrainingStore
+    events: list[WorkEvent]
+    woken: list[bool]
 
-def wait_for_training(client: TestClient, training_id: str, statuses=("succeeded", "failed", "cancelled")) -> dict:
-    """Poll the training until it is in one of ``statuses``."""
-    return poll(lambda: client.get(f"/trainings/{training_id}").json(), lambda training: training.get("status") in statuses, f"training {training_id} reaching {statuses}")
-
-
-def sample_files(settings) -> list[Path]:
-    """The sample images of trainings in the output folder."""
-    return sorted(Path(settings.output_dir).glob("training-*"))
-
-
-def at_the_last_step(client: TestClient, engine, request: Callable[[dict], object]) -> tuple[dict, object]:
-    """Start a training for alice, hold it where its last step has run and its samples are being drawn, send
-    ``request(training)`` then, and let it go on; the training's 202 answer and the request's answer."""
-    engine.samples_gate = threading.Event()
-    created = start_training(client)
-    assert engine.samples_drawn.wait(DEADLINE_S), "the training never reached its samples"
-    answer = request(created)
-    engine.samples_gate.set()
-    return created, answer
-
-
-def test_a_cancel_that_meets_the_last_step_wins_and_leaves_no_model_and_no_samples(training_settings, app_factory, engine):
-    with TestClient(app_factory(training_settings)) as client:
-        created, cancelled = at_the_last_step(client, engine, lambda training: client.post(training["links"]["cancel"]))
-        ended = wait_for_training(client, created["training_id"])
-        model = client.get("/users/alice/model").json()["model"]
-
-    assert cancelled.status_code == 200
-    assert ended["status"] == "cancelled" and ended["model"] is None and ended["samples"] == []
-    assert ended["progress"]["step"] == 20  # every step ran; the cancel still won
-    assert model == DEMO_MODEL
-    assert sample_files(training_settings) == []
-
-
-def test_a_delete_that_meets_the_last_step_leaves_no_samples_behind(training_settings, app_factory, engine):
-    with TestClient(app_factory(training_settings)) as client:
-        created, deleted = at_the_last_step(client, engine, lambda training: client.delete(training["links"]["self"]))
-        trainings = client.app.state.trainings
-        poll(lambda: trainings.live(created["training_id"]), lambda live: live is None, "the deleted training ending on the device")
-        read = client.get(created["links"]["self"])
-        model = client.get("/users/alice/model").json()["model"]
-
-    assert deleted.status_code == 204 and read.status_code == 404
-    assert sample_files(training_settings) == []
-    assert model == DEMO_MODEL
-
-
-def test_a_finished_training_answers_a_cancel_with_409_and_keeps_its_model(training_settings, app_factory):
-    with TestClient(app_factory(training_settings)) as client:
-        created = start_training(client)
-        ended = wait_for_training(client, created["training_id"])
-        cancel = client.post(created["links"]["cancel"])
-        model = client.get("/users/alice/model").json()["model"]
-
-    assert ended["status"] == "succeeded" and cancel.status_code == 409
-    assert model == ended["model"] and model["kind"] == "lora"
-    assert len(sample_files(training_settings)) == 2
-
-
-def test_a_training_waits_out_a_locked_database_and_loses_no_step(training_settings, app_factory, engine):
-    training_settings.database_lock_timeout_s, training_settings.database_retry_s = 0.2, 0.5
-    engine.slice_gate = threading.Semaphore(0)
-    with TestClient(app_factory(training_settings)) as client:
-        created = start_training(client)
-        wait_for_training(client, created["training_id"], ("training",))
-        lock = HeldLock(sqlite_file(training_settings))
-        engine.slice_gate.release(100)  # every slice, both checkpoints and the commit meet the lock
-        waiting = poll(lambda: client.get("/health").json()["parts"], lambda parts: parts["trainer"]["state"] == "failing", "the trainer waiting for the database")
-        during = client.get(created["links"]["self"]).json()
-        lock.release()
-        ended = wait_for_training(client, created["training_id"])
-        model = client.get("/users/alice/model").json()["model"]
-        stored = client.get("/trainings").json()["trainings"][0]
-
-    assert "database is unavailable" in waiting["trainer"]["detail"]
-    assert during["status"] == "training" and during["progress"]["step"] == 20
-    assert ended["status"] == "succeeded" and ended["progress"]["step"] == 20
-    assert model == ended["model"] and stored["status"] == "succeeded"
+    def fresh(self, engine: FakeEngine) -> Trainings:
+        """Another Trainings on the same database and folders (the service after a restart)."""
+        old = self.trainings
+        writer = Writer(old.writer.jobs, self.store, old.bus, Liveness())
+        return Trainings(old.settings, engine, old.registry, self.store, old.storage, writer, old.bus, Liveness(), lambda: None)
 
 
 @pytest.fixture
-def held_decoding(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
-    """Training photos decode only once the returned event is set; the list names each photo as its decoding starts."""
-    gate, started = threading.Event(), []
-    prepare = trainings_route.prepare_photo
-
-    def held(photo, *args):
-        started.append(photo.name)
-        gate.wait(DEADLINE_S)
-        return prepare(photo, *args)
-
-    monkeypatch.setattr(trainings_route, "prepare_photo", held)
-    return gate, started
-
-
-def in_threads(calls: list[Callable[[], object]]) -> tuple[list[threading.Thread], list]:
-    """Start each call on a thread of its own; the threads, and the list their results are appended to."""
-    results: list = []
-    threads = [threading.Thread(target=lambda call=call: results.append(call())) for call in calls]
-    for thread in threads:
-        thread.start()
-    return threads, results
+def setup(settings: Settings, engine: FakeEngine, tmp_path: Path) -> Iterator[Setup]:
+    settings.training_slice_steps, settings.training_checkpoint_every = 5, 10
+    migrate(settings.effective_database_url)
+    database = create_database_engine(settings.effective_database_url)
+    events: list[WorkEvent] = []
+    woken: list[bool] = []
+    bus = EventBus([lambda event: events.append(event) if isinstance(event, WorkEvent) else None])
+    loop = asyncio.new_event_loop()
+    bus.bind(loop)  # never run: the SSE side is not under test here
+    store = SqlTrainingStore(database)
+    writer = Writer(SqlJobStore(database), store, bus, Liveness())
+    trainings = Trainings(
+        settings, engine, ModelRegistry(settings, database), store, LocalStorage(tmp_path / "output"), writer, bus, Liveness(), lambda: woken.append(True)
+    )
+    yield Setup(trainings, store, events, woken)
+    loop.close()
+    database.dispose()
 
 
-def test_one_user_sending_six_uploads_at_once_has_five_refused_before_any_is_decoded(training_settings, app_factory, held_decoding):
-    gate, started = held_decoding
-    with TestClient(app_factory(training_settings)) as client:
-        post = lambda seed: client.post("/users/alice/trainings", files=photo_files(seed=seed), data=FIELDS).status_code  # noqa: E731
-        threads, statuses = in_threads([lambda seed=seed: post(seed) for seed in range(0, 60, 10)])
-        poll(lambda: sorted(statuses), lambda seen: seen == [429] * 5, "five uploads refused while the first decodes")
-        decoding_meanwhile = len(started)
-        gate.set()
-        for thread in threads:
-            thread.join(DEADLINE_S)
-
-    assert sorted(statuses) == [202] + [429] * 5
-    assert decoding_meanwhile == 1  # only the first upload's first photo ever started to decode
+def submit(trainings: Trainings, user_id: str = "alice") -> Training:
+    with trainings.reservation(user_id) as reservation:
+        training, new = trainings.submit(reservation, STEPS, [Image.new("RGB", (64, 64))] * 3, "fingerprint")
+    assert new
+    return training
 
 
-def test_uploads_that_fill_the_decoding_pool_hold_up_no_other_request(training_settings, app_factory, held_decoding, small_request):
-    gate, started = held_decoding
-    training_settings.decode_threads = 1
-    with TestClient(app_factory(training_settings)) as client:
-        uploads = [lambda user=user: client.post(f"/users/{user}/trainings", files=photo_files(), data=FIELDS) for user in ("alice", "bob", "default")]
-        threads, answers = in_threads(uploads)
-        poll(lambda: len(started), lambda count: count == 1, "the one decoding thread busy with an upload")
-        listing, generation, model = client.get("/jobs"), client.post("/generate", json=small_request()), client.get("/users/bob/model")
-        busy = len(started)
-        gate.set()
-        for thread in threads:
-            thread.join(DEADLINE_S)
+def run_until_ended(trainings: Trainings, training: Training, slices: int = 20) -> list[str]:
+    """Run slices as the device worker would; the status after each."""
+    seen = []
+    for _ in range(slices):
+        if training.status.is_terminal:
+            break
+        trainings.run_slice()
+        seen.append(training.status.value)
+    return seen
 
-    assert (listing.status_code, generation.status_code, model.status_code) == (200, 200, 200)
-    assert busy == 1  # the other uploads waited for the decoding thread, not the requests above
-    assert sorted(answer.status_code for answer in answers) == [202, 202, 202]
+
+def test_a_training_goes_queued_preparing_training_succeeded_and_becomes_the_users_model(setup):
+    training = submit(setup.trainings)
+
+    seen = run_until_ended(setup.trainings, training)
+
+    assert seen[0] == "training" and seen[-1] == "succeeded" and training.step == 20
+    assert setup.woken == [True]  # the device was told of the new work
+    names = [event.name for event in setup.events if event.work is training]
+    assert names[0] == "queued" and names[1:3] == ["preparing", "training"] and names[-1] == "succeeded"
+    assert names.count("progress") == 4
+    assert setup.store.get(training.id).status is TrainingStatus.succeeded
+    assert setup.trainings.registry.get("alice") == training.model
+
+
+def test_one_training_per_user_is_refused_with_429_while_another_is_active(setup):
+    submit(setup.trainings)
+
+    with pytest.raises(TrainingLimitError, match="one at a time"):
+        setup.trainings.check_room("alice")
+    setup.trainings.check_room("bob")
+
+
+def test_cancelling_a_queued_training_ends_it_at_once_and_an_ended_one_answers_409(setup):
+    training = submit(setup.trainings)
+
+    setup.trainings.cancel(training)
+
+    assert training.status is TrainingStatus.cancelled and not setup.trainings.has_work()
+    with pytest.raises(JobFinishedError):
+        setup.trainings.cancel(training)
+
+
+def test_a_restart_resumes_from_the_last_checkpoint_and_a_second_crash_there_fails_it(setup, engine):
+    training = submit(setup.trainings)
+    for _ in range(4):  # prepare, then 3 slices of 5 steps: a checkpoint at step 10
+        setup.trainings.run_slice()
+    assert training.checkpoint_step == 10 and training.step == 15
+
+    resumed = setup.fresh(engine)
+    resumed.recover()
+    again = resumed.get(training.id)
+    assert again is not None and again.status is TrainingStatus.queued and again.attempts == 1 and again.step == 10
+    resumed.run_slice()
+    assert again.step == 10 and again.status is TrainingStatus.training
+
+    crashed_twice = setup.fresh(engine)
+    crashed_twice.recover()
+    assert setup.store.get(training.id).status is TrainingStatus.failed
+    assert "stopped twice" in (setup.store.get(training.id).error or "")

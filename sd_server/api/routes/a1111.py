@@ -23,7 +23,7 @@ from schemas import (
     A1111Txt2ImgRequest,
     GenerateRequest,
 )
-from sd_server.api.dependencies import CurrentUser, QueueDep, RegistryDep, StylesDep, get_decoding
+from sd_server.api.dependencies import CurrentUser, JobsDep, RegistryDep, StylesDep, get_services
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
 from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job
@@ -31,7 +31,7 @@ from sd_server.domain.generation import A1111_SAMPLERS, SchedulerName, sampler_l
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.errors import InvalidFieldError, JobFinishedError, UnknownUserError
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.submission import Jobs
 from sd_server.jobs.workers import png_parameters
 from sd_server.security.keys import Principal
 from sd_server.storage.source_images import base64_payload
@@ -95,18 +95,18 @@ def generate_request(body: A1111Txt2ImgRequest) -> GenerateRequest:
 
 
 async def generate(
-    body: A1111Txt2ImgRequest, files: ImageFiles, principal: Principal, queue: JobQueue, styles: StyleBook, http_request: Request
+    body: A1111Txt2ImgRequest, files: ImageFiles, principal: Principal, jobs: Jobs, styles: StyleBook, http_request: Request
 ) -> Job:
     """Run an A1111 call as a synchronous job in our queue."""
     request = generate_request(body)
     user_id, decodes = acting_user(principal), files.init_image is not None
     try:
-        generation, inputs = await off_the_loop(lambda: prepare_generation(request, user_id, styles, files), decodes, get_decoding(http_request))
+        generation, inputs = await off_the_loop(lambda: prepare_generation(request, user_id, styles, files), decodes, get_services(http_request).decoding)
     except InvalidFieldError as error:  # named as A1111 names the field
         error.location = tuple(A1111_FIELDS.get(part, part) for part in error.location)
         raise
 
-    return await run_job(generation, inputs, queue, http_request)
+    return await run_job(generation, inputs, jobs, http_request)
 
 
 def images_response(job: Job, body: A1111Txt2ImgRequest, extra_images: list[str]) -> A1111ImagesResponse:
@@ -152,42 +152,42 @@ def info(job: Job) -> dict[str, Any]:
 
 
 @a1111_router.post("/txt2img", responses=GENERATION_ERRORS)
-async def txt2img(body: A1111Txt2ImgRequest, queue: QueueDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
+async def txt2img(body: A1111Txt2ImgRequest, jobs: JobsDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
     """A1111's txt2img: the images as base64 PNGs, the request, and `info` (a JSON string with the seeds)."""
-    job = await generate(body, ImageFiles(), principal, queue, styles, http_request)
+    job = await generate(body, ImageFiles(), principal, jobs, styles, http_request)
     return images_response(job, body, [])
 
 
 @a1111_router.post("/img2img", responses=GENERATION_ERRORS)
-async def img2img(body: A1111Img2ImgRequest, queue: QueueDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
+async def img2img(body: A1111Img2ImgRequest, jobs: JobsDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
     """A1111's img2img, and inpainting with `mask` (white repaints; `inpainting_mask_invert: 1` flips it)."""
-    files = await get_decoding(http_request).run(
+    files = await get_services(http_request).decoding.run(
         lambda: ImageFiles(decode_image("init_images", body.init_images[0]), decode_image("mask", body.mask), bool(body.inpainting_mask_invert))
     )
-    job = await generate(body, files, principal, queue, styles, http_request)
+    job = await generate(body, files, principal, jobs, styles, http_request)
     return images_response(job, body, [base64_payload(body.init_images[0])] if body.include_init_images else [])
 
 
 @a1111_router.get("/progress")
-async def progress(queue: QueueDep, principal: CurrentUser) -> A1111Progress:
+async def progress(jobs: JobsDep, principal: CurrentUser) -> A1111Progress:
     """The caller's running job (else the next one queued): its share done and the seconds left at its pace."""
-    jobs = queue.active_jobs(acting_user(principal))
-    current = next((job for job in jobs if job.status is JobStatus.running), jobs[0] if jobs else None)
+    active = jobs.active_jobs(acting_user(principal))
+    current = next((job for job in active if job.status is JobStatus.running), active[0] if active else None)
     if current is None:
         return A1111Progress(progress=0.0, eta_relative=0.0, state=A1111ProgressState(job_count=0, sampling_step=0, sampling_steps=0))
     step, total = current.step, max(current.total_steps, 1)
     elapsed = time.time() - current.started_at.timestamp() if current.started_at else 0.0
     eta = elapsed / step * (total - step) if step else 0.0
-    state = A1111ProgressState(job=current.id, job_count=len(jobs), job_timestamp=current.created_at.strftime("%Y%m%d%H%M%S"), sampling_step=step, sampling_steps=total)
+    state = A1111ProgressState(job=current.id, job_count=len(active), job_timestamp=current.created_at.strftime("%Y%m%d%H%M%S"), sampling_step=step, sampling_steps=total)
     return A1111Progress(progress=round(step / total, 4), eta_relative=round(eta, 3), state=state)
 
 
 @a1111_router.post("/interrupt")
-async def interrupt(queue: QueueDep, principal: CurrentUser) -> None:
+async def interrupt(jobs: JobsDep, principal: CurrentUser) -> None:
     """Cancel the caller's queued and running jobs (a running one stops at its next step; its call answers 409)."""
-    for job in queue.active_jobs(acting_user(principal)):
+    for job in jobs.active_jobs(acting_user(principal)):
         with suppress(JobFinishedError):
-            await asyncio.to_thread(queue.cancel, job)
+            await asyncio.to_thread(jobs.cancel, job)
 
 
 @a1111_router.get("/samplers")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from schemas import GenerateRequest, GenerateResponse
-from sd_server.api.dependencies import CurrentUser, QueueDep, StylesDep, get_decoding
+from sd_server.api.dependencies import CurrentUser, JobsDep, StorageDep, StylesDep, get_services
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import generate_response
 from sd_server.api.submissions import run_job, submission
@@ -24,7 +24,7 @@ from sd_server.errors import (
     JobTimeoutError,
     UnknownUserError,
 )
-from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.submission import Jobs
 from sd_server.security.keys import Principal
 from sd_server.styles import StyleBook
 
@@ -43,24 +43,24 @@ VALIDATION_ERROR = {
 async def generate_for(
     request: GenerateRequest,
     principal: Principal,
-    queue: JobQueue,
+    jobs: Jobs,
     styles: StyleBook,
     http_request: Request,
     uploads: dict[str, bytes] | None = None,
 ) -> Job:
     """Prepare the generation ``request`` asks for, run it, wait for it."""
-    generation, inputs = await submission(request, principal, styles, get_decoding(http_request), uploads)
-    return await run_job(generation, inputs, queue, http_request)
+    generation, inputs = await submission(request, principal, styles, get_services(http_request).decoding, uploads)
+    return await run_job(generation, inputs, jobs, http_request)
 
 
 @generation_router.post("/generate", responses=GENERATION_ERRORS)
 async def generate(
-    request: GenerateRequest, queue: QueueDep, principal: CurrentUser, styles: StylesDep, http_request: Request
+    request: GenerateRequest, jobs: JobsDep, storage: StorageDep, principal: CurrentUser, styles: StylesDep, http_request: Request
 ) -> GenerateResponse:
     """Generate images with the user's model (from the prompt, or from `init_image` and `mask_image`); they come
     back as base64 PNGs with their seeds."""
-    job = await generate_for(request, principal, queue, styles, http_request)
-    return generate_response(job, queue.storage)
+    job = await generate_for(request, principal, jobs, styles, http_request)
+    return generate_response(job, storage)
 
 
 def generate_image_body() -> dict[str, Any]:
@@ -83,7 +83,7 @@ def generate_image_body() -> dict[str, Any]:
         **GENERATION_ERRORS,
     },
 )
-async def generate_image(http_request: Request, queue: QueueDep, principal: CurrentUser, styles: StylesDep) -> Response:
+async def generate_image(http_request: Request, jobs: JobsDep, principal: CurrentUser, styles: StylesDep) -> Response:
     """Generate one image and answer with the PNG itself (headers X-Seed, X-Model-Id, X-Generation-Time). The body is
     GenerateRequest as JSON, or the same fields as a multipart form with `init_image` and `mask_image` as files."""
     request, uploads = await image_request(http_request)
@@ -91,7 +91,7 @@ async def generate_image(http_request: Request, queue: QueueDep, principal: Curr
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", "num_images"), "msg": "must be 1 for /generate/image; use /generate for more", "input": request.num_images}]
         )
-    job = await generate_for(request, principal, queue, styles, http_request, uploads)
+    job = await generate_for(request, principal, jobs, styles, http_request, uploads)
     headers = {"X-Seed": str(job.seed), "X-Model-Id": job.model_id, "X-Generation-Time": f"{job.generation_seconds:.3f}"}
     return Response(content=job.take_pngs()[0], media_type="image/png", headers=headers)
 

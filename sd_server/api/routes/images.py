@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
-from sd_server.api.dependencies import CurrentUser, QueueDep
+from sd_server.api.dependencies import CurrentUser, JobsDep, StorageDep
 from sd_server.api.errors import error_responses
 from sd_server.errors import NotFoundError
 from sd_server.storage.images import ImageStorage, LocalStorage
@@ -24,11 +24,10 @@ images_router = APIRouter(tags=["images"])
     },
 )
 async def get_image(
-    name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], queue: QueueDep, principal: CurrentUser
+    name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+\.png$")], jobs: JobsDep, storage: StorageDep, principal: CurrentUser
 ) -> Response:
     """A stored image of the caller's, by the name in a job's result: the file, or a redirect to its presigned URL."""
-    storage = queue.storage
-    owner = await asyncio.to_thread(queue.store.owner_of_image, name)
+    owner = await asyncio.to_thread(jobs.owner_of_image, name)
     if owner is None or not principal.can_access(owner) or not await asyncio.to_thread(storage.exists, name):
         raise NotFoundError(f"no image '{name}'")
     return stored_image(storage, name)
@@ -37,5 +36,5 @@ async def get_image(
 def stored_image(storage: ImageStorage, key: str) -> Response:
     """A stored PNG as the answer: the file (local storage), or a redirect to its presigned URL (S3)."""
     if isinstance(storage, LocalStorage):
-        return FileResponse(storage.local_path(key), media_type="image/png")
+        return FileResponse(storage.root / key, media_type="image/png")
     return RedirectResponse(storage.url(key), status_code=307)

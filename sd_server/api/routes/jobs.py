@@ -11,7 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from schemas import JobCreated, JobList, JobRequest, JobResponse
-from sd_server.api.dependencies import CurrentUser, DecodingDep, JobDep, LookupsDep, QueueDep, StylesDep
+from sd_server.api.dependencies import (
+    BusDep,
+    CurrentUser,
+    DecodingDep,
+    JobDep,
+    JobsDep,
+    LookupsDep,
+    SettingsDep,
+    StorageDep,
+    StylesDep,
+)
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
 from sd_server.api.sse import event_response, follow
@@ -34,7 +44,8 @@ JOB_ERRORS = error_responses(NotFoundError, ConflictError)
 @jobs_router.post("", status_code=202, responses=error_responses(ForbiddenError, UnknownUserError, ConflictError))
 async def create_job(
     body: JobRequest,
-    queue: QueueDep,
+    jobs: JobsDep,
+    settings: SettingsDep,
     principal: CurrentUser,
     styles: StylesDep,
     decoding: DecodingDep,
@@ -45,15 +56,16 @@ async def create_job(
     """Queue a generation (text-to-image, img2img or inpainting, as POST /generate takes them) and answer at once;
     follow it at `links.self` or `links.events`."""
     generation, inputs = await submission(body, principal, styles, decoding)
-    webhook_url = await checked_webhook(body.webhook_url, lookups, queue.settings.webhook_allow_private)
-    job, _ = await asyncio.to_thread(queue.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs)
+    webhook_url = await checked_webhook(body.webhook_url, lookups, settings.webhook_allow_private)
+    job, _ = await asyncio.to_thread(jobs.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs)
     response.headers["Location"] = f"/jobs/{job.id}"
-    return JobCreated(job_id=job.id, status=job.status, position=queue.position(job), links=job_links(job))
+    return JobCreated(job_id=job.id, status=job.status, position=jobs.position(job), links=job_links(job))
 
 
 @jobs_router.get("")
 async def list_jobs(
-    queue: QueueDep,
+    jobs: JobsDep,
+    storage: StorageDep,
     principal: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
@@ -68,9 +80,9 @@ async def list_jobs(
         user_id = principal.user_id
     after, before = instant(created_after, "created_after"), instant(created_before, "created_before")
     query = JobQuery(user_id, status, after, before, limit, offset, decode_cursor(cursor))
-    jobs, total, next_cursor = await asyncio.to_thread(queue.store.page, query)
+    page, total, next_cursor = await asyncio.to_thread(jobs.page, query)
     return JobList(
-        jobs=[job_response(job, queue) for job in jobs],
+        jobs=[job_response(job, jobs.position(job), storage) for job in page],
         total=total,
         limit=limit,
         offset=offset,
@@ -110,9 +122,9 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
 
 
 @jobs_router.get("/{job_id}", responses=error_responses(NotFoundError))
-async def get_job(job: JobDep, queue: QueueDep) -> JobResponse:
+async def get_job(job: JobDep, jobs: JobsDep, storage: StorageDep) -> JobResponse:
     """The job's status, progress, position while queued, and result or error."""
-    return job_response(job, queue)
+    return job_response(job, jobs.position(job), storage)
 
 
 @jobs_router.get(
@@ -123,21 +135,21 @@ async def get_job(job: JobDep, queue: QueueDep) -> JobResponse:
         **error_responses(NotFoundError),
     },
 )
-async def job_events(job: JobDep, queue: QueueDep) -> StreamingResponse:
+async def job_events(job: JobDep, jobs: JobsDep, storage: StorageDep, bus: BusDep) -> StreamingResponse:
     """Server-Sent Events: the current state first, then each change; the stream ends with the job."""
     state = lambda: job.status.value if job.status.is_terminal else ("started" if job.started_at else "queued")  # noqa: E731
-    return event_response(follow(queue.events, job, state, lambda: job_response(job, queue).model_dump(mode="json")))
+    return event_response(follow(bus, job, state, lambda: job_response(job, jobs.position(job), storage).model_dump(mode="json")))
 
 
 @jobs_router.post("/{job_id}/cancel", responses=JOB_ERRORS)
-async def cancel_job(job: JobDep, queue: QueueDep) -> JobResponse:
+async def cancel_job(job: JobDep, jobs: JobsDep, storage: StorageDep) -> JobResponse:
     """Cancel: a queued job leaves the queue now; a running one stops at its next step. 409 once ended."""
-    await asyncio.to_thread(queue.cancel, job)
-    return job_response(job, queue)
+    await asyncio.to_thread(jobs.cancel, job)
+    return job_response(job, jobs.position(job), storage)
 
 
 @jobs_router.delete("/{job_id}", status_code=204, responses=error_responses(NotFoundError))
-async def delete_job(job: JobDep, queue: QueueDep) -> Response:
+async def delete_job(job: JobDep, jobs: JobsDep) -> Response:
     """Cancel the job if it is still active, then delete it and its images."""
-    await asyncio.to_thread(queue.delete, job)
+    await asyncio.to_thread(jobs.delete, job)
     return Response(status_code=204)

@@ -3,10 +3,10 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 
 from schemas import KeyCreated, KeyCreateRequest, KeyInfo
-from sd_server.api.dependencies import AdminUser
+from sd_server.api.dependencies import AdminUser, ServicesDep, SettingsDep
 from sd_server.api.errors import error_responses
 from sd_server.domain.jobs import as_utc
 from sd_server.errors import ConflictError, ForbiddenError, NotFoundError
@@ -15,19 +15,19 @@ from sd_server.security.keys import KeyStore
 keys_router = APIRouter(prefix="/keys", tags=["keys"], responses=error_responses(ForbiddenError))
 
 
-def get_key_store(request: Request) -> KeyStore:
+def get_key_store(services: ServicesDep) -> KeyStore:
     """The key store of the app's authenticator."""
-    return request.app.state.authenticator.keys
+    return services.authenticator.keys
 
 
 KeysDep = Annotated[KeyStore, Depends(get_key_store)]
 
 
 @keys_router.post("", status_code=201, responses=error_responses(ConflictError))
-async def create_key(body: KeyCreateRequest, admin: AdminUser, keys: KeysDep, request: Request) -> KeyCreated:
+async def create_key(body: KeyCreateRequest, admin: AdminUser, keys: KeysDep, settings: SettingsDep) -> KeyCreated:
     """Create a key for a user (or an admin); the key is in this answer only. With no key yet (SD_AUTH=auto), the
     first must be an admin's: the first key turns keys on, and someone must be able to manage them."""
-    if request.app.state.settings.auth == "auto" and keys.count == 0 and body.role != "admin":
+    if settings.auth == "auto" and keys.count == 0 and body.role != "admin":
         raise ConflictError(
             'the first key must be an admin key: it turns keys on, and a user key alone would leave nobody to manage '
             'them; create {"user_id": "admin", "role": "admin"} first, or start with SD_ADMIN_KEY'

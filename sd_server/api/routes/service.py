@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from schemas import CacheStats, HealthResponse, PartStatus, QueueStats, RootResponse
 from sd_server import VERSION
-from sd_server.api.dependencies import EngineDep, MaybeUser, QueueDep, metrics_access
+from sd_server.api.dependencies import MaybeUser, ServicesDep, metrics_access
 from sd_server.api.errors import error_responses
 from sd_server.errors import ForbiddenError, ServiceUnavailableError
 
@@ -17,38 +17,38 @@ service_router = APIRouter(tags=["service"])
     responses={503: {"model": HealthResponse, "description": "A part of the service is dead (see `parts`)."}},
     openapi_extra={"security": [{}, {"HTTPBearer": []}, {"APIKeyHeader": []}]},  # a key is optional: it adds details
 )
-async def health(engine: EngineDep, queue: QueueDep, principal: MaybeUser, response: Response) -> HealthResponse:
+async def health(services: ServicesDep, principal: MaybeUser, response: Response) -> HealthResponse:
     """Answers at once, also while a generation runs: ok, degraded or not ok (503), and the version; an admin key
     (or open mode) also gets the device, models, queue, cache and each part's state."""
-    parts = queue.liveness.report()
+    parts = services.liveness.report()
     states = {part["state"] for part in parts.values()}
     status = "not ok" if "dead" in states else "degraded" if "failing" in states else "ok"
     if status == "not ok":
         response.status_code = 503
     if principal is None or not principal.is_admin:
         return HealthResponse(status=status, version=VERSION)
-    report = engine.report()
+    report = services.engine.report()
     return HealthResponse(
         status=status,
         version=VERSION,
         device=report["device"],
         dtype=report["dtype"],
         loaded_models=report["loaded_models"],
-        queue=QueueStats(**queue.stats()),
+        queue=QueueStats(**services.dispatcher.stats()),
         cache=CacheStats(**report["cache"]),
         parts={name: PartStatus(**part) for name, part in parts.items()},
     )
 
 
 @service_router.get("/health/ready", responses=error_responses(ServiceUnavailableError))
-async def ready(queue: QueueDep, request: Request) -> dict[str, str]:
+async def ready(services: ServicesDep, request: Request) -> dict[str, str]:
     """Readiness: 200 once the default model has loaded; 503 naming why before that, while shutting down, and while
     a part is dead (or the database is failing)."""
-    reasons = queue.liveness.problems()
-    if getattr(request.app.state, "shutting_down", False):
+    reasons = services.liveness.problems()
+    if getattr(request.app.state, "shutting_down", False):  # set by the lifespan, read by the middleware too
         reasons.insert(0, "shutting down")
-    elif not queue.ready:
-        reasons.insert(0, queue.not_ready_reason)
+    elif not services.readiness.ready:
+        reasons.insert(0, services.readiness.reason)
     if reasons:
         raise ServiceUnavailableError(f"not ready: {'; '.join(reasons)}")
     return {"status": "ready"}
@@ -60,9 +60,9 @@ async def ready(queue: QueueDep, request: Request) -> dict[str, str]:
     dependencies=[Depends(metrics_access)],
     responses={200: {"content": {"text/plain": {}}}, **error_responses(ForbiddenError)},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics (SD_METRICS_REQUIRE_ADMIN=true puts them behind an admin key)."""
-    return Response(request.app.state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+    return Response(services.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
 @service_router.get("/")

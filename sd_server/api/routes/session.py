@@ -6,7 +6,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 
 from schemas import SessionRequest, SessionResponse
-from sd_server.api.dependencies import CurrentUser, identify, session_of
+from sd_server.api.dependencies import CurrentUser, get_services, identify, session_of
 from sd_server.api.errors import error_responses
 from sd_server.errors import UnauthorizedError
 from sd_server.security.keys import Principal
@@ -33,9 +33,11 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
     SD_SESSION_TTL_S). Send `csrf_token` as the X-CSRF-Token header with every POST, PUT and DELETE the cookie signs.
     In open mode (no key needed) nothing is set."""
     principal = await asyncio.to_thread(identify, request, body.api_key)  # a key is given: a principal, or 401
+    if principal is None:
+        raise UnauthorizedError("invalid API key")
     if principal.key_id is None:
         return session_response(principal, None)
-    sessions = request.app.state.sessions
+    sessions = get_services(request).sessions
     token, session = await asyncio.to_thread(sessions.issue, principal.key_id)
     secure = request.url.scheme == "https"
     response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite="strict", secure=secure, path="/")
@@ -51,7 +53,7 @@ async def read_session(principal: CurrentUser, request: Request) -> SessionRespo
 def end_session(request: Request) -> None:
     """End the live session of the request's cookie, if it has one (blocking: the database)."""
     if (session := session_of(request)) is not None:
-        request.app.state.sessions.end(session)
+        get_services(request).sessions.end(session)
 
 
 @session_router.delete("", status_code=204)

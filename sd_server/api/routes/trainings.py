@@ -11,7 +11,17 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from schemas import TrainingCreated, TrainingForm, TrainingList, TrainingResponse
-from sd_server.api.dependencies import CurrentUser, DecodingDep, LookupsDep, TrainingDep, TrainingsDep, VisibleUser
+from sd_server.api.dependencies import (
+    BusDep,
+    CurrentUser,
+    DecodingDep,
+    LookupsDep,
+    SettingsDep,
+    StorageDep,
+    TrainingDep,
+    TrainingsDep,
+    VisibleUser,
+)
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import training_links, training_response
 from sd_server.api.routes.images import stored_image
@@ -121,6 +131,7 @@ async def create_training(
     user_id: VisibleUser,
     request: Request,
     trainings: TrainingsDep,
+    settings: SettingsDep,
     decoding: DecodingDep,
     lookups: LookupsDep,
     response: Response,
@@ -131,7 +142,6 @@ async def create_training(
     LoRA becomes the user's model (unless `activate=false`). A user's own key may train their own model. The cheap
     checks come first (the key, one training at a time, the fields, counts and sizes from the files' headers); the
     photos are decoded last, on a pool of their own."""
-    settings = trainings.settings
     if idempotency_key is None:
         trainings.check_room(user_id)  # 429 before the body is read (a repeat with a key may find its training)
     photos, archive, form = await read_upload(request)
@@ -164,8 +174,7 @@ async def list_trainings(
     """Trainings newest first; a user key sees its own only."""
     if not principal.is_admin:
         user_id = principal.user_id
-    page, total = await asyncio.to_thread(trainings.store.page, user_id, limit, offset)
-    shown = [trainings.live(training.id) or training for training in page]  # live progress for active ones
+    shown, total = await asyncio.to_thread(trainings.page, user_id, limit, offset)  # live progress for active ones
     return TrainingList(trainings=[training_response(training) for training in shown], total=total, limit=limit, offset=offset)
 
 
@@ -183,10 +192,10 @@ async def get_training(training: TrainingDep) -> TrainingResponse:
         **error_responses(NotFoundError),
     },
 )
-async def training_events(training: TrainingDep, trainings: TrainingsDep) -> StreamingResponse:
+async def training_events(training: TrainingDep, bus: BusDep) -> StreamingResponse:
     """Server-Sent Events: the current state first, then each change; the stream ends with the training."""
     present = lambda: training_response(training).model_dump(mode="json")  # noqa: E731
-    return event_response(follow(trainings.events, training, lambda: training.status.value, present))
+    return event_response(follow(bus, training, lambda: training.status.value, present))
 
 
 @trainings_router.post("/trainings/{training_id}/cancel", responses=TRAINING_ERRORS)
@@ -212,8 +221,8 @@ async def delete_training(training: TrainingDep, trainings: TrainingsDep) -> Res
         **error_responses(NotFoundError),
     },
 )
-async def get_sample(training: TrainingDep, trainings: TrainingsDep, index: Annotated[int, Path(ge=0, le=99)]) -> Response:
+async def get_sample(training: TrainingDep, storage: StorageDep, index: Annotated[int, Path(ge=0, le=99)]) -> Response:
     """A sample image drawn with the trained LoRA."""
     if index >= len(training.samples):
         raise NotFoundError(f"training {training.id} has {len(training.samples)} samples")
-    return stored_image(trainings.storage, training.samples[index])
+    return stored_image(storage, training.samples[index])

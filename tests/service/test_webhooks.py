@@ -35,7 +35,7 @@ def test_closing_the_sender_stops_it_even_when_a_wake_up_completes_as_the_close_
     database = create_database_engine(settings.effective_database_url)
 
     async def close_as_a_wake_up_completes() -> None:
-        sender = WebhookSender(settings, WebhookOutbox(database), payload=dict, liveness=Liveness())
+        sender = WebhookSender(settings, WebhookOutbox(database), job_payload=lambda job: {}, training_payload=lambda training: {}, liveness=Liveness())
         sender.start()
         await poll_async(lambda: len(sender._wake._waiters) > 0)  # the sender waits for work
         sender._wake.set()

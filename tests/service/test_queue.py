@@ -211,7 +211,7 @@ def test_jobs_past_their_timeout_fail_with_504_running_or_queued(settings, app_f
         running = post_job(client, small_request)
         wait_for(client, running, "running")
         queued = post_job(client, small_request, num_inference_steps=3)
-        poll(time.time, lambda now: now > client.app.state.job_queue.store.get(queued).created_at.timestamp() + 0.5, "the deadline")
+        poll(time.time, lambda now: now > client.app.state.services.jobs.get(queued).created_at.timestamp() + 0.5, "the deadline")
         gated.release(1000)
         jobs = [wait_for(client, job_id) for job_id in (running, queued)]
 
@@ -302,7 +302,7 @@ def test_the_event_stream_tells_queued_started_each_step_and_the_end(settings, a
 
 def test_two_submissions_of_one_body_share_a_fingerprint_but_are_two_jobs_without_a_key(settings, app_factory):
     with TestClient(app_factory(settings)) as client:
-        queue = client.app.state.job_queue
+        queue = client.app.state.services.jobs
         request = Generation("a photo", None, "default", 2, 7.5, 256, 256, None, 1, None)
         first, _ = queue.submit(request, synchronous=False)
         second, _ = queue.submit(replace(request), synchronous=False)
@@ -356,8 +356,8 @@ def test_a_restart_runs_a_queued_img2img_job_from_its_stored_init_image(settings
         first = post_job(client, small_request)
         wait_for(client, first, "running")
         queued = post_job(client, small_request, init_image=png_base64((10, 200, 10)), strength=0.5, num_inference_steps=4)
-        stored_keys = client.app.state.job_queue.store.get(queued).input_keys
-        client.app.state.job_queue.close()  # the queued job stays queued in the database
+        stored_keys = client.app.state.services.jobs.get(queued).input_keys
+        client.app.state.services.dispatcher.close()  # the queued job stays queued in the database
         gated.release(1000)
     assert (settings.output_dir / stored_keys["init"]).is_file()
     engine.batches.clear()

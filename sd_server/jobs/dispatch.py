@@ -1,0 +1,179 @@
+"""The dispatcher: what the worker threads ask of the queue. It hands out the scheduler's batches and loads, moves
+running jobs through the lifecycle (progress, cancel, timeout, success, failure, a lost device), counts batches, and
+stores and announces each change through the one writer, outside the queue's condition."""
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from config import Settings
+from sd_server.domain.jobs import Job, JobStatus, StoredImage
+from sd_server.engine.interface import Engine
+from sd_server.errors import JobTimeoutError, ServiceError, ServiceUnavailableError
+from sd_server.jobs.batching import images_in
+from sd_server.jobs.events import BatchRan, EventBus
+from sd_server.jobs.queue import JobQueue
+from sd_server.jobs.scheduler import ModelToLoad, Turn
+from sd_server.jobs.writer import Writer
+from sd_server.observability.liveness import Readiness
+
+
+@dataclass
+class BatchStats:
+    """Batches run so far, and a moving average of a batch's seconds (for Retry-After)."""
+
+    batches: int = 0
+    mixed_batches: int = 0  # batches whose jobs ran on more than one model (different LoRAs on one base)
+    images: int = 0
+    seconds_per_batch: float = 1.0
+
+    def count(self, batch: list[Job], seconds: float) -> None:
+        """Count one batch that took ``seconds``."""
+        self.batches += 1
+        self.mixed_batches += len({job.model for job in batch}) > 1
+        self.images += images_in(batch)
+        self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * seconds
+
+
+class Dispatcher:
+    """The queue as the loader, the device threads and the encoder use it."""
+
+    def __init__(self, settings: Settings, queue: JobQueue, engine: Engine, writer: Writer, bus: EventBus, readiness: Readiness) -> None:
+        self.settings, self.queue, self.engine, self.writer, self.bus = settings, queue, engine, writer, bus
+        self.readiness = readiness
+        self.batch_stats = BatchStats()
+
+    def close(self) -> None:
+        """Stop handing out work, and stop being ready."""
+        self.readiness.set_not_ready("shutting down")
+        self.queue.close()
+
+    # --- the loader ----------------------------------------------------------------------------------
+
+    def next_model_to_load(self) -> ModelToLoad | None:
+        """Wait for the next model a queued job needs; None when stopping."""
+        return self.queue.model_to_load(self.engine.needs_loading)
+
+    def model_prepared(self, loaded: bool) -> None:
+        """After a load: wake the device thread, or (no room) wait until a running or queued-ahead job ends."""
+        if loaded:
+            self.queue.notify()
+        else:
+            self.queue.wait(1.0)
+
+    def fail_queued(self, matches: Callable[[Job], bool], error: ServiceError) -> None:
+        """End the queued jobs ``matches`` picks as failed with ``error``."""
+        self.writer.announce(self.queue.end_where(lambda job: job.status is JobStatus.queued and matches(job), JobStatus.failed, error))
+
+    # --- the device threads --------------------------------------------------------------------------
+
+    def next_batch(self, training_waiting: Callable[[], bool] = lambda: False) -> list[Job] | None:
+        """The scheduler's next batch, stored and announced as running; an empty list when it is a training's turn;
+        None when stopping. Jobs past their deadline fail first; while idle, what the database missed is written."""
+        while not self.queue.stopping:
+            self.fail_queued(self.past_deadline, self.timeout_error())
+            training = training_waiting()
+            batch = self.queue.take_batch(self.engine.is_ready, wait_s=0.0 if training else 1.0)
+            if batch:
+                self.writer.persist(list(batch))
+                for job in batch:
+                    self.bus.emit(job, "started")
+                return batch
+            if self.queue.scheduler.turn(batch_ready=False, training_waiting=training) is Turn.training:
+                return []
+            self.writer.flush()
+        return None
+
+    def progress(self, batch: list[Job], step: int, total: int) -> None:
+        """After a denoising step: end the batch's cancelled and timed-out jobs, report progress of the others."""
+
+        def advance() -> list[Job]:
+            ended = []
+            for job in (job for job in batch if job.status is JobStatus.running):
+                if job.cancel_requested:
+                    self.queue.end(job, JobStatus.cancelled)
+                    ended.append(job)
+                elif self.past_deadline(job):
+                    self.queue.end(job, JobStatus.failed, self.timeout_error())
+                    ended.append(job)
+                else:
+                    job.step, job.total_steps = step, total
+                    self.bus.emit(job, "progress", {"job_id": job.id, "step": step, "total": total})
+            return ended
+
+        self.writer.announce(list(self.queue.under_lock(advance)))
+
+    def all_ended(self, batch: list[Job]) -> bool:
+        """True when no job of the batch is running any more (the pipeline call may stop)."""
+        return self.queue.under_lock(lambda: all(job.status is not JobStatus.running for job in batch))
+
+    def record_batch(self, batch: list[Job], seconds: float) -> None:
+        """Count the batch and publish it (the metrics)."""
+        self.queue.under_lock(lambda: self.batch_stats.count(batch, seconds))
+        self.bus.publish(BatchRan(images_in(batch), seconds, batch[0].total_steps))
+
+    def fail(self, batch: Iterable[Job], error: ServiceError) -> None:
+        """End every still-running job of ``batch`` as failed with ``error``."""
+        jobs = list(batch)
+        self.writer.announce(self.queue.end_where(lambda job: job in jobs and job.status is JobStatus.running, JobStatus.failed, error))
+
+    def give_back(self, batch: list[Job], error: ServiceUnavailableError) -> None:
+        """The device is gone with ``batch`` on it: its asynchronous jobs go back to the queue (stored as queued, they
+        run after the restart, one attempt used), and every synchronous job, whose client waits, fails with ``error``."""
+        self.readiness.set_not_ready(error.message)
+        running = [job for job in batch if job.status is JobStatus.running]
+        self.queue.put_back(running, front=True)
+        ended = self.queue.end_where(lambda job: job.synchronous and job.status is JobStatus.queued, JobStatus.failed, error)
+        self.writer.persist([job for job in running if not job.synchronous])
+        self.writer.announce(ended)
+
+    # --- the encoder ---------------------------------------------------------------------------------
+
+    def succeed(self, job: Job, images: list[StoredImage], seconds: float) -> bool:
+        """Give a job its stored images and mark it succeeded. False when it was cancelled, deleted or timed out
+        meanwhile (the caller deletes the images it stored); a cancel that came too late for a step ends it now."""
+
+        def finish() -> bool:
+            if job.status is not JobStatus.running or job.deleted:
+                return False
+            if job.cancel_requested:
+                self.queue.end(job, JobStatus.cancelled)
+            else:
+                job.images, job.generation_seconds, job.step = images, seconds, job.total_steps
+                self.queue.end(job, JobStatus.succeeded)
+            return True
+
+        if self.queue.under_lock(finish):
+            self.writer.announce([job])
+        return job.status is JobStatus.succeeded
+
+    # --- shared --------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth and batching figures for /health and the metrics."""
+        queued, running = self.queue.counts()
+        stats = self.batch_stats
+        return {
+            "queued": queued,
+            "running": running,
+            "max_queue": self.settings.max_queue,
+            "max_batch_size": self.queue.max_batch_images,
+            "batches_run": stats.batches,
+            "mixed_batches_run": stats.mixed_batches,
+            "mean_batch_size": round(stats.images / stats.batches, 3) if stats.batches else 0.0,
+        }
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained by one batch's worth."""
+        queued, _ = self.queue.counts()
+        return max(1, math.ceil(queued / self.queue.max_batch_images * self.batch_stats.seconds_per_batch))
+
+    def past_deadline(self, job: Job) -> bool:
+        """True once SD_JOB_TIMEOUT_S has passed since the job was submitted."""
+        return time.time() > job.created_at.timestamp() + self.settings.job_timeout_s
+
+    def timeout_error(self) -> JobTimeoutError:
+        """What a job past SD_JOB_TIMEOUT_S fails with."""
+        return JobTimeoutError(f"the job did not finish within {self.settings.job_timeout_s:g} s (SD_JOB_TIMEOUT_S)")
