@@ -77,7 +77,7 @@ class Dispatcher:
             training = training_waiting()
             batch = self.queue.take_batch(self.engine.is_ready, wait_s=0.0 if training else 1.0)
             if batch:
-                self.writer.persist(list(batch))
+                self.writer.persist(batch)
                 for job in batch:
                     self.bus.emit(job, "started")
                 return batch
@@ -103,7 +103,7 @@ class Dispatcher:
                     self.bus.emit(job, "progress", {"job_id": job.id, "step": step, "total": total})
             return ended
 
-        self.writer.announce(list(self.queue.under_lock(advance)))
+        self.writer.announce(self.queue.under_lock(advance))
 
     def all_ended(self, batch: list[Job]) -> bool:
         """True when no job of the batch is running any more (the pipeline call may stop)."""
@@ -123,10 +123,9 @@ class Dispatcher:
         """The device is gone with ``batch`` on it: its asynchronous jobs go back to the queue (stored as queued, they
         run after the restart, one attempt used), and every synchronous job, whose client waits, fails with ``error``."""
         self.readiness.set_not_ready(error.message)
-        running = [job for job in batch if job.status is JobStatus.running]
-        self.queue.put_back(running, front=True)
+        requeued = self.queue.put_back(batch, front=True)
         ended = self.queue.end_where(lambda job: job.synchronous and job.status is JobStatus.queued, JobStatus.failed, error)
-        self.writer.persist([job for job in running if not job.synchronous])
+        self.writer.persist([job for job in requeued if not job.synchronous])
         self.writer.announce(ended)
 
     # --- the encoder ---------------------------------------------------------------------------------

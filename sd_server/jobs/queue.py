@@ -66,9 +66,11 @@ class JobQueue:
                 self._queued.append(job)
                 self._condition.notify_all()
 
-    def put_back(self, jobs: list[Job], front: bool = False) -> None:
-        """Queue jobs again (recovered after a restart, or given back by a lost device), as queued."""
+    def put_back(self, jobs: list[Job], front: bool = False) -> list[Job]:
+        """Queue jobs again (recovered after a restart, or given back by a lost device), as queued, one attempt
+        used by each that was running; returns them (one that ended meanwhile stays ended, and is not returned)."""
         with self._condition:
+            jobs = [job for job in jobs if not job.status.is_terminal]
             for job in jobs:
                 if job in self._running:
                     self._running.remove(job)
@@ -77,6 +79,7 @@ class JobQueue:
                     job.attempts, job.started_at, job.step = job.attempts + 1, None, 0
             self._queued = [*jobs, *self._queued] if front else [*self._queued, *jobs]
             self._condition.notify_all()
+            return jobs
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -137,7 +140,7 @@ class JobQueue:
         with self._condition:
             ended = [job for job in self._queued + self._running if picks(job)]
             for job in ended:
-                self._end(job, status, error)
+                self.end(job, status, error)
             return ended
 
     def under_lock(self, change: Callable[[], T]) -> T:
@@ -147,9 +150,6 @@ class JobQueue:
 
     def end(self, job: Job, status: JobStatus, error: ServiceError | None = None) -> None:
         """End ``job`` with ``status`` (with the condition held: inside ``under_lock``, or from this class)."""
-        self._end(job, status, error)
-
-    def _end(self, job: Job, status: JobStatus, error: ServiceError | None) -> None:
         transition(job, status, (error.message, error.status_code) if error else None)
         job.inputs = {}  # stored; the device is done with them
         for jobs in (self._queued, self._running):

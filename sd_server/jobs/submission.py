@@ -78,7 +78,7 @@ class Jobs:
                 self._delete_inputs(job)
         if stored is not job:
             admission.check_repeat(job.fingerprint, stored, idempotency_key or "")
-            return self.get_live(stored), False
+            return self.writer.live(stored), False
         self.bus.emit(job, "queued")
         return job, True
 
@@ -94,7 +94,7 @@ class Jobs:
             job.cancel_requested = True
             return []
 
-        self.writer.announce(list(self.queue.under_lock(request_cancel)))
+        self.writer.announce(self.queue.under_lock(request_cancel))
 
     def delete(self, job: Job) -> None:
         """Cancel the job if it is active, then delete its images and its record. Images a finishing job stores
@@ -124,17 +124,12 @@ class Jobs:
     def find_by_idempotency_key(self, key: str) -> Job | None:
         """The job submitted with that (user-scoped) Idempotency-Key, live if it is active."""
         stored = self.store.find_by_idempotency_key(key)
-        return self.get(stored.id) if stored else None
+        return self.writer.live(stored) if stored else None
 
     def page(self, query: JobQuery) -> tuple[list[Job], int, tuple[datetime, str] | None]:
         """A page of jobs (``JobStore.page``), each the live record while it is active."""
         jobs, total, cursor = self.store.page(query)
-        return [self.get_live(job) for job in jobs], total, cursor
-
-    def get_live(self, job: Job) -> Job:
-        """The live record of ``job`` when it is active, else ``job``."""
-        live = self.writer.current(job.id)
-        return live if isinstance(live, Job) else job
+        return [self.writer.live(job) for job in jobs], total, cursor
 
     def owner_of_image(self, key: str) -> str | None:
         """The user whose job made the stored image ``key``."""
@@ -151,21 +146,19 @@ class Jobs:
     def recover(self) -> None:
         """Queue again what the last run left queued; a job that was running is re-queued once, then failed."""
         unfinished = self.store.unfinished()
-        self.writer.track(list(unfinished))
+        self.writer.track(unfinished)
         requeued, ended = [], []
         for job in unfinished:
             self._reload_inputs(job)
-            restart = on_restart(job.status.phase, job.attempts)
             if job.input_keys and not job.inputs:
-                restart = Restart.fail
                 error = ServiceError("its init image or mask is gone from storage; submit it again")
-            else:
+            elif on_restart(job.status.phase, job.attempts) is Restart.fail:
                 error = ServiceError("the server stopped twice while this job ran; submit it again")
-            if restart is Restart.fail:
-                self.queue.under_lock(partial(self.queue.end, job, JobStatus.failed, error))
-                ended.append(job)
             else:
                 requeued.append(job)
+                continue
+            self.queue.under_lock(partial(self.queue.end, job, JobStatus.failed, error))
+            ended.append(job)
         interrupted = [job for job in requeued if job.status is not JobStatus.queued]
         self.queue.put_back(requeued)
         self.writer.persist(interrupted)

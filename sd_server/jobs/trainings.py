@@ -125,7 +125,7 @@ class Trainings:
         if existing is None:
             return None
         admission.check_repeat(fingerprint, existing, idempotency_key or "")
-        return self.get_live(existing)
+        return self.writer.live(existing)
 
     def submit(
         self,
@@ -181,15 +181,10 @@ class Trainings:
         training = live if isinstance(live, Training) else self.store.get(training_id)
         return None if training is None or training.deleted else training
 
-    def get_live(self, training: Training) -> Training:
-        """The live record of ``training`` while it is active, else ``training``."""
-        live = self.writer.current(training.id)
-        return live if isinstance(live, Training) else training
-
     def page(self, user_id: str | None, limit: int, offset: int) -> tuple[list[Training], int]:
         """A page of trainings, newest first (one user's, or everyone's), each the live record while active."""
         trainings, total = self.store.page(user_id, limit, offset)
-        return [self.get_live(training) for training in trainings], total
+        return [self.writer.live(training) for training in trainings], total
 
     def cancel(self, training: Training) -> None:
         """Cancel: a queued training ends now, a running one at the end of its slice; 409 once ended."""
@@ -224,7 +219,7 @@ class Trainings:
         """Queue again what the last run left active: a training resumes from its last checkpoint; one that already
         restarted from that checkpoint once (so crashed twice at the same point) fails."""
         unfinished = self.store.unfinished()
-        self.writer.track(list(unfinished))
+        self.writer.track(unfinished)
         for training in unfinished:
             restart = on_restart(training.status.phase, training.attempts)
             if restart is Restart.fail:

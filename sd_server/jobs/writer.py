@@ -5,6 +5,7 @@ record of all active work, and announces ends on the event bus once they are sto
 import logging
 import threading
 from collections.abc import Sequence
+from typing import TypeVar
 
 from sd_server.domain.jobs import Job, JobStore
 from sd_server.domain.lifecycle import Work
@@ -16,6 +17,7 @@ from sd_server.observability.liveness import Liveness, PartState
 logger = logging.getLogger(__name__)
 DATABASE = "database"
 Record = Job | Training
+R = TypeVar("R", Job, Training)
 
 
 class Writer:
@@ -45,6 +47,11 @@ class Writer:
         """The live record with that id: active, or ended with its end not stored yet."""
         with self._lock:
             return self._live.get(record_id)
+
+    def live(self, record: R) -> R:
+        """The live record of ``record``'s work while there is one, else ``record`` itself (as the store read it)."""
+        current = self.current(record.id)
+        return current if isinstance(current, type(record)) else record
 
     def persist(self, records: Sequence[Record]) -> None:
         """Write each record's state (a deleted one's: nothing), and those left unsaved before."""
