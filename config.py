@@ -66,7 +66,15 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None, ge=1, description="Most images in one pipeline call; unset: 8 on CUDA, 4 elsewhere (see docs/performance.md)."
     )
-    batch_wait_ms: float = Field(10, ge=0, description="How long a job waits for companions to batch with.")
+    batch_wait_ms: float = Field(
+        10, ge=0, description="How long a batch waits for companions that recent traffic did not predict (a burst of new clients)."
+    )
+    batch_fill_wait_ms: float = Field(
+        250,
+        ge=0,
+        description="How long a batch may wait for the companions recent traffic predicts: as many images of its shape as "
+        "were queued or running in its last round (clients that just got their images send the next request at once).",
+    )
     batch_across_adapters: bool = Field(
         True, description="Jobs of different LoRAs (and checkpoint users) on one base share a batch, each image with its own adapter."
     )

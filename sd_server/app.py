@@ -148,7 +148,7 @@ def build_services(
     writer = Writer(job_store, training_store, bus, liveness)
     max_batch_images = settings.max_batch_size or engine.default_max_batch_size
     rules = BatchRules(max_batch_images, settings.max_adapters, settings.batch_across_adapters)
-    queue = JobQueue(FifoScheduler(rules), max_batch_images, settings.batch_wait_ms / 1000)
+    queue = JobQueue(FifoScheduler(rules), max_batch_images, settings.batch_wait_ms / 1000, settings.batch_fill_wait_ms / 1000)
     dispatcher = Dispatcher(settings, queue, engine, writer, bus, readiness)
     jobs = Jobs(settings, queue, dispatcher, job_store, writer, bus, engine, registry, storage)
     trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify)

@@ -12,7 +12,7 @@ from PIL import Image
 from config import Settings
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.engine import devices, image_modes
+from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
@@ -51,6 +51,7 @@ class DiffusersEngine:
         self.settings = settings
         self.device = devices.choose_device(settings.device, torch.cuda.is_available(), torch.backends.mps.is_available())
         self.dtype = devices.choose_dtype(settings.dtype, self.device)
+        threads.confine(self.device == "cpu")
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
         self.cache = CheckpointCache(settings, self.device, self.dtype)
         self.adapters = AdapterCache(settings, self.cache)
@@ -94,6 +95,7 @@ class DiffusersEngine:
 
     # --- loading (loader thread; request threads for uploads and removals) ------------------------------
 
+    @threads.side_work
     def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
         """Bring ``model``'s checkpoint onto the device (from host RAM, else from disk), moving least recently used
         checkpoints not in ``keep`` and not running down a tier; then load its LoRA (or read the file) ahead.
@@ -106,6 +108,7 @@ class DiffusersEngine:
                 self.adapters.load_ahead(checkpoint, model)
             return True
 
+    @threads.side_work
     def unload(self, source: str | None = None) -> list[str]:
         """Drop one cached checkpoint (or all), with its adapters, and free their memory; returns the ones dropped."""
         with self.cache.residency:
@@ -116,10 +119,12 @@ class DiffusersEngine:
         """Drop every cached checkpoint and free their memory."""
         self.unload()
 
+    @threads.side_work
     def unload_adapter(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""
         return self.adapters.unload(model)
 
+    @threads.side_work
     def check_adapter(self, base: str, path: Path) -> None:
         """Load the LoRA file at ``path`` onto ``base`` and take it off again; InvalidAdapterError if it does not load."""
         checkpoint = self._pin(base)
@@ -130,6 +135,7 @@ class DiffusersEngine:
 
     # --- running (device worker thread) -----------------------------------------------------------------
 
+    @threads.device_work
     def run_batch(
         self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
     ) -> BatchOutput | None:
@@ -146,6 +152,7 @@ class DiffusersEngine:
         finally:
             self.cache.unpin(checkpoint)
 
+    @threads.device_work
     def start_training(self, base: str, photos: list[Path], settings: TrainingSettings) -> LoraTrainer:
         """A LoRA training on ``base``'s own copy of the components (the cached pipelines, which other users' batches
         run on, are never touched), its photos encoded."""

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ class EngineReplica:
 
     def __init__(self, settings: dict[str, Any], models_per_replica: int) -> None:
         self.engine = DiffusersEngine(Settings(_env_file=None, **settings))
+        # Batches run on one thread, the replica's device thread: on a CPU device only it keeps torch's thread team.
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replica-device")
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.load_base = serve.multiplexed(max_num_models_per_replica=models_per_replica)(load_base)
 
@@ -97,7 +100,8 @@ class EngineReplica:
         yield Started(self.replica_id, os.getpid(), tuple(sorted({item.model.base for item in items})), needed_load)
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
-        asyncio.ensure_future(asyncio.to_thread(self._run_batch, key, items, self._sender(events), stop.is_set))
+        loop = asyncio.get_running_loop()
+        asyncio.ensure_future(loop.run_in_executor(self._device_thread, self._run_batch, key, items, self._sender(events), stop.is_set))
         try:
             while True:
                 event = await events.get()

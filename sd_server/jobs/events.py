@@ -71,14 +71,17 @@ class EventBus:
         self.publish(WorkEvent(work, name, data or {}))
 
     def publish(self, event: Event) -> None:
-        """Tell the listeners on this thread, then the work's subscribers on the event loop. A listener that fails
-        is logged and the others are still told: no listener can stop work from ending."""
+        """Tell the listeners on this thread, then the work's subscribers on the event loop (and, at the work's end,
+        whoever waits for it). A listener that fails is logged and the others are still told: no listener can stop
+        work from ending."""
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:
                 logger.exception("an event listener failed on %s", event)
-        if isinstance(event, WorkEvent):
+        if isinstance(event, WorkEvent) and (event.ended or event.work.id in self._subscribers):
+            # Only what someone waits for wakes the event loop: a step's progress of a batch nobody streams would
+            # cost the loop a wake-up (and the device a stolen core) per image per step.
             assert self._loop is not None, "EventBus.bind() was not called"
             self._loop.call_soon_threadsafe(self._stream, event)
 

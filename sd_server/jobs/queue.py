@@ -4,7 +4,7 @@ submission service (``submission``) and the dispatcher (``dispatch``) store and 
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from sd_server.domain.jobs import Job, JobStatus, utc_now
@@ -19,8 +19,10 @@ T = TypeVar("T")
 class JobQueue:
     """Queued jobs in order, running jobs, and jobs being admitted; every change under one condition."""
 
-    def __init__(self, scheduler: Scheduler, max_batch_images: int, batch_wait_s: float) -> None:
+    def __init__(self, scheduler: Scheduler, max_batch_images: int, batch_wait_s: float, batch_fill_wait_s: float = 0.0) -> None:
         self.scheduler, self.max_batch_images, self.batch_wait_s = scheduler, max_batch_images, batch_wait_s
+        self.batch_fill_wait_s = batch_fill_wait_s
+        self._demand: dict[Hashable, int] = {}  # per batch shape: most images queued or running since its last batch
         self._queued: list[Job] = []
         self._running: list[Job] = []
         self._admitting: list[Job] = []  # admitted, being inserted into the database
@@ -64,6 +66,7 @@ class JobQueue:
             self._admitting.remove(job)
             if enqueue:
                 self._queued.append(job)
+                self._note_demand(self.scheduler.shape(job))
                 self._condition.notify_all()
 
     def put_back(self, jobs: list[Job], front: bool = False) -> list[Job]:
@@ -119,12 +122,7 @@ class JobQueue:
                 if wait_s and not self._stopping:
                     self._condition.wait(timeout=wait_s)
                 return []
-            wait_until = time.monotonic() + self.batch_wait_s
-            while images_in(self.scheduler.batch(lead, self._queued)) < self.max_batch_images and not self._stopping:
-                remaining = wait_until - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._condition.wait(timeout=remaining)
+            self._wait_for_companions(lead)
             if lead not in self._queued or self._stopping:
                 return []  # the lead was cancelled while waiting: start over
             batch = self.scheduler.batch(lead, self._queued)
@@ -133,7 +131,32 @@ class JobQueue:
                 transition(job, JobStatus.running)
                 job.started_at, job.batch_size, job.step = utc_now(), images_in(batch), 0
             self._running.extend(batch)
+            self._demand = {shape: self._images_of(shape) for shape in {self.scheduler.shape(job) for job in self._queued + self._running}}
             return batch
+
+    def _wait_for_companions(self, lead: Job) -> None:
+        """Wait for as many images as ``lead``'s batch shape had queued or running in its last round, up to the fill
+        wait: clients that just got their images send the next request within milliseconds, and a batch that waits
+        for them runs once instead of in two halves. Beyond that, it waits up to the batch wait for companions
+        nobody predicted (a burst of new clients)."""
+        shape, started = self.scheduler.shape(lead), time.monotonic()
+        expected = min(self._demand.get(shape, 0), self.max_batch_images)
+        while not self._stopping and lead in self._queued:
+            # Jobs of the shape that the rules keep out of this batch (too many LoRAs, say) have arrived all the same.
+            arrived = images_in([job for job in self._queued if self.scheduler.shape(job) == shape])
+            waited = time.monotonic() - started
+            deadline = self.batch_fill_wait_s if arrived < expected else self.batch_wait_s
+            if images_in(self.scheduler.batch(lead, self._queued)) >= self.max_batch_images or waited >= deadline:
+                return
+            self._condition.wait(timeout=deadline - waited)
+
+    def _note_demand(self, shape: Hashable) -> None:
+        """Raise the demand of batch shape ``shape`` to the images of that shape queued or running now."""
+        self._demand[shape] = max(self._demand.get(shape, 0), self._images_of(shape))
+
+    def _images_of(self, shape: Hashable) -> int:
+        """Images of batch shape ``shape`` queued or running."""
+        return images_in([job for job in self._queued + self._running if self.scheduler.shape(job) == shape])
 
     def end_where(self, picks: Callable[[Job], bool], status: JobStatus, error: ServiceError | None = None) -> list[Job]:
         """End the queued and running jobs ``picks`` chooses with ``status``; returns them (to announce)."""

@@ -2,14 +2,14 @@
 threads, locks or clocks, so a policy is tested by calling it, and a fair policy replaces FIFO by implementing
 ``Scheduler`` (the queue, the workers and the API stay as they are)."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import UserModel
-from sd_server.jobs.batching import BatchRules, companions
+from sd_server.jobs.batching import BatchRules, batch_key, companions
 
 ModelCheck = Callable[[UserModel], bool]
 
@@ -39,6 +39,8 @@ class Scheduler(Protocol):
 
     def batch(self, lead: Job, queued: Sequence[Job]) -> list[Job]: ...
 
+    def shape(self, job: Job) -> Hashable: ...
+
     def model_to_load(self, queued: Sequence[Job], running: Sequence[Job], needs_loading: ModelCheck) -> ModelToLoad | None: ...
 
 
@@ -62,6 +64,10 @@ class FifoScheduler:
     def batch(self, lead: Job, queued: Sequence[Job]) -> list[Job]:
         """``lead`` and the queued jobs that can share its pipeline call, in queue order, within the rules."""
         return companions(lead, queued, self.rules)
+
+    def shape(self, job: Job) -> Hashable:
+        """What jobs that may share a batch have in common: the call's shape, and the model where models never mix."""
+        return batch_key(job), None if self.rules.across_adapters else job.model
 
     def model_to_load(self, queued: Sequence[Job], running: Sequence[Job], needs_loading: ModelCheck) -> ModelToLoad | None:
         """The model of the first queued job that needs loading; the checkpoints of the running batch and of the jobs

@@ -1,5 +1,6 @@
 """The benchmarks run end to end in a smoke size, so they cannot rot."""
 
+import json
 import subprocess
 import sys
 
@@ -15,15 +16,23 @@ def run_benchmark(*arguments: str) -> str:
     return result.stdout
 
 
-def test_the_serving_benchmark_runs_and_prints_its_table_with_the_ray_engine_beside_local(models_dir):
+def test_the_serving_benchmark_prints_raw_served_baseline_and_ray_rows_and_the_ratios_of_its_targets(models_dir, tmp_path):
+    figures_file = tmp_path / "serving.json"
     output = run_benchmark(
-        "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "4", "--concurrency", "2", "--steps", "2",
-        "--engine", "local,ray", "--ray-layouts", "1x1",
+        "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "2", "--clients", "1,2", "--steps", "2",
+        "--max-batch-size", "4", "--engine", "local,ray", "--ray-layouts", "1x1", "--json", str(figures_file),
     )  # fmt: skip
 
-    assert "raw pipeline" in output and "server / raw" in output
-    assert "no_batching" in output and "batching" in output
-    assert "| local | 1 process |" in output and "| ray | 1 replica(s) x 1 CPU |" in output
+    for row in ("| raw loop, main thread | 4 |", "| raw loop, worker thread | 4 |", "| raw loop, worker thread + PNG | 1 |",
+                "| service, batching off | 1 | 1 |", "| service, batching on | 4 | 2 |", "| baseline server | 1 | 2 |",
+                "| service on Ray, 1 replica(s) x 1 CPU, batching on | 4 | 2 |"):  # fmt: skip
+        assert row in output, row
+    figures = json.loads(figures_file.read_text())
+    assert set(figures["ratios"]) == {
+        "served_over_raw_1_clients", "served_over_raw_2_clients", "service_over_baseline_1_clients",
+        "service_over_baseline_2_clients", "batching_off_1_client_over_raw_batch_1",
+    }  # fmt: skip
+    assert all(0 < row["load_cpu_share"] < 1 for row in figures["rows"] if row["clients"])
 
 
 def test_the_cluster_simulation_prints_a_row_per_gpu_and_user_count():

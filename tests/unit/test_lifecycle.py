@@ -84,3 +84,30 @@ def test_a_listener_that_fails_does_not_keep_the_others_or_the_subscribers_from_
 
     assert told == ["cancelled"] and "an event listener failed" in caplog.text
     assert stream.get_nowait() == ("cancelled", {}) and job.finished.is_set()
+
+
+class CountingLoop:
+    """An event loop stand-in that counts the callbacks handed to it from other threads."""
+
+    def __init__(self) -> None:
+        self.callbacks = 0
+
+    def call_soon_threadsafe(self, callback, *args) -> None:
+        self.callbacks += 1
+
+
+def test_progress_nobody_streams_never_wakes_the_event_loop_but_every_end_and_every_streamed_step_does():
+    bus, loop = EventBus(), CountingLoop()
+    bus.bind(loop)  # type: ignore[arg-type]
+    unwatched, watched = a_job(), a_job()
+    bus.subscribe(watched)
+
+    for step in range(20):
+        bus.emit(unwatched, "progress", {"step": step})
+    quiet = loop.callbacks
+    bus.emit(watched, "progress", {"step": 1})
+    transition(unwatched, JobStatus.cancelled)
+    bus.emit(unwatched, "cancelled")
+
+    assert quiet == 0
+    assert loop.callbacks == 2
