@@ -31,7 +31,8 @@ class ModelToLoad:
 
 
 class Scheduler(Protocol):
-    """A policy: the device's next turn, the job that leads the next batch, its companions, and the next load."""
+    """A policy: the device's next turn, the job that leads the next batch, its companions, which jobs may ever
+    share a batch (their shape, whose recent demand the queue waits for), and the next load."""
 
     def turn(self, batch_ready: bool, training_waiting: bool) -> Turn: ...
 

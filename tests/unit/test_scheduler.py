@@ -56,3 +56,11 @@ def test_a_ready_batch_goes_before_a_training_slice_and_an_idle_device_trains():
     assert SCHEDULER.turn(batch_ready=True, training_waiting=True) is Turn.batch
     assert SCHEDULER.turn(batch_ready=False, training_waiting=True) is Turn.training
     assert SCHEDULER.turn(batch_ready=False, training_waiting=False) is Turn.idle
+
+
+def test_jobs_of_one_call_shape_share_a_batch_shape_unless_their_models_may_not_mix():
+    alice, bob, wide = job(model=lora("alice")), job(model=lora("bob")), job(model=lora("alice"), width=128)
+    apart = FifoScheduler(BatchRules(max_images=4, max_adapters=2, across_adapters=False))
+
+    assert SCHEDULER.shape(alice) == SCHEDULER.shape(bob) != SCHEDULER.shape(wide)
+    assert apart.shape(alice) != apart.shape(bob)
