@@ -76,9 +76,12 @@ def start_server(
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         **(extra or {}),
     }
-    process = subprocess.Popen(
-        [sys.executable, "main.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return launch(["main.py"], port, environment)
+
+
+def launch(command: list[str], port: int, environment: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start the Python server ``command`` listening on ``port``; the process and its URL once healthy."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(process, url)
     return process, url
@@ -146,13 +149,8 @@ def service_rows(model: str, batch: int, arguments: argparse.Namespace, extra: d
 def baseline_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
     """The minimal baseline server, loaded at each client count."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "baseline_server.py"), "--model", model, "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    process, url = launch([str(BENCHMARKS / "baseline_server.py"), "--model", model, "--port", str(port)], port)
     try:
-        wait_healthy(process, url)
         return [{"row": "baseline server", "batch": 1, "clients": clients, **load(url, clients, arguments, "/health")} for clients in arguments.client_counts]
     finally:
         process.terminate()

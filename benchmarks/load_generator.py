@@ -28,11 +28,13 @@ def request_body(index: int, steps: int, size: int) -> dict:
     return {"prompt": f"a photo of sks person, variation {index}", "seed": index, "num_inference_steps": steps, "width": size, "height": size}
 
 
-async def batches_run(client: httpx.AsyncClient) -> tuple[int, float]:
-    """Batches the server has run and images they held, from its /health (0, 0 where it does not say)."""
-    queue = (await client.get("/health")).json().get("queue", {})
+async def batches_run(client: httpx.AsyncClient) -> tuple[int, float, str]:
+    """Batches the server has run, images they held and its device, from its /health (0, 0, "" where it does not
+    say)."""
+    health = (await client.get("/health")).json()
+    queue = health.get("queue", {})
     batches = queue.get("batches_run", 0)
-    return batches, queue.get("mean_batch_size", 0.0) * batches
+    return batches, queue.get("mean_batch_size", 0.0) * batches, health.get("device", "")
 
 
 async def run_load(
@@ -45,7 +47,7 @@ async def run_load(
         for index in range(requests, requests + warm_ups):
             (await client.post("/generate/image", json=body(index))).raise_for_status()
         first_image_at = time.perf_counter()
-        batches_before, images_before = await batches_run(client)
+        batches_before, images_before, _ = await batches_run(client)
         indexes = iter(range(requests))
         latencies: list[float] = []
         health_latencies: list[float] = []
@@ -70,8 +72,7 @@ async def run_load(
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         done.set()
         await poller
-        batches_after, images_after = await batches_run(client)
-        device = (await client.get("/health")).json().get("device", "")
+        batches_after, images_after, device = await batches_run(client)
     batches = batches_after - batches_before
     return {
         "images_per_s": round(requests / elapsed, 3),

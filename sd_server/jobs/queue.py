@@ -4,6 +4,7 @@ submission service (``submission``) and the dispatcher (``dispatch``) store and 
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -131,7 +132,7 @@ class JobQueue:
                 transition(job, JobStatus.running)
                 job.started_at, job.batch_size, job.step = utc_now(), images_in(batch), 0
             self._running.extend(batch)
-            self._demand = {shape: self._images_of(shape) for shape in {self.scheduler.shape(job) for job in self._queued + self._running}}
+            self._demand = self._images_by_shape()
             return batch
 
     def _wait_for_companions(self, lead: Job) -> None:
@@ -152,11 +153,14 @@ class JobQueue:
 
     def _note_demand(self, shape: Hashable) -> None:
         """Raise the demand of batch shape ``shape`` to the images of that shape queued or running now."""
-        self._demand[shape] = max(self._demand.get(shape, 0), self._images_of(shape))
+        self._demand[shape] = max(self._demand.get(shape, 0), self._images_by_shape()[shape])
 
-    def _images_of(self, shape: Hashable) -> int:
-        """Images of batch shape ``shape`` queued or running."""
-        return images_in([job for job in self._queued + self._running if self.scheduler.shape(job) == shape])
+    def _images_by_shape(self) -> Counter[Hashable]:
+        """Images queued or running, per batch shape, in one pass."""
+        images: Counter[Hashable] = Counter()
+        for job in self._queued + self._running:
+            images[self.scheduler.shape(job)] += job.images_requested
+        return images
 
     def end_where(self, picks: Callable[[Job], bool], status: JobStatus, error: ServiceError | None = None) -> list[Job]:
         """End the queued and running jobs ``picks`` chooses with ``status``; returns them (to announce)."""
