@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(False, description="Allow webhooks to private, loopback, link-local hosts.")
     metrics_require_admin: bool = Field(False, description="Require an admin key for GET /metrics.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or as one JSON object each (with request ids).")
+    log_probes: bool = Field(
+        False, description="Access-log the health checks and metrics scrapes that succeed (GET /health, /health/ready, /metrics)."
+    )
     max_training_steps: int = Field(3000, ge=1, description="Most steps one training may ask for (422 past it).")
     training_slice_steps: int = Field(
         5, ge=1, description="Training steps run between two generation batches: a generation waits at most one slice."

@@ -4,12 +4,15 @@ Rows, each with images/s, latency p50/p99 and the mean batch: the raw loop (no H
 thread, on a worker thread (where the server's device thread runs it), and on a worker thread with PNG encoding, at
 the batch size and at batch 1; the service (``python main.py``) with batching off and on at each client count; and
 ``baseline_server.py`` (one shared pipeline, ``from_pipe`` per request, the default executor) at each client count.
-Every row runs in fresh processes; the load comes from ``load_generator.py`` in its own process, which polls a light
-endpoint meanwhile and reports its own CPU share. Prints the rows and the ratios the targets are about; ``--json``
-writes them. With ``--engine local,ray`` the service's batching rows run on Ray Serve replicas too. Examples:
+Then seconds per training step: the trainer's own loop, and a training through the service's API. Every row runs in
+fresh processes; the load comes from ``load_generator.py`` in its own process, which polls a light endpoint meanwhile
+and reports its own CPU share. Prints the rows and the ratios the targets are about; ``--json`` writes them. With
+``--engine local,ray`` the service's batching rows run on Ray Serve replicas too. ``--rounds N`` runs every row N
+times, interleaved, and prints the medians: on a shared machine whose speed drifts over minutes, a ratio of rows
+measured minutes apart is noisy, so each round's ratios are taken, then their median. Examples:
 
     .venv/bin/python benchmarks/bench_serving.py                        # demo model, 256x256, 20 steps, 32 requests
-    .venv/bin/python benchmarks/bench_serving.py --json benchmarks/results/serving-cpu.json
+    .venv/bin/python benchmarks/bench_serving.py --rounds 3 --json benchmarks/results/serving-cpu.json
     .venv/bin/python benchmarks/bench_serving.py --sd15 --size 512 --steps 30 --requests 64 --clients 1,8,16
     .venv/bin/python benchmarks/bench_serving.py --engine local,ray --ray-layouts 1x2   # the Ray replicas' rows
 """
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,12 +97,17 @@ async def run_load(url: str, arguments: argparse.Namespace, body: Callable[[int]
     return await load_generator.run_load(url, arguments.requests, arguments.concurrency, body, warm_ups)
 
 
-def run_json(command: list[str]) -> dict:
-    """Run a benchmark part as its own process; the JSON object it prints last."""
+def run_part(command: list[str]) -> str:
+    """Run a benchmark part as its own process; what it printed."""
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return result.stdout
+
+
+def run_json(command: list[str]) -> dict:
+    """Run a benchmark part as its own process; the JSON object it prints last."""
+    return json.loads(run_part(command).strip().splitlines()[-1])
 
 
 def load(url: str, clients: int, arguments: argparse.Namespace, light_path: str) -> dict:
@@ -157,6 +166,47 @@ def baseline_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
         process.wait(timeout=60)
 
 
+def training_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
+    """Seconds per training step: the trainer's own loop in a fresh process (``bench_training.py``), then a training
+    through the API of a fresh service with nothing else queued (its device thread runs it in slices)."""
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as folder:
+        figures = Path(folder) / "raw.json"
+        run_part([str(BENCHMARKS / "bench_training.py"), "--model", model, "--steps", str(arguments.training_steps),
+                  "--resolution", str(arguments.size), "--requests", "0", "--json", str(figures)])  # fmt: skip
+        raw = json.loads(figures.read_text())["training"]["seconds_per_step"]
+        process, url = start_server(model, 1, arguments, Path(folder))
+        try:
+            served = served_seconds_per_step(url, Path(folder) / "photos", arguments)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    return [{"row": "training, raw trainer (main thread)", "s_per_step": raw}, {"row": "training, the service's device thread", "s_per_step": served}]
+
+
+def served_seconds_per_step(url: str, photos: Path, arguments: argparse.Namespace) -> float:
+    """Train through the API, following its events (no polling, which would cost the server CPU); seconds per step
+    from the first slice's progress event (the setup left out) to the last's."""
+    from bench_training import write_photos
+
+    files = [("images", (path.name, path.read_bytes(), "image/png")) for path in write_photos(photos, 8, arguments.size)]
+    fields = {"steps": str(arguments.training_steps), "resolution": str(arguments.size), "activate": "false"}
+    progress: list[tuple[int, float]] = []  # (step, when its event came)
+    with httpx.Client(base_url=url, timeout=600) as client:
+        created = client.post("/users/default/trainings", files=files, data=fields)
+        created.raise_for_status()
+        with client.stream("GET", created.json()["links"]["events"]) as events:
+            event = ""
+            for line in events.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "progress":
+                    progress.append((json.loads(line.removeprefix("data: "))["step"], time.perf_counter()))
+    if event != "succeeded" or len(progress) < 2:
+        raise SystemExit(f"the benchmark's training ended '{event}' after {len(progress)} progress events (--training-steps {arguments.training_steps})")
+    (first_step, first_at), (last_step, last_at) = progress[0], progress[-1]
+    return round((last_at - first_at) / (last_step - first_step), 4)
+
+
 def ratios(rows: list[dict], batch: int, arguments: argparse.Namespace) -> dict:
     """What the targets compare: served/raw (worker thread, PNG, batching on), service/baseline per client count,
     and batching off at 1 client against the raw loop at batch 1."""
@@ -173,20 +223,28 @@ def ratios(rows: list[dict], batch: int, arguments: argparse.Namespace) -> dict:
         figures[f"service_over_baseline_{clients}_clients"] = round(served / find("baseline server", 1, clients)["images_per_s"], 3)
     if 1 in arguments.client_counts:
         figures["batching_off_1_client_over_raw_batch_1"] = round(find("service, batching off", 1, 1)["images_per_s"] / raw_one, 3)
+    training = {row["row"]: row["s_per_step"] for row in rows if "s_per_step" in row}
+    if training:  # a speed ratio, as the others: raw seconds per step over served
+        figures["training_served_over_raw"] = round(training["training, raw trainer (main thread)"] / training["training, the service's device thread"], 3)
     return figures
 
 
 def print_rows(rows: list[dict], figures: dict) -> None:
     """The rows as one Markdown table, then the ratios."""
-    print("\n| row | batch | clients | images/s | p50 s | p99 s | mean batch | light endpoint p99 ms | load generator CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
+    print("\n| row | batch | clients | images/s | p50 s | p99 s | mean batch | failed requests | light endpoint p99 ms | load generator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in (row for row in rows if "images_per_s" in row):
         light = f"{row['health_p99_s'] * 1000:.1f}" if "health_p99_s" in row else ""
         cpu = f"{row['load_cpu_share']:.1%}" if "load_cpu_share" in row else ""
         print(
             f"| {row['row']} | {row['batch']} | {row['clients'] or ''} | {row['images_per_s']:.3f} | {row['latency_p50_s']:.3f} "
-            f"| {row['latency_p99_s']:.3f} | {row['mean_batch_size']:.2f} | {light} | {cpu} |"
+            f"| {row['latency_p99_s']:.3f} | {row['mean_batch_size']:.2f} | {row.get('failed_requests', '')} | {light} | {cpu} |"
         )
+    training = [row for row in rows if "s_per_step" in row]
+    if training:
+        print("\n| training | s/step |\n|---|---|")
+        for row in training:
+            print(f"| {row['row']} | {row['s_per_step']:.4f} |")
     print()
     for name, value in figures.items():
         print(f"{name}: {value:.3f}")
@@ -224,12 +282,29 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--engine", default="local", help="local, or local,ray: the batching rows on Ray Serve too")
     parser.add_argument("--ray-layouts", default="1x2", help="Ray replicas x CPUs per replica, comma-separated")
+    parser.add_argument("--training-steps", type=int, default=40, help="steps of the training rows (0: no training rows)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved; medians")
     arguments = parser.parse_args()
     arguments.client_counts = [int(count) for count in arguments.clients.split(",")]
 
     model = resolve_model(arguments)
     settings = Settings(_env_file=None)
     batch = arguments.max_batch_size or settings.max_batch_size or ModelService(settings).default_max_batch_size
+    rounds = [one_round(model, batch, arguments) for _ in range(arguments.rounds)]
+    rows = [median_row(same) for same in zip(*rounds)]
+    figures = {name: round(statistics.median(each[name] for each in (ratios(rows_of_round, batch, arguments) for rows_of_round in rounds)), 3)
+               for name in ratios(rows, batch, arguments)}  # fmt: skip
+    print(f"\nmodel={model} size={arguments.size} steps={arguments.steps} requests={arguments.requests} batch={batch} rounds={arguments.rounds} "
+          f"device={next(row['device'] for row in rows if row.get('device'))}")  # fmt: skip
+    print_rows(rows, figures)
+    if arguments.json:
+        arguments.json.parent.mkdir(parents=True, exist_ok=True)
+        arguments.json.write_text(json.dumps({"model": model, "size": arguments.size, "steps": arguments.steps, "requests": arguments.requests,
+                                              "batch": batch, "rows": rows, "ratios": figures, "rounds": rounds}, indent=2) + "\n")  # fmt: skip
+
+
+def one_round(model: str, batch: int, arguments: argparse.Namespace) -> list[dict]:
+    """Every row once, in order: the raw loops, the service, the baseline, the Ray rows and the training rows."""
     rows = [raw_row(model, thread, png, batch, arguments) for thread, png in (("main", False), ("worker", False), ("worker", True))]
     rows.append(raw_row(model, "worker", True, 1, arguments))
     rows += service_rows(model, 1, arguments) + service_rows(model, batch, arguments)
@@ -238,13 +313,17 @@ def main() -> None:
         for replicas, cpus in ray_layouts(arguments.ray_layouts):
             extra = {"SD_ENGINE": "ray", "SD_RAY_REPLICAS": str(replicas), "SD_RAY_NUM_CPUS": str(cpus), "SD_RAY_ADDRESS": ""}
             rows += service_rows(model, batch, arguments, extra, label=f"service on Ray, {replicas} replica(s) x {cpus:g} CPU")
-    figures = ratios(rows, batch, arguments)
-    print(f"\nmodel={model} size={arguments.size} steps={arguments.steps} requests={arguments.requests} batch={batch} device={next(row['device'] for row in rows if row.get('device'))}")
-    print_rows(rows, figures)
-    if arguments.json:
-        arguments.json.parent.mkdir(parents=True, exist_ok=True)
-        arguments.json.write_text(json.dumps({"model": model, "size": arguments.size, "steps": arguments.steps, "requests": arguments.requests,
-                                              "batch": batch, "rows": rows, "ratios": figures}, indent=2) + "\n")  # fmt: skip
+    if arguments.training_steps:
+        rows += training_rows(model, arguments)
+    return rows
+
+
+def median_row(same: tuple[dict, ...]) -> dict:
+    """One row of several rounds: the median of each figure, the failed requests of all."""
+    merged = {key: round(statistics.median(row[key] for row in same), 4) if isinstance(value, float) else value for key, value in same[0].items()}
+    if "failed_requests" in merged:
+        merged["failed_requests"] = sum(row["failed_requests"] for row in same)
+    return merged
 
 
 def ray_layouts(text: str) -> list[tuple[int, float]]:

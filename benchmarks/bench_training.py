@@ -5,7 +5,7 @@ the demo model, or for a full-size SD1.5 with random weights (``--sd15``; on CPU
 cost); then, in the server (in-process, the real app), generation latency p50/p99 with no training and with a
 training running, and their ratio.
 
-Usage: python benchmarks/bench_training.py [--sd15] [--steps 20] [--resolution 256] [--batch-size 1]
+Usage: python benchmarks/bench_training.py [--sd15 | --model DIR] [--steps 20] [--resolution 256] [--batch-size 1]
        [--requests 20] [--slice-steps 5] [--json FILE]
 On a GPU box: python benchmarks/bench_training.py --sd15 --steps 50 --resolution 512 --requests 40
 """
@@ -131,6 +131,7 @@ def main() -> None:
     """Parse the arguments, measure, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sd15", action="store_true", help="train on a full-size SD1.5 with random weights")
+    parser.add_argument("--model", type=Path, default=PROJECT_DIR / "models" / "demo", help="the model folder (default: the demo model)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -145,10 +146,10 @@ def main() -> None:
             model_dir = work / "sd15"
             subprocess.run([sys.executable, str(Path(__file__).parent / "sd15_random.py"), str(model_dir)], check=True)
         else:
-            model_dir = PROJECT_DIR / "models" / "demo"
+            model_dir = arguments.model
         steps = measure_steps(model_dir, arguments, work)
         print("| model | device | resolution | batch | setup s | s/step | peak memory MiB |\n|---|---|---|---|---|---|---|")
-        print(f"| {'sd15 (random)' if arguments.sd15 else 'demo'} | {steps['device']} | {arguments.resolution} | {arguments.batch_size} "
+        print(f"| {'sd15 (random)' if arguments.sd15 else model_dir.name} | {steps['device']} | {arguments.resolution} | {arguments.batch_size} "
               f"| {steps['setup_s']} | {steps['seconds_per_step']} | {steps['peak_memory_bytes'] / 2**20:.0f} |")  # fmt: skip
         generation = measure_generation(arguments, work) if arguments.requests else {}
         if generation:

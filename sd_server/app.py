@@ -224,7 +224,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_format)
+        configure_logging(settings.log_format, settings.log_probes)
         services = await start_services(settings, engine_factory, on_device_lost, metrics)
         app.state.settings, app.state.services, app.state.shutting_down = settings, services, False
         logger.info("serving on %s (%s); default model %s", services.engine.device, services.engine.report()["dtype"], settings.default_model)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
@@ -32,7 +33,7 @@ api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="T
 basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
 
 
-def refuse_nul_characters(request: Request) -> None:
+async def refuse_nul_characters(request: Request) -> None:
     """422 naming the path or query parameter that holds a NUL character (%00): no id, name or filter has one, and
     a database cannot store one (PostgreSQL refuses it). Every route depends on this first."""
     places = [("path", name, value) for name, value in request.path_params.items()]
@@ -44,7 +45,7 @@ def refuse_nul_characters(request: Request) -> None:
             )
 
 
-def presented_key(
+async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     api_key: Annotated[str | None, Depends(api_key_scheme)],
     basic: Annotated[HTTPBasicCredentials | None, Depends(basic_scheme)],
@@ -66,14 +67,14 @@ def current_principal(request: Request, key: PresentedKey) -> Principal:
             "as password; browsers sign in with POST /session"
         )
     reading = request.method in ("GET", "HEAD")
-    get_services(request).rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
+    services_of(request).rate_limiter.hit(principal, request.client.host if request.client else "unknown", reading)
     return principal
 
 
 def identify(request: Request, key: str | None) -> Principal | None:
     """The principal of ``key``, else of the request's session cookie (everyone is the open-access admin when no
     key is required); None without either where one is required; 401 for a key that is not valid."""
-    authenticator = get_services(request).authenticator
+    authenticator = services_of(request).authenticator
     if not authenticator.required:
         return OPEN_ACCESS
     if not key:
@@ -89,7 +90,7 @@ def session_of(request: Request) -> Session | None:
     authentication and the session routes share the answer)."""
     if not hasattr(request.state, "session"):
         token = request.cookies.get(SESSION_COOKIE)
-        request.state.session = get_services(request).sessions.verify(token) if token else None
+        request.state.session = services_of(request).sessions.verify(token) if token else None
     return cast(Session | None, request.state.session)
 
 
@@ -97,7 +98,7 @@ def session_principal(request: Request) -> Principal | None:
     """Who the session cookie acts as (None without a valid one, or once its key is revoked); 403 for a change
     (POST, PUT, DELETE) that does not send the session's CSRF token, which another site's page cannot know."""
     session = session_of(request)
-    principal = get_services(request).authenticator.keys.principal(session.key_id) if session else None
+    principal = services_of(request).authenticator.keys.principal(session.key_id) if session else None
     if session is None or principal is None:
         return None
     if request.method not in SAFE_METHODS and not same_secret(request.headers.get(CSRF_HEADER, ""), session.csrf_token):
@@ -108,36 +109,51 @@ def session_principal(request: Request) -> Principal | None:
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
-def optional_principal(request: Request, key: PresentedKey) -> Principal | None:
-    """Who the request acts as, or None without a key (for routes that answer everyone, and admins with more)."""
+async def optional_principal(request: Request, key: PresentedKey) -> Principal | None:
+    """Who the request acts as, or None without a key (for routes that answer everyone, and admins with more). A
+    request without credentials (a load balancer's health check) has nothing to look up, so no thread-pool hop."""
+    if key or SESSION_COOKIE in request.cookies:
+        return await run_in_threadpool(identify, request, key)
     return identify(request, key)
 
 
 MaybeUser = Annotated[Principal | None, Depends(optional_principal)]
 
 
-def require_admin(principal: CurrentUser) -> Principal:
-    """403 unless the key is an admin's."""
+def admin_only(principal: Principal) -> Principal:
+    """``principal``, or 403 unless the key is an admin's."""
     if not principal.is_admin:
         raise ForbiddenError("this route needs an admin key")
     return principal
 
 
+async def require_admin(principal: CurrentUser) -> Principal:
+    """``admin_only`` as a dependency."""
+    return admin_only(principal)
+
+
 AdminUser = Annotated[Principal, Depends(require_admin)]
 
 
-def metrics_access(request: Request) -> None:
-    """Open, unless SD_METRICS_REQUIRE_ADMIN: then an admin key. Reads the headers itself, so that the schema
-    shows /metrics as open, which is its default."""
-    if get_services(request).settings.metrics_require_admin:
+async def metrics_access(request: Request) -> None:
+    """Open, unless SD_METRICS_REQUIRE_ADMIN: then an admin key (looked up on the thread pool). Reads the headers
+    itself, so that the schema shows /metrics as open, which is its default."""
+    if services_of(request).settings.metrics_require_admin:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token) if scheme.lower() == "bearer" else None
-        require_admin(current_principal(request, request.headers.get("x-api-key") or (bearer.credentials if bearer else None)))
+        key = request.headers.get("x-api-key") or (bearer.credentials if bearer else None)
+        admin_only(await run_in_threadpool(current_principal, request, key))
 
 
-def get_services(request: Request) -> Services:
+def services_of(request: Request) -> Services:
     """The services the composition root built in the lifespan."""
     return cast(Services, request.app.state.services)
+
+
+async def get_services(request: Request) -> Services:
+    """``services_of`` as a dependency (async, as are the other dependencies that neither block nor wait: a sync one
+    costs every request a hop to the thread pool and back)."""
+    return services_of(request)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -146,7 +162,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 def provided(pick: Callable[[Services], T]) -> Any:
     """A dependency on the one service ``pick`` takes from the Services: a route names what it uses, nothing more."""
 
-    def dependency(services: ServicesDep) -> T:
+    async def dependency(services: ServicesDep) -> T:
         return pick(services)
 
     return Depends(dependency)
@@ -192,7 +208,7 @@ def get_training(
 TrainingDep = Annotated[Training, Depends(get_training)]
 
 
-def visible_user(
+async def visible_user(
     user_id: Annotated[str, Path(pattern=USER_ID_PATTERN, description="The user whose model this is.")],
     principal: CurrentUser,
 ) -> str:
@@ -205,7 +221,7 @@ def visible_user(
 VisibleUser = Annotated[str, Depends(visible_user)]
 
 
-def managed_user(user_id: VisibleUser, admin: AdminUser) -> str:
+async def managed_user(user_id: VisibleUser, admin: AdminUser) -> str:
     """The user in the path, when the caller is an admin (a user's own key gets 403)."""
     return user_id
 

@@ -5,6 +5,7 @@ import json
 import logging
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+PROBE_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 
 
 class RequestIdFilter(logging.Filter):
@@ -32,8 +33,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(log_format: str) -> None:
-    """Log to stderr in text or JSON, every line with its request id (replaces the handler this set before)."""
+class ProbeFilter(logging.Filter):
+    """Leaves out of uvicorn's access log the probes that succeed: a load balancer's health checks and Prometheus'
+    scrapes, many a second, would bury the requests, and writing them costs the server's event loop more than the
+    probes themselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) != 5:  # uvicorn's access record: client, method, path, HTTP version, status
+            return True
+        _, method, path, _, status = args
+        return not (method in ("GET", "HEAD") and str(path).split("?")[0] in PROBE_PATHS and isinstance(status, int) and status < 400)
+
+
+def configure_logging(log_format: str, log_probes: bool) -> None:
+    """Log to stderr in text or JSON, every line with its request id (replaces the handler this set before); the
+    access log leaves out successful probes unless ``log_probes``."""
     handler = logging.StreamHandler()
     handler.set_name("sd-api")
     handler.addFilter(RequestIdFilter())
@@ -42,3 +57,7 @@ def configure_logging(log_format: str) -> None:
     root = logging.getLogger()
     root.handlers = [existing for existing in root.handlers if existing.get_name() != "sd-api"] + [handler]
     root.setLevel(logging.INFO)
+    access = logging.getLogger("uvicorn.access")
+    access.filters = [existing for existing in access.filters if not isinstance(existing, ProbeFilter)]
+    if not log_probes:
+        access.addFilter(ProbeFilter())

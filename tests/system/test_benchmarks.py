@@ -7,32 +7,33 @@ import sys
 from helpers import DEADLINE_S, PROJECT_DIR
 
 
-def run_benchmark(*arguments: str) -> str:
+def run_benchmark(*arguments: str, timeout: float = DEADLINE_S) -> str:
     """Run a benchmark script; its printed figures."""
-    result = subprocess.run(
-        [sys.executable, *arguments], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=DEADLINE_S
-    )
+    result = subprocess.run([sys.executable, *arguments], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
-def test_the_serving_benchmark_prints_raw_served_baseline_and_ray_rows_and_the_ratios_of_its_targets(models_dir, tmp_path):
+def test_the_serving_benchmark_prints_raw_served_baseline_ray_and_training_rows_and_the_ratios_of_its_targets(models_dir, tmp_path):
     figures_file = tmp_path / "serving.json"
     output = run_benchmark(
         "benchmarks/bench_serving.py", "--model", str(models_dir / "demo"), "--requests", "2", "--clients", "1,2", "--steps", "2",
-        "--max-batch-size", "4", "--engine", "local,ray", "--ray-layouts", "1x1", "--json", str(figures_file),
+        "--max-batch-size", "4", "--engine", "local,ray", "--ray-layouts", "1x1", "--training-steps", "15",
+        "--json", str(figures_file), timeout=2 * DEADLINE_S,  # sixteen rows, each in fresh processes
     )  # fmt: skip
 
     for row in ("| raw loop, main thread | 4 |", "| raw loop, worker thread | 4 |", "| raw loop, worker thread + PNG | 1 |",
                 "| service, batching off | 1 | 1 |", "| service, batching on | 4 | 2 |", "| baseline server | 1 | 2 |",
-                "| service on Ray, 1 replica(s) x 1 CPU, batching on | 4 | 2 |"):  # fmt: skip
+                "| service on Ray, 1 replica(s) x 1 CPU, batching on | 4 | 2 |", "| training, raw trainer (main thread) |",
+                "| training, the service's device thread |"):  # fmt: skip
         assert row in output, row
     figures = json.loads(figures_file.read_text())
     assert set(figures["ratios"]) == {
         "served_over_raw_1_clients", "served_over_raw_2_clients", "service_over_baseline_1_clients",
-        "service_over_baseline_2_clients", "batching_off_1_client_over_raw_batch_1",
+        "service_over_baseline_2_clients", "batching_off_1_client_over_raw_batch_1", "training_served_over_raw",
     }  # fmt: skip
-    assert all(0 < row["load_cpu_share"] < 1 for row in figures["rows"] if row["clients"])
+    assert all(0 < row["load_cpu_share"] < 1 for row in figures["rows"] if row.get("clients"))
+    assert all(row["failed_requests"] == 0 for row in figures["rows"] if row["row"].startswith("service"))
 
 
 def test_the_cluster_simulation_prints_a_row_per_gpu_and_user_count():

@@ -23,7 +23,7 @@ from schemas import (
     A1111Txt2ImgRequest,
     GenerateRequest,
 )
-from sd_server.api.dependencies import CurrentUser, JobsDep, RegistryDep, StylesDep, get_services
+from sd_server.api.dependencies import CurrentUser, JobsDep, RegistryDep, StylesDep, services_of
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
 from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job
@@ -101,7 +101,7 @@ async def generate(
     request = generate_request(body)
     user_id, decodes = acting_user(principal), files.init_image is not None
     try:
-        generation, inputs = await off_the_loop(lambda: prepare_generation(request, user_id, styles, files), decodes, get_services(http_request).decoding)
+        generation, inputs = await off_the_loop(lambda: prepare_generation(request, user_id, styles, files), decodes, services_of(http_request).decoding)
     except InvalidFieldError as error:  # named as A1111 names the field
         error.location = tuple(A1111_FIELDS.get(part, part) for part in error.location)
         raise
@@ -161,7 +161,7 @@ async def txt2img(body: A1111Txt2ImgRequest, jobs: JobsDep, principal: CurrentUs
 @a1111_router.post("/img2img", responses=GENERATION_ERRORS)
 async def img2img(body: A1111Img2ImgRequest, jobs: JobsDep, principal: CurrentUser, styles: StylesDep, http_request: Request) -> A1111ImagesResponse:
     """A1111's img2img, and inpainting with `mask` (white repaints; `inpainting_mask_invert: 1` flips it)."""
-    files = await get_services(http_request).decoding.run(
+    files = await services_of(http_request).decoding.run(
         lambda: ImageFiles(decode_image("init_images", body.init_images[0]), decode_image("mask", body.mask), bool(body.inpainting_mask_invert))
     )
     job = await generate(body, files, principal, jobs, styles, http_request)

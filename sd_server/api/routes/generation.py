@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from schemas import GenerateRequest, GenerateResponse
-from sd_server.api.dependencies import CurrentUser, JobsDep, StorageDep, StylesDep, get_services
+from sd_server.api.dependencies import CurrentUser, JobsDep, StorageDep, StylesDep, services_of
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import generate_response
 from sd_server.api.submissions import run_job, submission
@@ -49,7 +49,7 @@ async def generate_for(
     uploads: dict[str, bytes] | None = None,
 ) -> Job:
     """Prepare the generation ``request`` asks for, run it, wait for it."""
-    generation, inputs = await submission(request, principal, styles, get_services(http_request).decoding, uploads)
+    generation, inputs = await submission(request, principal, styles, services_of(http_request).decoding, uploads)
     return await run_job(generation, inputs, jobs, http_request)
 
 

@@ -15,7 +15,7 @@ from sd_server.security.keys import KeyStore
 keys_router = APIRouter(prefix="/keys", tags=["keys"], responses=error_responses(ForbiddenError))
 
 
-def get_key_store(services: ServicesDep) -> KeyStore:
+async def get_key_store(services: ServicesDep) -> KeyStore:
     """The key store of the app's authenticator."""
     return services.authenticator.keys
 

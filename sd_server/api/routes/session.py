@@ -6,7 +6,7 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 
 from schemas import SessionRequest, SessionResponse
-from sd_server.api.dependencies import CurrentUser, get_services, identify, session_of
+from sd_server.api.dependencies import CurrentUser, identify, services_of, session_of
 from sd_server.api.errors import error_responses
 from sd_server.errors import UnauthorizedError
 from sd_server.security.keys import Principal
@@ -37,7 +37,7 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
         raise UnauthorizedError("invalid API key")
     if principal.key_id is None:
         return session_response(principal, None)
-    sessions = get_services(request).sessions
+    sessions = services_of(request).sessions
     token, session = await asyncio.to_thread(sessions.issue, principal.key_id)
     secure = request.url.scheme == "https"
     response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite="strict", secure=secure, path="/")
@@ -53,7 +53,7 @@ async def read_session(principal: CurrentUser, request: Request) -> SessionRespo
 def end_session(request: Request) -> None:
     """End the live session of the request's cookie, if it has one (blocking: the database)."""
     if (session := session_of(request)) is not None:
-        get_services(request).sessions.end(session)
+        services_of(request).sessions.end(session)
 
 
 @session_router.delete("", status_code=204)
