@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,17 @@ async def run_load(url: str, arguments: argparse.Namespace, body: Callable[[int]
     return await load_generator.run_load(url, arguments.requests, arguments.concurrency, body, warm_ups)
 
 
+@contextmanager
+def running(server: tuple[subprocess.Popen, str]) -> Iterator[str]:
+    """The URL of a server that ``start_server`` or ``launch`` started; it stops on leaving."""
+    process, url = server
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def run_part(command: list[str]) -> str:
     """Run a benchmark part as its own process; what it printed."""
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -144,26 +156,18 @@ def service_rows(model: str, batch: int, arguments: argparse.Namespace, extra: d
     """The service with SD_MAX_BATCH_SIZE ``batch`` (and the ``extra`` variables), loaded at each client count."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as data_dir:
-        process, url = start_server(model, batch, arguments, Path(data_dir), extra)
-        try:
+        with running(start_server(model, batch, arguments, Path(data_dir), extra)) as url:
             for clients in arguments.client_counts:
                 figures = load(url, clients, arguments, "/health/ready")
                 rows.append({"row": f"{label}, batching {'on' if batch > 1 else 'off'}", "batch": batch, "clients": clients, **figures})
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
     return rows
 
 
 def baseline_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
     """The minimal baseline server, loaded at each client count."""
     port = free_port()
-    process, url = launch([str(BENCHMARKS / "baseline_server.py"), "--model", model, "--port", str(port)], port)
-    try:
+    with running(launch([str(BENCHMARKS / "baseline_server.py"), "--model", model, "--port", str(port)], port)) as url:
         return [{"row": "baseline server", "batch": 1, "clients": clients, **load(url, clients, arguments, "/health")} for clients in arguments.client_counts]
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def training_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
@@ -174,12 +178,8 @@ def training_rows(model: str, arguments: argparse.Namespace) -> list[dict]:
         run_part([str(BENCHMARKS / "bench_training.py"), "--model", model, "--steps", str(arguments.training_steps),
                   "--resolution", str(arguments.size), "--requests", "0", "--json", str(figures)])  # fmt: skip
         raw = json.loads(figures.read_text())["training"]["seconds_per_step"]
-        process, url = start_server(model, 1, arguments, Path(folder))
-        try:
+        with running(start_server(model, 1, arguments, Path(folder))) as url:
             served = served_seconds_per_step(url, Path(folder) / "photos", arguments)
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
     return [{"row": "training, raw trainer (main thread)", "s_per_step": raw}, {"row": "training, the service's device thread", "s_per_step": served}]
 
 
@@ -292,8 +292,8 @@ def main() -> None:
     batch = arguments.max_batch_size or settings.max_batch_size or ModelService(settings).default_max_batch_size
     rounds = [one_round(model, batch, arguments) for _ in range(arguments.rounds)]
     rows = [median_row(same) for same in zip(*rounds)]
-    figures = {name: round(statistics.median(each[name] for each in (ratios(rows_of_round, batch, arguments) for rows_of_round in rounds)), 3)
-               for name in ratios(rows, batch, arguments)}  # fmt: skip
+    per_round = [ratios(rows_of_round, batch, arguments) for rows_of_round in rounds]
+    figures = {name: round(statistics.median(each[name] for each in per_round), 3) for name in per_round[0]}
     print(f"\nmodel={model} size={arguments.size} steps={arguments.steps} requests={arguments.requests} batch={batch} rounds={arguments.rounds} "
           f"device={next(row['device'] for row in rows if row.get('device'))}")  # fmt: skip
     print_rows(rows, figures)

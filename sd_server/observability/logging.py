@@ -5,7 +5,7 @@ import json
 import logging
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-PROBE_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
+PROBE_PATHS = frozenset({"/health", "/health/ready", "/metrics"})  # health checks and scrapes: open while stopping, not logged
 
 
 class RequestIdFilter(logging.Filter):

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sd_server.observability.logging import request_id_var
+from sd_server.observability.logging import PROBE_PATHS, request_id_var
 from sd_server.observability.metrics import Metrics
-
-ALWAYS_OPEN = {"/health", "/health/ready", "/metrics"}
 
 
 async def send_json(send: Send, status: int, body: dict) -> None:
@@ -44,7 +42,7 @@ class RequestContextMiddleware:
 
         try:
             state = scope["app"].state
-            if getattr(state, "shutting_down", False) and scope["path"] not in ALWAYS_OPEN:
+            if getattr(state, "shutting_down", False) and scope["path"] not in PROBE_PATHS:  # probes answer while stopping
                 await send_json(send_with_id, 503, {"detail": "the server is shutting down; retry on another instance"})
             else:
                 await self.app(scope, receive, send_with_id)
