@@ -78,12 +78,42 @@ class Settings(BaseSettings):
     batch_across_adapters: bool = Field(
         True, description="Jobs of different LoRAs (and checkpoint users) on one base share a batch, each image with its own adapter."
     )
-    max_queue: int = Field(64, ge=1, description="Queued jobs past which new ones get 429.")
+    training_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Share of a busy device's time that trainings get (a training slice runs whenever they have had "
+        "less lately); 0: trainings run only while no batch is ready. An idle device trains all the time.",
+    )
+    preview_every: int = Field(
+        5,
+        ge=0,
+        description="Every this many denoising steps, a running job's progress carries a preview of its image (a JPEG of "
+        "at most 128 px, projected from the latents); 0: no previews.",
+    )
+    max_queue: int = Field(64, ge=1, description="Queued jobs past which users with jobs queued get 429.")
+    queue_reserve: int = Field(
+        16, ge=0, description="Places past SD_MAX_QUEUE for users with nothing queued: heavy users never lock out a light one."
+    )
+    scheduling: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="fair: users share the device in proportion to their keys' weights, by cost (pixel-steps), "
+        "interactive jobs first; fifo: the oldest job first (within a priority class).",
+    )
     job_timeout_s: float = Field(600, gt=0, description="A job not finished this long after submission fails.")
     webhook_retries: int = Field(3, ge=0, description="Retries of a failed webhook delivery.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubles each time.")
     webhook_timeout_s: float = Field(
         10, gt=0, description="Deadline of one webhook delivery attempt, connection to status line (the body is never read)."
+    )
+    webhook_secret: str | None = Field(
+        None,
+        pattern=r"^whsec_[A-Za-z0-9+/]{22,}={0,2}$",
+        description="A whsec_ secret that signs the webhooks of jobs and trainings no key's secret signs (open mode, keys "
+        "made before secrets); unset: those go unsigned. Each key's own secret signs its jobs' webhooks.",
+    )
+    webhook_progress_interval_s: float = Field(
+        2.0, gt=0, description="Least seconds between two progress webhooks of one job (webhook_events_filter: progress)."
     )
     data_dir: Path = Field(Path("data"), description="Where the embedded SQLite database lives.")
     database_url: str | None = Field(
@@ -119,6 +149,15 @@ class Settings(BaseSettings):
         "memory://", description="Where rate limits count: memory:// (this process), or redis://host:6379 (shared by replicas)."
     )
     max_active_jobs_per_user: int = Field(16, ge=1, description="Queued + running jobs one user may have.")
+    max_queued_cost_per_user: int = Field(
+        1024 * 1024 * 50 * 8,
+        ge=1,
+        description="Pixel-steps (width x height x steps x images) one user may have queued; a user with nothing queued "
+        "may always queue one job.",
+    )
+    max_queued_cost_per_tenant: int | None = Field(
+        None, ge=1, description="Pixel-steps the jobs of one tenant (an API key's owner) may have queued; unset: no cap."
+    )
     session_secret: str | None = Field(
         None, description="Signs browser sessions (POST /session); unset: a random one per process (sessions end at a restart)."
     )

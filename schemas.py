@@ -33,6 +33,7 @@ from sd_server.api.schemas.keys import (
     KeyCreated,
     KeyCreateRequest,
     KeyInfo,
+    WebhookSecret,
 )
 from sd_server.api.schemas.models import (
     USER_MODEL_EXAMPLES,
@@ -96,6 +97,7 @@ __all__ = [
     "KeyCreated",
     "KeyCreateRequest",
     "KeyInfo",
+    "WebhookSecret",
     "USER_MODEL_EXAMPLES",
     "UserModelResponse",
     "AdapterStats",

@@ -47,7 +47,7 @@ def first_image_seconds(service: ModelService, model: UserModel, arguments: argp
     started = time.perf_counter()
     assert service.prepare(model), "no room on the device"
     key = BatchKey(model.base, arguments.size, arguments.size, arguments.steps, 7.5, None)
-    service.run_batch(key, [BatchItem(model, "a photo of sks person", None, 1, 1)], lambda step, total: None, lambda: False)
+    service.run_batch(key, [BatchItem(model, "a photo of sks person", None, 1, 1)], lambda step, total, previews=None: None, lambda: False)
     if service.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

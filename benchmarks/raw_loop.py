@@ -1,7 +1,8 @@
 """The serving benchmarks' ceiling: the engine's own loop over the requests, no HTTP and no queue, in a fresh process.
 
 ``--thread main`` runs it on the process's main thread, ``--thread worker`` on a second thread (where the server's
-device thread runs it); ``--png`` also PNG-encodes each batch's images on an encoder thread, as the server does.
+device thread runs it); ``--png`` also PNG-encodes each batch's images on an encoder thread, as the server does;
+``--preview-every`` makes previews as SD_PREVIEW_EVERY does (the server's default unless given).
 Prints one JSON object: images/s, latency p50/p99 (a batch's images wait for the whole batch), the mean batch.
 
     .venv/bin/python benchmarks/raw_loop.py --thread worker --batch 4 --requests 32 --png
@@ -33,13 +34,13 @@ def run_loop(service: ModelService, model: str, arguments: argparse.Namespace) -
     items = [
         BatchItem(checkpoint, request_body(index, arguments.steps, arguments.size)["prompt"], None, index, 1) for index in range(arguments.requests)
     ]
-    service.run_batch(key, items[:1], lambda step, total: None, lambda: False)  # load, warm up
+    service.run_batch(key, items[:1], lambda step, total, previews=None: None, lambda: False)  # load, warm up
     latencies: list[float] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
         started = time.perf_counter()
         for first in range(0, len(items), arguments.batch):
             batch_started = time.perf_counter()
-            output = service.run_batch(key, items[first : first + arguments.batch], lambda step, total: None, lambda: False)
+            output = service.run_batch(key, items[first : first + arguments.batch], lambda step, total, previews=None: None, lambda: False)
             assert output is not None
             if arguments.png:
                 images = [image for images in output.images for image in images]
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--preview-every", type=int, default=Settings.model_fields["preview_every"].default, help="SD_PREVIEW_EVERY (0: none)")
     arguments = parser.parse_args()
-    service = ModelService(Settings(_env_file=None, default_model=arguments.model))
+    service = ModelService(Settings(_env_file=None, default_model=arguments.model, preview_every=arguments.preview_every))
     if arguments.thread == "main":
         figures = run_loop(service, arguments.model, arguments)
     else:

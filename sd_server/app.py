@@ -46,7 +46,7 @@ from sd_server.jobs.dispatch import Dispatcher
 from sd_server.jobs.events import EventBus, counting
 from sd_server.jobs.queue import JobQueue
 from sd_server.jobs.retention import Retention
-from sd_server.jobs.scheduler import FifoScheduler
+from sd_server.jobs.scheduler import FairScheduler, FifoScheduler
 from sd_server.jobs.submission import Jobs
 from sd_server.jobs.trainings import Trainings
 from sd_server.jobs.webhooks import WebhookSender
@@ -137,18 +137,21 @@ def build_services(
     registry = ModelRegistry(settings, database)
     liveness, readiness = Liveness(), Readiness()
     job_store, training_store = SqlJobStore(database, retry_s), SqlTrainingStore(database, retry_s)
+    keys = KeyStore(database, retry_s)
     webhooks = WebhookSender(
         settings,
         WebhookOutbox(database, retry_s),
         lambda job: job_response(job, None, storage).model_dump(mode="json"),  # an ended job has no position
         lambda training: training_response(training).model_dump(mode="json"),
         liveness,
+        secret_of=keys.webhook_secret,
     )
     bus = EventBus([counting(metrics), webhooks.on_event])
     writer = Writer(job_store, training_store, bus, liveness)
     max_batch_images = settings.max_batch_size or engine.default_max_batch_size
     rules = BatchRules(max_batch_images, settings.max_adapters, settings.batch_across_adapters)
-    queue = JobQueue(FifoScheduler(rules), max_batch_images, settings.batch_wait_ms / 1000, settings.batch_fill_wait_ms / 1000)
+    scheduler = (FairScheduler if settings.scheduling == "fair" else FifoScheduler)(rules, settings.training_share)
+    queue = JobQueue(scheduler, max_batch_images, settings.batch_wait_ms / 1000, settings.batch_fill_wait_ms / 1000)
     dispatcher = Dispatcher(settings, queue, engine, writer, bus, readiness)
     jobs = Jobs(settings, queue, dispatcher, job_store, writer, bus, engine, registry, storage)
     trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify)
@@ -170,7 +173,7 @@ def build_services(
         webhooks=webhooks,
         styles=StyleBook(settings, database),
         metrics=metrics,
-        authenticator=Authenticator(settings, KeyStore(database, retry_s)),
+        authenticator=Authenticator(settings, keys),
         sessions=Sessions(settings.session_secret, settings.session_ttl_s, database, retry_s),
         rate_limiter=RateLimiter(settings.rate_limit, settings.read_rate_limit, settings.rate_limit_storage),
         decoding=WorkPool("sd-decode", settings.decode_threads),

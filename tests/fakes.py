@@ -1,6 +1,7 @@
 """A fake engine: the Engine interface in a few lines, no torch. Models load at once (or fail, or wait for a
 gate); a batch is a loop of steps that a test can hold at a gate; an image is a small picture coloured by its seed."""
 
+import io
 import threading
 from collections.abc import Callable, Set
 from pathlib import Path
@@ -9,7 +10,7 @@ from PIL import Image
 
 from sd_server.domain.models import LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback
 from sd_server.engine.png import encode_png
 
 GATE_TIMEOUT_S = 60  # a gate a test forgot to open lets the worker go on after this, so nothing hangs
@@ -27,7 +28,8 @@ class FakeEngine:
     load, ``encode_gate`` each encoding; ``broken`` maps a checkpoint to the error its load raises; ``failures``,
     ``encode_failures`` and ``readiness_failures`` are raised by the next batches, encodings and readiness checks.
     Trainings count their steps: ``slice_gate`` holds each slice, ``samples_gate`` the samples a training draws after
-    its last step (``samples_drawn`` is set as they start)."""
+    its last step (``samples_drawn`` is set as they start). With ``preview_every``, every that many steps each image
+    has a preview: its seed's colour as an 8x8 JPEG."""
 
     device = "cpu"
     default_max_batch_size = 4
@@ -46,6 +48,7 @@ class FakeEngine:
         self.slice_gate: threading.Semaphore | None = None
         self.samples_gate: threading.Event | None = None
         self.samples_drawn = threading.Event()
+        self.preview_every = 0
 
     def is_ready(self, model: UserModel) -> bool:
         if self.readiness_failures:
@@ -67,7 +70,7 @@ class FakeEngine:
         return True
 
     def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
     ) -> BatchOutput | None:
         self.batches.append((key, items))
         if self.failures:
@@ -76,11 +79,21 @@ class FakeEngine:
         for step in range(1, total + 1):
             if self.step_gate is not None:
                 self.step_gate.acquire(timeout=GATE_TIMEOUT_S)
-            on_step(step, total)
+            on_step(step, total, self._previews(items) if self.preview_every and step % self.preview_every == 0 else None)
             if should_stop():
                 return None
         images = [[seed_image(item.seed + index) for index in range(item.num_images)] for item in items]
         return BatchOutput(images, key.scheduler.value if key.scheduler else "pndm")
+
+    def _previews(self, items: list[BatchItem]) -> list[bytes]:
+        """A JPEG of each image's seed colour."""
+        jpegs = []
+        for item in items:
+            for index in range(item.num_images):
+                buffer = io.BytesIO()
+                seed_image(item.seed + index).save(buffer, "JPEG")
+                jpegs.append(buffer.getvalue())
+        return jpegs
 
     def encode(self, images: list[Image.Image], texts: list[str]) -> list[bytes]:
         if self.encode_gate is not None:

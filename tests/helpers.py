@@ -59,6 +59,13 @@ def read_job(client, job_id: str, headers: dict | None = None) -> dict:
     return response.json()
 
 
+def post_job(client, request: Callable[..., dict], **fields) -> str:
+    """POST /jobs with ``request(**fields)``; the new job's id."""
+    response = client.post("/jobs", json=request(**fields))
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
 def wait_for(client, job_id: str, status: str | None = None, headers: dict | None = None, timeout: float = DEADLINE_S) -> dict:
     """Poll the job until it ends (or reaches ``status``); returns its JSON. ``client`` is a TestClient or an
     httpx.Client with a base URL."""
@@ -122,18 +129,21 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = DEA
 
 
 class WebhookReceiver:
-    """A local HTTP server that answers 500 to the first ``failures`` POSTs, then 200, and keeps the bodies."""
+    """A local HTTP server that answers 500 to the first ``failures`` POSTs, then 200, and keeps the bodies (parsed,
+    and as sent with their headers)."""
 
     def __init__(self, failures: int = 0, port: int | None = None) -> None:
         self.bodies: list[dict] = []
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # each POST's headers and body as sent
         self.statuses: list[int] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
                 status = 500 if len(receiver.statuses) < failures else 200
-                receiver.bodies.append(body)
+                receiver.raw.append((dict(self.headers.items()), raw))
+                receiver.bodies.append(json.loads(raw))
                 receiver.statuses.append(status)
                 self.send_response(status)
                 self.end_headers()

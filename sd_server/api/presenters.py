@@ -86,6 +86,7 @@ def job_response(job: Job, position: int | None, storage: ImageStorage) -> JobRe
         user_id=job.user_id,
         model_id=job.model_id,
         position=position,
+        priority=job.priority,
         progress=JobProgress(step=job.step, total=job.total_steps),
         batch_size=job.batch_size,
         created_at=job.created_at,

@@ -12,10 +12,11 @@ from fastapi import Request
 from schemas import GenerateRequest
 from sd_server.api.work_pools import WorkPool
 from sd_server.domain.generation import Generation, ImageInput
-from sd_server.domain.jobs import Job, JobStatus
+from sd_server.domain.jobs import Job, JobStatus, Priority
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.domain.prompt_weights import check_weights
 from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFieldError, JobFailedError, JobFinishedError
+from sd_server.jobs.admission import Share
 from sd_server.jobs.submission import Jobs
 from sd_server.observability.logging import request_id_var
 from sd_server.security.keys import Principal
@@ -116,10 +117,19 @@ async def checked_webhook(url: object | None, lookups: WorkPool, allow_private: 
     return str(url)
 
 
-async def run_job(generation: Generation, inputs: dict[str, bytes], jobs: Jobs, http_request: Request) -> Job:
+def share_of(principal: Principal, requested: Priority | None = None) -> Share:
+    """What the key gives a job: its priority class (a request may lower it to batch, never raise it), its weight,
+    its owner as the tenant (open access: the job's user), and the key (its secret signs the webhooks)."""
+    batch = Priority.batch in (principal.priority, requested)
+    return Share(Priority.batch if batch else Priority.interactive, principal.weight, principal.user_id, principal.key_id)
+
+
+async def run_job(generation: Generation, inputs: dict[str, bytes], jobs: Jobs, http_request: Request, share: Share) -> Job:
     """Queue ``generation`` as a synchronous job and wait for it; a client that disconnects cancels it."""
     # The database write runs off the event loop (asyncio.to_thread copies the request-id context along).
-    job, _ = await asyncio.to_thread(jobs.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs)
+    job, _ = await asyncio.to_thread(
+        jobs.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs, share=share
+    )
     while not job.finished.is_set():
         with suppress(TimeoutError):
             async with asyncio.timeout(0.25):

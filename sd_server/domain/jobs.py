@@ -55,6 +55,21 @@ class JobStatus(str, Enum):
         return self.phase.is_terminal
 
 
+class WebhookEvent(str, Enum):
+    """What a job's webhook is POSTed at: its first step, its progress (throttled), its end."""
+
+    start = "start"
+    progress = "progress"
+    completed = "completed"
+
+
+class Priority(str, Enum):
+    """A job's class: every queued ``interactive`` job leads before any ``batch`` one."""
+
+    interactive = "interactive"
+    batch = "batch"
+
+
 @dataclass
 class StoredImage:
     """One image of a job: its seed, storage key (None: not stored), size and checksum; ``png`` while held."""
@@ -98,10 +113,17 @@ class Job:
     model: UserModel = None  # type: ignore[assignment]  # the user's model at submission; left out: the checkpoint ``model_id``
     inputs: dict[str, bytes] = field(default_factory=dict)  # "init" and "mask" PNGs of img2img/inpainting, while held
     prompt_chunks: int = 1  # 77-token chunks its longer prompt takes (jobs of one batch take as many)
+    priority: Priority = Priority.interactive
+    weight: float = 1.0  # its user's share of the device relative to others (the submitting key's weight)
+    tenant: str = ""  # whose limits of queued cost it counts against (the key's owner); left out: its user
+    key_id: str | None = None  # the API key that submitted it: its secret signs the webhooks
+    webhook_events: frozenset[WebhookEvent] = frozenset({WebhookEvent.completed})
+    preview: bytes | None = None  # a JPEG of its first image at the last preview step, while it runs
 
     def __post_init__(self) -> None:
         self.total_steps = self.total_steps or self.request.steps_to_run
         self.model = self.model or CheckpointModel(source=self.model_id)
+        self.tenant = self.tenant or self.request.user_id
 
     @property
     def user_id(self) -> str:
@@ -112,6 +134,12 @@ class Job:
     def images_requested(self) -> int:
         """How many images the job makes."""
         return self.request.num_images
+
+    @property
+    def cost(self) -> int:
+        """What it takes of the device, in pixel-steps: width x height x steps that run x images."""
+        request = self.request
+        return request.width * request.height * request.steps_to_run * request.num_images
 
     @property
     def input_keys(self) -> dict[str, str]:

@@ -101,6 +101,7 @@ class Training:
     settings: TrainingSettings
     photo_count: int
     webhook_url: str | None = None
+    key_id: str | None = None  # the API key that submitted it: its secret signs the webhook
     idempotency_key: str | None = None
     fingerprint: str = ""
     request_id: str | None = None

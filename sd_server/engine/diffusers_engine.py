@@ -15,10 +15,11 @@ from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback
 from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
+from sd_server.engine.previews import fit_projection, preview_jpegs
 from sd_server.engine.prompts import PromptCounter, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, GenerationFailedError, ModelLoadError, first_line
@@ -137,7 +138,7 @@ class DiffusersEngine:
 
     @threads.device_work
     def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
     ) -> BatchOutput | None:
         """One pipeline call on the key's base for all items, each image with its own item's adapter and scale: each
         item's images, and the scheduler. None when ``should_stop()`` answered True after a step."""
@@ -181,12 +182,18 @@ class DiffusersEngine:
             return SampleAdapter(self.adapters.ensure(checkpoint, model), model.scale)
         return SampleAdapter(None)
 
+    def _projection(self, checkpoint: CachedCheckpoint) -> torch.Tensor:
+        """The checkpoint's latent-to-RGB map for previews, fitted on its VAE the first time (its lock is held)."""
+        if "preview_projection" not in checkpoint.derived:
+            checkpoint.derived["preview_projection"] = fit_projection(checkpoint.pipeline.vae)
+        return checkpoint.derived["preview_projection"]
+
     def _generate(
         self,
         checkpoint: CachedCheckpoint,
         key: BatchKey,
         items: list[BatchItem],
-        on_step: Callable[[int, int], None],
+        on_step: StepCallback,
         should_stop: Callable[[], bool],
     ) -> BatchOutput:
         pipeline = image_modes.mode_pipeline(checkpoint, key.mode)
@@ -196,7 +203,11 @@ class DiffusersEngine:
         images, prepared = image_modes.image_arguments(checkpoint, key, [item.source for item in items for _ in range(item.num_images)])
 
         def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
-            on_step(index + 1, pipe.num_timesteps)
+            step, every = index + 1, self.settings.preview_every
+            previews = None
+            if every and step % every == 0 and step < pipe.num_timesteps:
+                previews = preview_jpegs(tensors["latents"], self._projection(checkpoint), key.width, key.height)
+            on_step(step, pipe.num_timesteps, previews)
             if index + 1 == pipe.num_timesteps:
                 check_finite(tensors["latents"], key)  # one device sync a batch, before the VAE decodes
             if should_stop():

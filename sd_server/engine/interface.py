@@ -71,6 +71,13 @@ class EngineReport(TypedDict):
     device_memory_bytes: int
 
 
+class StepCallback(Protocol):
+    """Told after each denoising step: the step, the steps in all, and on preview steps one JPEG per image (the
+    items' images in order)."""
+
+    def __call__(self, step: int, total: int, previews: list[bytes] | None = None) -> None: ...
+
+
 class TrainingRun(Protocol):
     """One training on the device, run a few steps at a time by the device worker between batches."""
 
@@ -121,11 +128,10 @@ class Engine(Protocol):
         """Make ``model`` ready, moving out nothing in ``keep`` (checkpoint sources); False: no room now."""
         ...
 
-    def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: Callable[[int, int], None], should_stop: Callable[[], bool]
-    ) -> BatchOutput | None:
-        """One call for all items, each image with its own item's adapter; ``on_step(step, total)`` after each
-        denoising step; None when ``should_stop()`` said so after a step."""
+    def run_batch(self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]) -> BatchOutput | None:
+        """One call for all items, each image with its own item's adapter; ``on_step(step, total, previews)`` after
+        each denoising step (every SD_PREVIEW_EVERY steps with a JPEG preview of each image); None when
+        ``should_stop()`` said so after a step."""
         ...
 
     def encode(self, images: list[Any], texts: list[str]) -> list[bytes]:

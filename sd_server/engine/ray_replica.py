@@ -39,10 +39,11 @@ class Started:
 
 @dataclass(frozen=True)
 class Progress:
-    """A denoising step of the batch ended."""
+    """A denoising step of the batch ended (on preview steps, with a JPEG of each image)."""
 
     step: int
     total: int
+    previews: list[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class EngineReplica:
         """The batch on the engine, in a thread; its end sent as Finished. A lost device ends this replica's process
         (Serve starts another, and the client runs the batch again); other errors go back to the client."""
         try:
-            output = self.engine.run_batch(key, items, lambda step, total: send(Progress(step, total)), should_stop)
+            output = self.engine.run_batch(key, items, lambda step, total, previews=None: send(Progress(step, total, previews)), should_stop)
         except DeviceLostError:
             logger.critical("the device is lost; this replica ends, Serve starts a fresh one", exc_info=True)
             os._exit(70)

@@ -2,6 +2,8 @@
 running jobs through the lifecycle (progress, cancel, timeout, success, failure, a lost device), counts batches, and
 stores and announces each change through the one writer, outside the queue's condition."""
 
+import base64
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -12,10 +14,11 @@ from config import Settings
 from sd_server.domain.jobs import Job, JobStatus, StoredImage
 from sd_server.engine.interface import Engine
 from sd_server.errors import JobTimeoutError, ServiceError, ServiceUnavailableError
+from sd_server.jobs.admission import Backlog
 from sd_server.jobs.batching import images_in
 from sd_server.jobs.events import BatchRan, EventBus
 from sd_server.jobs.queue import JobQueue
-from sd_server.jobs.scheduler import ModelToLoad, Turn
+from sd_server.jobs.scheduler import DeviceUsage, ModelToLoad, Turn
 from sd_server.jobs.writer import Writer
 from sd_server.observability.liveness import Readiness
 
@@ -28,6 +31,7 @@ class BatchStats:
     mixed_batches: int = 0  # batches whose jobs ran on more than one model (different LoRAs on one base)
     images: int = 0
     seconds_per_batch: float = 1.0
+    seconds_per_cost: float | None = None  # a pixel-step's seconds, once a batch ran
 
     def count(self, batch: list[Job], seconds: float) -> None:
         """Count one batch that took ``seconds``."""
@@ -35,6 +39,8 @@ class BatchStats:
         self.mixed_batches += len({job.model for job in batch}) > 1
         self.images += images_in(batch)
         self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * seconds
+        per_cost = seconds / max(1, sum(job.cost for job in batch))
+        self.seconds_per_cost = per_cost if self.seconds_per_cost is None else 0.8 * self.seconds_per_cost + 0.2 * per_cost
 
 
 class Dispatcher:
@@ -44,6 +50,7 @@ class Dispatcher:
         self.settings, self.queue, self.engine, self.writer, self.bus = settings, queue, engine, writer, bus
         self.readiness = readiness
         self.batch_stats = BatchStats()
+        self.usage = DeviceUsage()
 
     def close(self) -> None:
         """Stop handing out work, and stop being ready."""
@@ -75,19 +82,26 @@ class Dispatcher:
         while not self.queue.stopping:
             self.fail_queued(self.past_deadline, self.timeout_error())
             training = training_waiting()
+            share = self.queue.under_lock(lambda: self.usage.training_share)
+            if self.queue.scheduler.turn(batch_ready=True, training_waiting=training, training_share=share) is Turn.training:
+                return []  # the trainings are owed their share of the device, whatever is queued
             batch = self.queue.take_batch(self.engine.is_ready, wait_s=0.0 if training else 1.0)
             if batch:
                 self.writer.persist(batch)
                 for job in batch:
                     self.bus.emit(job, "started")
                 return batch
-            if self.queue.scheduler.turn(batch_ready=False, training_waiting=training) is Turn.training:
+            if self.queue.scheduler.turn(batch_ready=False, training_waiting=training, training_share=share) is Turn.training:
                 return []
             self.writer.flush()
         return None
 
-    def progress(self, batch: list[Job], step: int, total: int) -> None:
-        """After a denoising step: end the batch's cancelled and timed-out jobs, report progress of the others."""
+    def progress(self, batch: list[Job], step: int, total: int, previews: list[bytes] | None = None) -> None:
+        """After a denoising step: end the batch's cancelled and timed-out jobs, report progress of the others (with
+        a preview of each one's first image, on preview steps)."""
+        firsts = itertools.accumulate((job.images_requested for job in batch), initial=0)
+        preview_of = {job.id: previews[first] for job, first in zip(batch, firsts)} if previews else {}
+        urls = {job_id: "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii") for job_id, jpeg in preview_of.items()}
 
         def advance() -> list[Job]:
             ended = []
@@ -100,7 +114,10 @@ class Dispatcher:
                     ended.append(job)
                 else:
                     job.step, job.total_steps = step, total
-                    self.bus.emit(job, "progress", {"job_id": job.id, "step": step, "total": total})
+                    data: dict[str, Any] = {"job_id": job.id, "step": step, "total": total}
+                    if job.id in preview_of:
+                        job.preview, data["preview"] = preview_of[job.id], urls[job.id]
+                    self.bus.emit(job, "progress", data)
             return ended
 
         self.writer.announce(self.queue.under_lock(advance))
@@ -111,8 +128,16 @@ class Dispatcher:
 
     def record_batch(self, batch: list[Job], seconds: float) -> None:
         """Count the batch and publish it (the metrics)."""
-        self.queue.under_lock(lambda: self.batch_stats.count(batch, seconds))
+        def count() -> None:
+            self.batch_stats.count(batch, seconds)
+            self.usage.record(False, seconds)
+
+        self.queue.under_lock(count)
         self.bus.publish(BatchRan(images_in(batch), seconds, batch[0].total_steps))
+
+    def record_training(self, seconds: float) -> None:
+        """Count a training slice's device time (for the trainings' share)."""
+        self.queue.under_lock(lambda: self.usage.record(True, seconds))
 
     def fail(self, batch: Iterable[Job], error: ServiceError) -> None:
         """End every still-running job of ``batch`` as failed with ``error``."""
@@ -162,12 +187,18 @@ class Dispatcher:
             "batches_run": stats.batches,
             "mixed_batches_run": stats.mixed_batches,
             "mean_batch_size": round(stats.images / stats.batches, 3) if stats.batches else 0.0,
+            "scheduling": self.settings.scheduling,
+            "queued_by_user": self.queue.depths(),
+            "tenant_shares": {tenant: round(share, 4) for tenant, share in self.queue.shares().items()},
         }
 
-    def retry_after_s(self) -> int:
-        """Seconds until the queue has likely drained by one batch's worth."""
-        queued, _ = self.queue.counts()
-        return max(1, math.ceil(queued / self.queue.max_batch_images * self.batch_stats.seconds_per_batch))
+    def retry_after_s(self, backlog: Backlog) -> int:
+        """Seconds until a user's queued pixel-steps have likely run at their share of the device (one share in
+        ``backlog.active_users``); without a backlog of their own, until the queue has drained by one batch's worth."""
+        stats = self.batch_stats
+        if backlog.user_cost and stats.seconds_per_cost is not None:
+            return max(1, math.ceil(backlog.user_cost * backlog.active_users * stats.seconds_per_cost))
+        return max(1, math.ceil(backlog.queued / self.queue.max_batch_images * stats.seconds_per_batch))
 
     def past_deadline(self, job: Job) -> bool:
         """True once SD_JOB_TIMEOUT_S has passed since the job was submitted."""

@@ -100,14 +100,18 @@ class Counters(Protocol):
 
     def job_finished(self, status: str) -> None: ...
 
+    def job_started(self, priority: str, waited_s: float) -> None: ...
+
 
 def counting(counters: Counters) -> Listener:
-    """A bus listener that counts each batch and each ended job in ``counters``."""
+    """A bus listener that counts each batch, each started job's wait and each ended job in ``counters``."""
 
     def listen(event: Event) -> None:
         if isinstance(event, BatchRan):
             counters.batch_ran(event.images, event.seconds, event.steps)
         elif event.ended and isinstance(event.work, Job):
             counters.job_finished(event.work.status.value)
+        elif event.name == "started" and isinstance(event.work, Job) and (started := event.work.started_at) is not None:
+            counters.job_started(event.work.priority.value, (started - event.work.created_at).total_seconds())
 
     return listen

@@ -11,8 +11,9 @@ from typing import TypeVar
 from sd_server.domain.jobs import Job, JobStatus, utc_now
 from sd_server.domain.lifecycle import transition
 from sd_server.errors import ServiceError
+from sd_server.jobs.admission import Backlog
 from sd_server.jobs.batching import images_in
-from sd_server.jobs.scheduler import ModelCheck, ModelToLoad, Scheduler
+from sd_server.jobs.scheduler import Ledger, ModelCheck, ModelToLoad, Scheduler
 
 T = TypeVar("T")
 
@@ -27,6 +28,7 @@ class JobQueue:
         self._queued: list[Job] = []
         self._running: list[Job] = []
         self._admitting: list[Job] = []  # admitted, being inserted into the database
+        self.ledger = Ledger()
         self._condition = threading.Condition()
         self._stopping = False
 
@@ -54,11 +56,21 @@ class JobQueue:
 
     # --- admission -----------------------------------------------------------------------------------
 
-    def admit(self, job: Job, check: Callable[[int, int], None]) -> None:
-        """Hold a place for ``job`` once ``check(the user's active jobs, jobs queued in all)`` passes (it raises)."""
+    def admit(self, job: Job, check: Callable[[Backlog], None]) -> None:
+        """Hold a place for ``job`` once ``check`` passes (it raises) on the backlog ``job`` joins."""
         with self._condition:
-            active = sum(1 for other in self._queued + self._running + self._admitting if other.user_id == job.user_id)
-            check(active, len(self._queued) + len(self._admitting))
+            waiting = self._queued + self._admitting
+            mine = [other for other in waiting if other.user_id == job.user_id]
+            check(
+                Backlog(
+                    user_active=len(mine) + sum(other.user_id == job.user_id for other in self._running),
+                    user_queued=len(mine),
+                    user_cost=sum(other.cost for other in mine),
+                    tenant_cost=sum(other.cost for other in waiting if other.tenant == job.tenant),
+                    queued=len(waiting),
+                    active_users=len({other.user_id for other in waiting + self._running} | {job.user_id}),
+                )
+            )
             self._admitting.append(job)
 
     def settle(self, job: Job, enqueue: bool) -> None:
@@ -66,6 +78,7 @@ class JobQueue:
         with self._condition:
             self._admitting.remove(job)
             if enqueue:
+                self._activate([job])
                 self._queued.append(job)
                 self._note_demand(self.scheduler.shape(job))
                 self._condition.notify_all()
@@ -75,6 +88,7 @@ class JobQueue:
         used by each that was running; returns them (one that ended meanwhile stays ended, and is not returned)."""
         with self._condition:
             jobs = [job for job in jobs if not job.status.is_terminal]
+            self._activate(jobs)
             for job in jobs:
                 if job in self._running:
                     self._running.remove(job)
@@ -85,12 +99,23 @@ class JobQueue:
             self._condition.notify_all()
             return jobs
 
+    def _activate(self, jobs: list[Job]) -> None:
+        """Bring the users of ``jobs`` who have nothing queued or running up to the system's virtual time."""
+        active = {job.user_id for job in self._queued + self._running}
+        for user_id in {job.user_id for job in jobs} - active:
+            self.ledger.activate(user_id)
+
     # --- reading -------------------------------------------------------------------------------------
 
+    def _ordered(self) -> list[Job]:
+        """The queued jobs in the order the scheduler runs them."""
+        return self.scheduler.order(self._queued, self.ledger)
+
     def position(self, job: Job) -> int | None:
-        """1 for the next job to run, 2 after it, ...; None once the job is no longer queued."""
+        """1 for the next job to run, 2 after it, ... (in the scheduler's order); None once the job is no longer
+        queued."""
         with self._condition:
-            return self._queued.index(job) + 1 if job in self._queued else None
+            return self._ordered().index(job) + 1 if job in self._queued else None
 
     def active_jobs(self, user_id: str) -> list[Job]:
         """The user's running jobs, then their queued ones in queue order."""
@@ -102,11 +127,22 @@ class JobQueue:
         with self._condition:
             return len(self._queued), len(self._running)
 
+    def depths(self) -> dict[str, int]:
+        """Jobs queued per user (users with none left out)."""
+        with self._condition:
+            return dict(Counter(job.user_id for job in self._queued))
+
+    def shares(self) -> dict[str, float]:
+        """Each tenant's share of the pixel-steps served since the start."""
+        with self._condition:
+            total = sum(self.ledger.served.values())
+            return {tenant: served / total for tenant, served in self.ledger.served.items()} if total else {}
+
     def model_to_load(self, needs_loading: ModelCheck) -> ModelToLoad | None:
         """Wait for a queued job whose model needs loading (the scheduler's choice); None when stopping."""
         with self._condition:
             while not self._stopping:
-                target = self.scheduler.model_to_load(self._queued, self._running, needs_loading)
+                target = self.scheduler.model_to_load(self._ordered(), self._running, needs_loading)
                 if target is not None:
                     return target
                 self._condition.wait(timeout=1.0)
@@ -118,7 +154,7 @@ class JobQueue:
         """The scheduler's next batch, taken off the queue as running, after up to the batch wait for companions;
         empty after ``wait_s`` seconds without one."""
         with self._condition:
-            lead = self.scheduler.lead(self._queued, is_ready)
+            lead = self.scheduler.lead(self._ordered(), is_ready)
             if lead is None:
                 if wait_s and not self._stopping:
                     self._condition.wait(timeout=wait_s)
@@ -126,12 +162,13 @@ class JobQueue:
             self._wait_for_companions(lead)
             if lead not in self._queued or self._stopping:
                 return []  # the lead was cancelled while waiting: start over
-            batch = self.scheduler.batch(lead, self._queued)
+            batch, started = self.scheduler.batch(lead, self._ordered()), utc_now()
             for job in batch:
                 self._queued.remove(job)
                 transition(job, JobStatus.running)
-                job.started_at, job.batch_size, job.step = utc_now(), images_in(batch), 0
+                job.started_at, job.batch_size, job.step = started, images_in(batch), 0
             self._running.extend(batch)
+            self.ledger.charge(lead, batch, {job.user_id for job in self._queued + self._running})
             self._demand = self._images_by_shape()
             return batch
 
@@ -147,7 +184,7 @@ class JobQueue:
             arrived = images_in([job for job in self._queued if self.scheduler.shape(job) == shape])
             waited = time.monotonic() - started
             deadline = self.batch_fill_wait_s if arrived < expected else self.batch_wait_s
-            if images_in(self.scheduler.batch(lead, self._queued)) >= self.max_batch_images or waited >= deadline:
+            if images_in(self.scheduler.batch(lead, self._ordered())) >= self.max_batch_images or waited >= deadline:
                 return
             self._condition.wait(timeout=deadline - waited)
 
@@ -178,7 +215,7 @@ class JobQueue:
     def end(self, job: Job, status: JobStatus, error: ServiceError | None = None) -> None:
         """End ``job`` with ``status`` (with the condition held: inside ``under_lock``, or from this class)."""
         transition(job, status, (error.message, error.status_code) if error else None)
-        job.inputs = {}  # stored; the device is done with them
+        job.inputs, job.preview = {}, None  # stored; the device is done with them
         for jobs in (self._queued, self._running):
             if job in jobs:
                 jobs.remove(job)

@@ -8,7 +8,7 @@ from functools import partial
 
 from config import Settings
 from sd_server.domain.generation import Generation
-from sd_server.domain.jobs import Job, JobQuery, JobStatus, JobStore
+from sd_server.domain.jobs import Job, JobQuery, JobStatus, JobStore, WebhookEvent
 from sd_server.engine.interface import Engine
 from sd_server.errors import JobFinishedError, ServiceError
 from sd_server.jobs import admission
@@ -49,6 +49,8 @@ class Jobs:
         idempotency_key: str | None = None,
         request_id: str | None = None,
         inputs: dict[str, bytes] | None = None,
+        share: admission.Share = admission.Share(),
+        webhook_events: frozenset[WebhookEvent] = admission.DEFAULT_WEBHOOK_EVENTS,
     ) -> tuple[Job, bool]:
         """Queue a job for ``request`` (with its init image and mask PNGs as ``inputs``, stored beside its images);
         returns it and whether it is new (False: an idempotent repeat).
@@ -57,15 +59,13 @@ class Jobs:
         an asynchronous one always stores them (its result links to them) and keeps no copy in memory.
         """
         model = self.registry.get(request.user_id)
-        job = admission.new_job(self.settings, request, model, synchronous, webhook_url, idempotency_key, request_id)
+        job = admission.new_job(self.settings, request, model, synchronous, webhook_url, idempotency_key, request_id, share, webhook_events)
         if job.idempotency_key and (existing := self.find_by_idempotency_key(job.idempotency_key)):
             admission.check_repeat(job.fingerprint, existing, idempotency_key or "")
             return existing, False
         job.inputs = dict(inputs or {})
         job.prompt_chunks = self._prompt_chunks(job)
-        self.queue.admit(job, lambda active, queued: admission.check_capacity(
-            self.settings, request.user_id, active, queued, self.dispatcher.retry_after_s()
-        ))  # fmt: skip
+        self.queue.admit(job, lambda backlog: admission.check_capacity(self.settings, job, backlog, self.dispatcher.retry_after_s))
         stored = None
         try:
             self._store_inputs(job)

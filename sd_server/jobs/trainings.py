@@ -136,6 +136,7 @@ class Trainings:
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
         request_id: str | None = None,
+        key_id: str | None = None,
     ) -> tuple[Training, bool]:
         """Keep the prepared photos and queue a training on the user's base (the base of their LoRA, or their
         checkpoint), in the place ``reservation`` holds; returns it and whether it is new (False: a racing repeat of
@@ -148,6 +149,7 @@ class Trainings:
             settings=settings,
             photo_count=len(photos),
             webhook_url=webhook_url,
+            key_id=key_id,
             idempotency_key=admission.scoped_key(user_id, idempotency_key),
             fingerprint=fingerprint,
             request_id=request_id,

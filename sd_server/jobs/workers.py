@@ -172,7 +172,9 @@ class DeviceWorker:
             return False
         self.liveness.set("device", PartState.busy)
         if not batch and self.trainings:
+            started = time.monotonic()
             self.trainings.run_slice()
+            self.dispatcher.record_training(time.monotonic() - started)
             self.liveness.set("device", PartState.ok)
             return True
         try:
@@ -218,7 +220,7 @@ class DeviceWorker:
             output = self.engine.run_batch(
                 key,
                 batch_items(batch),
-                lambda step, total: self.dispatcher.progress(batch, step, total),
+                lambda step, total, previews=None: self.dispatcher.progress(batch, step, total, previews),
                 lambda: self.dispatcher.all_ended(batch),
             )
         except Exception as error:

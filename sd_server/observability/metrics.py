@@ -33,6 +33,13 @@ class Metrics:
             "sd_step_seconds", "Seconds per denoising step of a batch.", buckets=(0.01, 0.03, 0.1, 0.3, 1, 3), registry=self.registry
         )
         self.images = Counter("sd_images_generated", "Images generated.", registry=self.registry)
+        self.wait_seconds = Histogram(
+            "sd_job_wait_seconds",
+            "Seconds from submission to the first step, by priority class.",
+            ["priority"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
         self._watched: _StateCollector | None = None
 
     def watch(self, queue_stats: Callable[[], dict], engine_report: Callable[[], dict]) -> None:
@@ -48,6 +55,10 @@ class Metrics:
         self.batch_size.observe(images)
         self.step_seconds.observe(seconds / max(steps, 1))
         self.images.inc(images)
+
+    def job_started(self, priority: str, waited_s: float) -> None:
+        """Observe how long a job waited in the queue."""
+        self.wait_seconds.labels(priority).observe(waited_s)
 
     def job_finished(self, status: str) -> None:
         """Count a job that ended."""
@@ -71,6 +82,16 @@ class _StateCollector:
         active.add_metric(["queued"], stats["queued"])
         active.add_metric(["running"], stats["running"])
         yield active
+        by_user = GaugeMetricFamily("sd_queue_depth_by_user", "Jobs waiting in the queue, per user with any.", labels=["user"])
+        for user, depth in stats["queued_by_user"].items():
+            by_user.add_metric([user], depth)
+        yield by_user
+        shares = GaugeMetricFamily(
+            "sd_tenant_share", "Each tenant's share of the pixel-steps served since the start.", labels=["tenant"]
+        )
+        for tenant, share in stats["tenant_shares"].items():
+            shares.add_metric([tenant], share)
+        yield shares
         report = self.engine_report()
         for name, key, help_text in CACHE_SERIES:
             family = GaugeMetricFamily(name, help_text, labels=["tier"])

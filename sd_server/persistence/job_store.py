@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sd_server.domain.generation import Generation, ImageInput, SchedulerName
-from sd_server.domain.jobs import Job, JobQuery, JobStatus, StoredImage, as_utc
+from sd_server.domain.jobs import Job, JobQuery, JobStatus, Priority, StoredImage, WebhookEvent, as_utc
 from sd_server.domain.models import USER_MODEL
 from sd_server.persistence.retry import in_session, with_retries
 from sd_server.persistence.tables import ImageRow, JobRow
@@ -35,6 +35,8 @@ def to_row(job: Job, row: JobRow) -> JobRow:
     for name in JOB_COLUMNS:
         setattr(row, name, getattr(job, name))
     row.status = job.status.value
+    row.priority, row.weight, row.tenant, row.key_id = job.priority.value, job.weight, job.tenant, job.key_id
+    row.webhook_events = ",".join(sorted(event.value for event in job.webhook_events))
     row.model_spec = USER_MODEL.dump_json(job.model).decode()
     row.scheduler = job.request.scheduler.value if job.request.scheduler else None
     row.image_input = json.dumps(asdict(job.request.image_input)) if job.request.image_input else None
@@ -62,7 +64,12 @@ def to_job(row: JobRow) -> Job:
         fields[name] = as_utc(fields[name])
     images = [StoredImage(image.seed, image.storage_key, image.size_bytes, image.sha256) for image in row.images]
     model = USER_MODEL.validate_json(row.model_spec) if row.model_spec else None
-    job = Job(request=request, status=JobStatus(row.status), images=images, model=model, **fields)
+    share = {"priority": Priority(row.priority or "interactive"), "weight": row.weight or 1.0, "tenant": row.tenant or row.user_id}
+    events = frozenset(WebhookEvent(name) for name in (row.webhook_events or "completed").split(","))
+    job = Job(
+        request=request, status=JobStatus(row.status), images=images, model=model, key_id=row.key_id, webhook_events=events,
+        **share, **fields,
+    )  # fmt: skip
     if job.status.is_terminal:
         job.finished.set()
     return job

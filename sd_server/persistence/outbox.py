@@ -2,6 +2,7 @@
 loses none."""
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,13 +16,16 @@ from sd_server.persistence.tables import WebhookDeliveryRow
 
 @dataclass(frozen=True)
 class Delivery:
-    """A pending delivery: of what ("job <id>" or "training <id>"), where to, what, and how many attempts so far."""
+    """A pending delivery: of what ("job <id>" or "training <id>"), where to, what, how many attempts so far, its
+    webhook-id, and the key whose secret signs it."""
 
     id: int
     subject: str
     url: str
     payload: str
     attempts: int
+    message_id: str = ""
+    key_id: str | None = None
 
 
 class WebhookOutbox:
@@ -30,12 +34,15 @@ class WebhookOutbox:
     def __init__(self, engine: Engine, retry_s: float = 60.0) -> None:
         self.engine, self.retry_s = engine, retry_s
 
-    def add(self, url: str, payload: dict, job_id: str | None = None, training_id: str | None = None) -> None:
-        """Keep a new delivery of a job's or a training's webhook, due now."""
+    def add(
+        self, url: str, payload: dict, key_id: str | None = None, job_id: str | None = None, training_id: str | None = None
+    ) -> None:
+        """Keep a new delivery of a job's or a training's webhook, due now, signed with the secret of ``key_id``."""
         now = utc_now()
         row = WebhookDeliveryRow(
-            job_id=job_id, training_id=training_id, url=url, payload=json.dumps(payload), attempts=0, next_attempt_at=now, created_at=now
-        )
+            job_id=job_id, training_id=training_id, url=url, payload=json.dumps(payload), attempts=0, next_attempt_at=now,
+            created_at=now, message_id=f"msg_{uuid.uuid4().hex}", key_id=key_id,
+        )  # fmt: skip
         in_session(self.engine, lambda session: session.add(row), f"keeping the webhook of {subject(row)}", self.retry_s, write=True)
 
     def due(self, limit: int, skip: set[int]) -> list[Delivery]:
@@ -50,7 +57,11 @@ class WebhookOutbox:
 
         def read(session: Session) -> list[Delivery]:
             rows = session.scalars(statement).all()
-            return [Delivery(row.id, subject(row), row.url, row.payload, row.attempts) for row in rows if row.id not in skip]
+            return [
+                Delivery(row.id, subject(row), row.url, row.payload, row.attempts, row.message_id or f"msg_{row.id}", row.key_id)
+                for row in rows
+                if row.id not in skip
+            ]
 
         return in_session(self.engine, read, "reading the webhook outbox", self.retry_s)[:limit]
 

@@ -45,6 +45,11 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_status: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(128), doc="X-Request-ID of the request that submitted it")
+    priority: Mapped[str | None] = mapped_column(String(16), doc="interactive or batch (null: interactive)")
+    weight: Mapped[float | None] = mapped_column(Float, doc="its user's share of the device (null: 1)")
+    tenant: Mapped[str | None] = mapped_column(String(64), doc="whose queued-cost cap it counts against (null: its user)")
+    key_id: Mapped[str | None] = mapped_column(String(32), doc="the API key that submitted it (its secret signs the webhooks)")
+    webhook_events: Mapped[str | None] = mapped_column(String(64), doc="events delivered, comma-separated (null: completed)")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -79,6 +84,9 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16), doc="the first characters, to tell keys apart")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    weight: Mapped[float | None] = mapped_column(Float, doc="its user's share of the device (null: 1)")
+    priority: Mapped[str | None] = mapped_column(String(16), doc="interactive or batch (null: interactive)")
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), doc="signs its jobs' webhooks (null: SD_WEBHOOK_SECRET)")
 
 
 class UserModelRow(Base):
@@ -101,6 +109,8 @@ class WebhookDeliveryRow(Base):
     training_id: Mapped[str | None] = mapped_column(ForeignKey("trainings.id", ondelete="CASCADE"), index=True)
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text, doc="the job (or training) JSON to POST")
+    message_id: Mapped[str | None] = mapped_column(String(40), doc="its webhook-id, the same at every attempt")
+    key_id: Mapped[str | None] = mapped_column(String(32), doc="the key whose secret signs it (null: SD_WEBHOOK_SECRET)")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -121,6 +131,7 @@ class TrainingRow(Base):
     settings: Mapped[str] = mapped_column(Text, doc="the TrainingSettings as JSON")
     photo_count: Mapped[int] = mapped_column(Integer)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    key_id: Mapped[str | None] = mapped_column(String(32), doc="the API key that submitted it (its secret signs the webhook)")
     idempotency_key: Mapped[str | None] = mapped_column(String(300), unique=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(64))

@@ -15,7 +15,7 @@ from sd_server.persistence.tables import TrainingRow
 
 # Columns that hold a Training field under the same name.
 COLUMNS = (
-    "id", "user_id", "base", "photo_count", "webhook_url", "idempotency_key", "fingerprint", "request_id", "step",
+    "id", "user_id", "base", "photo_count", "webhook_url", "key_id", "idempotency_key", "fingerprint", "request_id", "step",
     "checkpoint_step", "loss", "seconds_per_step", "attempts", "error", "error_status", "created_at", "started_at",
     "finished_at",
 )  # fmt: skip

@@ -10,10 +10,11 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
 from config import Settings
-from sd_server.domain.jobs import utc_now
+from sd_server.domain.jobs import Priority, utc_now
 from sd_server.errors import ForbiddenError
 from sd_server.persistence.retry import in_session
 from sd_server.persistence.tables import ApiKeyRow, BrowserSessionRow
+from sd_server.security.webhook_signing import new_secret
 
 KEY_PREFIX = "sdk_"
 
@@ -25,6 +26,8 @@ class Principal:
     user_id: str | None
     role: str
     key_id: str | None = None
+    weight: float = 1.0  # its user's share of the device relative to other users'
+    priority: Priority = Priority.interactive  # batch: every job of the key runs after interactive ones
 
     @property
     def is_admin(self) -> bool:
@@ -53,6 +56,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def principal_of(row: ApiKeyRow) -> Principal:
+    """Whom a stored key acts as, with its weight and priority class (keys from before they existed: 1, interactive)."""
+    priority = Priority(row.priority) if row.priority else Priority.interactive
+    return Principal(user_id=row.user_id, role=row.role, key_id=row.id, weight=row.weight or 1.0, priority=priority)
+
+
 class KeyStore:
     """API keys in the database; the plain key exists only in the answer that creates it. Every operation is
     retried through passing database failures for ``retry_s`` seconds."""
@@ -61,12 +70,16 @@ class KeyStore:
         self.engine, self.retry_s = engine, retry_s
         self.count = self._count()
 
-    def create(self, user_id: str, role: str, key: str | None = None) -> tuple[ApiKeyRow, str]:
-        """Store a new key (random unless given) for ``user_id``; returns its row and the plain key."""
+    def create(
+        self, user_id: str, role: str, key: str | None = None, weight: float = 1.0, priority: Priority = Priority.interactive
+    ) -> tuple[ApiKeyRow, str]:
+        """Store a new key (random unless given) for ``user_id``, with its user's weight, its priority class and a
+        fresh webhook secret; returns its row and the plain key."""
         key = key or KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(
-            id=uuid.uuid4().hex, user_id=user_id, role=role, key_hash=hash_key(key), prefix=key[:8], created_at=utc_now()
-        )
+            id=uuid.uuid4().hex, user_id=user_id, role=role, key_hash=hash_key(key), prefix=key[:8], created_at=utc_now(),
+            weight=weight, priority=priority.value, webhook_secret=new_secret(),
+        )  # fmt: skip
         in_session(self.engine, lambda session: session.add(row), "storing a key", self.retry_s, write=True)
         self.count = self._count()
         return row, key
@@ -93,6 +106,24 @@ class KeyStore:
         self.count = self._count()
         return bool(deleted)
 
+    def rotate_webhook_secret(self, key_id: str) -> str | None:
+        """Give the key a new webhook secret (deliveries from now on carry its signature); None when there is no such
+        key."""
+
+        def rotate(session: Session) -> str | None:
+            row = session.get(ApiKeyRow, key_id)
+            if row is None:
+                return None
+            row.webhook_secret = new_secret()
+            return row.webhook_secret
+
+        return in_session(self.engine, rotate, "rotating a webhook secret", self.retry_s, write=True)
+
+    def webhook_secret(self, key_id: str) -> str | None:
+        """The key's webhook secret; None for a revoked key or one made before secrets existed."""
+        row = in_session(self.engine, lambda session: session.get(ApiKeyRow, key_id), "reading keys", self.retry_s)
+        return row.webhook_secret if row else None
+
     def authenticate(self, key: str) -> Principal | None:
         """The principal of ``key``, or None when no stored key matches."""
         digest = hash_key(key)
@@ -100,12 +131,12 @@ class KeyStore:
         row = in_session(self.engine, lambda session: session.scalar(statement), "reading keys", self.retry_s)
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return None
-        return Principal(user_id=row.user_id, role=row.role, key_id=row.id)
+        return principal_of(row)
 
     def principal(self, key_id: str) -> Principal | None:
         """The principal of the key with id ``key_id`` (a session's), or None once it is revoked."""
         row = in_session(self.engine, lambda session: session.get(ApiKeyRow, key_id), "reading keys", self.retry_s)
-        return Principal(user_id=row.user_id, role=row.role, key_id=row.id) if row else None
+        return principal_of(row) if row else None
 
     def _count(self) -> int:
         statement = select(func.count()).select_from(ApiKeyRow)

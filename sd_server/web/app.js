@@ -159,12 +159,16 @@ function followEvents(url, handlers, ended) {
 function follow(jobId) {
   state.job = jobId;
   setProgress(0, "queued");
+  $("preview").hidden = true;
   $("progress-box").hidden = false;
   $("cancel-button").hidden = false;
   const events = followEvents(
     `/jobs/${jobId}/events`,
     {
-      progress: (data) => setProgress(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}`),
+      progress: (data) => {
+        setProgress(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}`);
+        if (data.preview) showPreview(data.preview);
+      },
       started: () => setProgress(0, "running"),
     },
     (name, job) => finished(job),
@@ -174,6 +178,11 @@ function follow(jobId) {
   };
 }
 
+function showPreview(dataUrl) {
+  $("preview").src = dataUrl;
+  $("preview").hidden = false;
+}
+
 function setProgress(percent, text) {
   $("progress").value = percent;
   $("progress").setAttribute("aria-valuenow", String(percent));
@@ -181,6 +190,7 @@ function setProgress(percent, text) {
 }
 
 function finished(job) {
+  $("preview").hidden = true;
   $("generate-button").disabled = false;
   $("cancel-button").hidden = true;
   if (job.status !== "succeeded") {

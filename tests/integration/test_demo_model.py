@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from config import Settings
-from helpers import PROJECT_DIR, pixels
+from helpers import PROJECT_DIR, parse_sse, pixels
 from sd_server.app import create_app
 from sd_server.demo.training import TrainingPlan, training_prompt
 from sd_server.demo.vocabulary import TRIGGER, WORDS, build_tokenizer
@@ -154,3 +154,18 @@ def test_attention_weights_make_the_weighted_colour_weaker_or_stronger(demo_clie
     }
 
     assert median["0.5"] < median["1.0"] - 30 and median["1.3"] > median["1.0"], median
+
+
+def test_live_previews_show_the_picture_taking_shape_in_its_colours(demo_client):
+    job_id = demo_client.post("/jobs", json={"prompt": "a red circle on a blue background", "seed": 1, **DEMO}).json()["job_id"]
+    events = parse_sse(demo_client.get(f"/jobs/{job_id}/events").text)
+    final = pixels(base64.b64encode(demo_client.get(events[-1][1]["result"]["images"][0]["url"]).content).decode())
+
+    previews = [(data["step"], data["preview"]) for name, data in events if name == "progress" and "preview" in data]
+    last = Image.open(io.BytesIO(base64.b64decode(previews[-1][1].split(",", 1)[1])))
+    progress = [data for name, data in events if name == "progress"]
+    total = progress[-1]["total"]  # PNDM runs one step more than it is asked for
+    assert [step for step, _ in previews] == [data["step"] for data in progress if data["step"] % 5 == 0 and data["step"] < total]
+    assert last.format == "JPEG" and last.size == (128, 128)
+    final_small = np.asarray(Image.fromarray(final.astype(np.uint8)).resize((128, 128))).astype(float)
+    assert np.corrcoef(final_small.ravel(), np.asarray(last.convert("RGB")).astype(float).ravel())[0, 1] > 0.8

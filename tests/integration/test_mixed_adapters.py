@@ -46,7 +46,7 @@ def service(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Model
 def images_of(service: ModelService, models: list[UserModel], seeds: list[int]) -> list[np.ndarray]:
     """The pixels of one pipeline call with one image per (model, seed)."""
     items = [BatchItem(model, f"a photo {seed}", None, seed, 1) for model, seed in zip(models, seeds)]
-    output = service.run_batch(KEY, items, lambda step, total: None, lambda: False)
+    output = service.run_batch(KEY, items, lambda step, total, previews=None: None, lambda: False)
     return [np.asarray(images[0].convert("RGB"), dtype=np.int16) for images in output.images]
 
 

@@ -41,7 +41,7 @@ def parallel_work() -> None:
 
 def run_one_image(engine: DiffusersEngine, base: str) -> None:
     key = BatchKey(base, 64, 64, 2, 7.5, None)
-    engine.run_batch(key, [BatchItem(CheckpointModel(source=base), "a photo", None, 1, 1)], lambda step, total: None, lambda: False)
+    engine.run_batch(key, [BatchItem(CheckpointModel(source=base), "a photo", None, 1, 1)], lambda step, total, previews=None: None, lambda: False)
 
 
 @pytest.fixture

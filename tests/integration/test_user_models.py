@@ -335,7 +335,7 @@ def test_a_model_in_use_by_a_running_batch_is_never_evicted(settings, demo_bytes
     key = BatchKey("demo", 256, 256, 2, 7.5, None)
     during_run = []
 
-    def on_step(step: int, total: int) -> None:
+    def on_step(step: int, total: int, previews: list[bytes] | None = None) -> None:
         if step == 1:
             during_run.append((service.prepare(demo2), service.is_ready(demo)))
 

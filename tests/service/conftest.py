@@ -1,5 +1,6 @@
 """The service tier: the whole app and its queue on a fake engine, through TestClient; no torch."""
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -14,3 +15,10 @@ from sd_server.app import create_app
 def app_factory(engine: FakeEngine) -> Callable[[Settings], object]:  # noqa: F811
     """Builds the app on the test's fake engine."""
     return lambda settings: create_app(settings, engine_factory=lambda _: engine)
+
+
+@pytest.fixture
+def gated(engine: FakeEngine) -> threading.Semaphore:  # noqa: F811
+    """Every denoising step waits for a permit: ``gated.release(n)`` lets n steps run."""
+    engine.step_gate = threading.Semaphore(0)
+    return engine.step_gate

@@ -5,35 +5,19 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from fakes import FakeEngine
-from helpers import parse_sse, poll, wait_for
+from helpers import parse_sse, poll, post_job, wait_for
 from sd_server.domain.generation import Generation
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import CheckpointModel
 from sd_server.errors import ModelLoadError
 from sd_server.persistence.database import create_database_engine, migrate
 from sd_server.persistence.job_store import SqlJobStore
-
-
-@pytest.fixture
-def gated(engine: FakeEngine) -> threading.Semaphore:
-    """Every denoising step waits for a permit: ``gated.release(n)`` lets n steps run."""
-    engine.step_gate = threading.Semaphore(0)
-    return engine.step_gate
-
-
-def post_job(client: TestClient, request: Callable[..., dict], **fields) -> str:
-    """POST /jobs; the new job's id."""
-    response = client.post("/jobs", json=request(**fields))
-    assert response.status_code == 202, response.text
-    return response.json()["job_id"]
 
 
 def hold_loads(engine: FakeEngine) -> threading.Event:

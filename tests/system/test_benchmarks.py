@@ -80,3 +80,24 @@ def test_the_upload_benchmark_runs_and_prints_its_table():
     output = run_benchmark("benchmarks/bench_uploads.py", "--uploads", "2", "--photos", "3", "--side", "256", "--same-user")
 
     assert "| GET /jobs p50 s |" in output and "1x 202, 1x 429" in output
+
+
+def test_the_fairness_benchmark_prints_the_backlog_equal_and_weighted_scenarios(tmp_path):
+    figures_file = tmp_path / "fairness.json"
+    run_benchmark(
+        "benchmarks/bench_fairness.py", "--duration", "4", "--warm-up", "1", "--heavy-jobs", "2", "--steps", "2",
+        "--json", str(figures_file), timeout=2 * DEADLINE_S,  # five servers, one after the other
+    )  # fmt: skip
+
+    result = json.loads(figures_file.read_text())
+    backlog_fair = next(row for row in result["rows"] if row["scenario"] == "backlog" and row["scheduling"] == "fair")
+    assert backlog_fair["light_status_code"] == 202 and backlog_fair["batches_ahead"] >= 0
+    assert set(result["figures"]) >= {"fair_over_fifo_throughput", "fair_jain_index", "weighted_ratio"}
+    assert 0 < result["figures"]["fair_jain_index"] <= 1 and result["figures"]["weighted_ratio"] > 1
+
+
+def test_the_previews_benchmark_prints_images_per_second_with_and_without_previews():
+    output = run_benchmark("benchmarks/bench_previews.py", "--requests", "2", "--steps", "6", "--rounds", "1", "--batches", "1", "--preview-every", "2")
+
+    row = json.loads(output.splitlines()[0])
+    assert row["batch"] == 1 and row["images_per_s_with"] > 0 and row["with_over_without"] > 0

@@ -22,7 +22,7 @@ def job(user: str = "alice", model: UserModel | None = None) -> Job:
 
 def enqueue(queue: JobQueue, *jobs: Job) -> None:
     for each in jobs:
-        queue.admit(each, lambda active, queued: None)
+        queue.admit(each, lambda backlog: None)
         queue.settle(each, enqueue=True)
 
 

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy
 
 from sd_server.domain.generation import Generation
-from sd_server.domain.jobs import Job, JobQuery, JobStatus, StoredImage, utc_now
+from sd_server.domain.jobs import Job, JobQuery, JobStatus, Priority, StoredImage, utc_now
 from sd_server.domain.models import LoraModel
 from sd_server.persistence.database import create_database_engine, migrate
 from sd_server.persistence.job_store import SqlJobStore
@@ -42,7 +42,7 @@ def test_migrations_create_every_table_from_an_empty_database(database_url):
     inspector = sqlalchemy.inspect(engine)
     assert {"jobs", "job_images", "api_keys", "user_models", "webhook_deliveries", "trainings", "styles", "browser_sessions", "alembic_version"} <= set(inspector.get_table_names())
     with engine.connect() as connection:
-        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0007"
+        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0008"
         if engine.dialect.name == "sqlite":
             assert connection.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
@@ -103,6 +103,15 @@ def test_cursor_pages_stay_stable_while_jobs_are_inserted(store):
     assert last_cursor is None
 
 
+
+
+def test_a_jobs_priority_weight_and_tenant_survive_a_restart(store):
+    job = make_job(user_id="carol", priority=Priority.batch, weight=2.5, tenant="photo-app")
+    store.add(job)
+
+    stored = SqlJobStore(store.engine).get(job.id)
+
+    assert (stored.priority, stored.weight, stored.tenant) == (Priority.batch, 2.5, "photo-app")
 
 
 def test_a_jobs_model_is_stored_with_it(store):

@@ -5,7 +5,7 @@ from sd_server.domain.generation import Generation
 from sd_server.domain.jobs import Job
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
 from sd_server.jobs.batching import BatchRules
-from sd_server.jobs.scheduler import FifoScheduler, Turn
+from sd_server.jobs.scheduler import DeviceUsage, FifoScheduler, Turn
 
 SCHEDULER = FifoScheduler(BatchRules(max_images=4, max_adapters=2))
 
@@ -52,10 +52,29 @@ def test_the_next_load_is_the_first_queued_job_that_needs_one_keeping_the_bases_
     assert SCHEDULER.model_to_load([ahead], [running], lambda model: False) is None
 
 
-def test_a_ready_batch_goes_before_a_training_slice_and_an_idle_device_trains():
-    assert SCHEDULER.turn(batch_ready=True, training_waiting=True) is Turn.batch
-    assert SCHEDULER.turn(batch_ready=False, training_waiting=True) is Turn.training
-    assert SCHEDULER.turn(batch_ready=False, training_waiting=False) is Turn.idle
+def test_without_a_training_share_a_ready_batch_goes_before_a_training_slice_and_an_idle_device_trains():
+    assert SCHEDULER.turn(batch_ready=True, training_waiting=True, training_share=0.0) is Turn.batch
+    assert SCHEDULER.turn(batch_ready=False, training_waiting=True, training_share=1.0) is Turn.training
+    assert SCHEDULER.turn(batch_ready=False, training_waiting=False, training_share=0.0) is Turn.idle
+
+
+def test_trainings_get_their_share_of_a_busy_device_and_no_more():
+    shared = FifoScheduler(BatchRules(max_images=4, max_adapters=2), training_share=0.25)
+
+    assert shared.turn(batch_ready=True, training_waiting=True, training_share=0.1) is Turn.training
+    assert shared.turn(batch_ready=True, training_waiting=True, training_share=0.3) is Turn.batch
+    assert shared.turn(batch_ready=True, training_waiting=False, training_share=0.0) is Turn.batch
+
+
+def test_device_usage_gives_the_share_of_recent_device_time_spent_training():
+    usage = DeviceUsage(half_life_s=60.0)
+    shared = FifoScheduler(BatchRules(max_images=4, max_adapters=2), training_share=0.25)
+    for _ in range(400):  # a busy device: a batch is always ready; a batch takes 2 s, a slice 1 s
+        turn = shared.turn(batch_ready=True, training_waiting=True, training_share=usage.training_share)
+        usage.record(turn is Turn.training, 1.0 if turn is Turn.training else 2.0)
+
+    assert abs(usage.training_share - 0.25) < 0.03
+    assert DeviceUsage().training_share == 0.0
 
 
 def test_jobs_of_one_call_shape_share_a_batch_shape_unless_their_models_may_not_mix():

@@ -26,7 +26,7 @@ from schemas import (
 from sd_server.api.dependencies import CurrentUser, JobsDep, RegistryDep, StylesDep, services_of
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
-from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job
+from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job, share_of
 from sd_server.domain.generation import A1111_SAMPLERS, SchedulerName, sampler_label
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER
@@ -106,7 +106,7 @@ async def generate(
         error.location = tuple(A1111_FIELDS.get(part, part) for part in error.location)
         raise
 
-    return await run_job(generation, inputs, jobs, http_request)
+    return await run_job(generation, inputs, jobs, http_request, share_of(principal))
 
 
 def images_response(job: Job, body: A1111Txt2ImgRequest, extra_images: list[str]) -> A1111ImagesResponse:
@@ -170,7 +170,8 @@ async def img2img(body: A1111Img2ImgRequest, jobs: JobsDep, principal: CurrentUs
 
 @a1111_router.get("/progress")
 async def progress(jobs: JobsDep, principal: CurrentUser) -> A1111Progress:
-    """The caller's running job (else the next one queued): its share done and the seconds left at its pace."""
+    """The caller's running job (else the next one queued): its share done, the seconds left at its pace, and the
+    preview of its image at the last preview step (`current_image`, a base64 JPEG; SD_PREVIEW_EVERY)."""
     active = jobs.active_jobs(acting_user(principal))
     current = next((job for job in active if job.status is JobStatus.running), active[0] if active else None)
     if current is None:
@@ -179,7 +180,9 @@ async def progress(jobs: JobsDep, principal: CurrentUser) -> A1111Progress:
     elapsed = time.time() - current.started_at.timestamp() if current.started_at else 0.0
     eta = elapsed / step * (total - step) if step else 0.0
     state = A1111ProgressState(job=current.id, job_count=len(active), job_timestamp=current.created_at.strftime("%Y%m%d%H%M%S"), sampling_step=step, sampling_steps=total)
-    return A1111Progress(progress=round(step / total, 4), eta_relative=round(eta, 3), state=state)
+    preview = current.preview
+    current_image = base64.b64encode(preview).decode("ascii") if preview else None
+    return A1111Progress(progress=round(step / total, 4), eta_relative=round(eta, 3), state=state, current_image=current_image)
 
 
 @a1111_router.post("/interrupt")

@@ -14,7 +14,7 @@ from schemas import GenerateRequest, GenerateResponse
 from sd_server.api.dependencies import CurrentUser, JobsDep, StorageDep, StylesDep, services_of
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.presenters import generate_response
-from sd_server.api.submissions import run_job, submission
+from sd_server.api.submissions import run_job, share_of, submission
 from sd_server.domain.jobs import Job
 from sd_server.errors import (
     ConflictError,
@@ -50,7 +50,7 @@ async def generate_for(
 ) -> Job:
     """Prepare the generation ``request`` asks for, run it, wait for it."""
     generation, inputs = await submission(request, principal, styles, services_of(http_request).decoding, uploads)
-    return await run_job(generation, inputs, jobs, http_request)
+    return await run_job(generation, inputs, jobs, http_request, share_of(principal))
 
 
 @generation_router.post("/generate", responses=GENERATION_ERRORS)

@@ -25,7 +25,7 @@ from sd_server.api.dependencies import (
 from sd_server.api.errors import error_responses
 from sd_server.api.presenters import job_links, job_response
 from sd_server.api.sse import event_response, follow
-from sd_server.api.submissions import checked_webhook, submission
+from sd_server.api.submissions import checked_webhook, share_of, submission
 from sd_server.domain.jobs import JOB_ID, JobQuery, JobStatus, as_utc
 from sd_server.errors import (
     ConflictError,
@@ -57,7 +57,9 @@ async def create_job(
     follow it at `links.self` or `links.events`."""
     generation, inputs = await submission(body, principal, styles, decoding)
     webhook_url = await checked_webhook(body.webhook_url, lookups, settings.webhook_allow_private)
-    job, _ = await asyncio.to_thread(jobs.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs)
+    share = share_of(principal, body.priority)
+    events = frozenset(body.webhook_events_filter)
+    job, _ = await asyncio.to_thread(jobs.submit, generation, False, webhook_url, idempotency_key, request_id_var.get(), inputs, share, events)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobCreated(job_id=job.id, status=job.status, position=jobs.position(job), links=job_links(job))
 

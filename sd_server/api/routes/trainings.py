@@ -129,6 +129,7 @@ def created(training: Training, response: Response) -> TrainingCreated:
 )
 async def create_training(
     user_id: VisibleUser,
+    principal: CurrentUser,
     request: Request,
     trainings: TrainingsDep,
     settings: SettingsDep,
@@ -158,8 +159,9 @@ async def create_training(
         # One photo a task: another request's decoding waits for at most one photo of this one.
         prepared = [await decoding.run(prepare_photo, photo, training_setup.resolution, settings.training_min_photo_side) for photo in photos]
         training, _ = await asyncio.to_thread(
-            trainings.submit, reservation, training_setup, prepared, upload_fingerprint, webhook_url, idempotency_key, request_id_var.get()
-        )
+            trainings.submit, reservation, training_setup, prepared, upload_fingerprint, webhook_url, idempotency_key, request_id_var.get(),
+            principal.key_id,
+        )  # fmt: skip
     return created(training, response)
 
 

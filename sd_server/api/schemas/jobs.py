@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from sd_server.domain.jobs import JobStatus
+from sd_server.domain.jobs import JobStatus, Priority, WebhookEvent
 from sd_server.domain.models import Text
 
 StyleName = Annotated[Text, Field(min_length=1, max_length=100)]
@@ -19,7 +19,23 @@ class JobRequest(GenerateRequest):
         json_schema_extra={"examples": [{**GENERATE_EXAMPLE, "webhook_url": "https://example.com/hooks/sd-jobs"}]}
     )
 
-    webhook_url: HttpUrl | None = Field(None, description="POSTed the job JSON once the job ends.")
+    webhook_url: HttpUrl | None = Field(
+        None,
+        description="POSTed the job JSON at the events of webhook_events_filter, signed the Standard Webhooks way "
+        "(webhook-id, webhook-timestamp, webhook-signature) with the key's webhook secret.",
+    )
+    webhook_events_filter: list[WebhookEvent] = Field(
+        [WebhookEvent.completed],
+        min_length=1,
+        max_length=3,
+        description="When the webhook is POSTed: start (the first step), progress (at most every "
+        "SD_WEBHOOK_PROGRESS_INTERVAL_S), completed (succeeded, failed or cancelled).",
+    )
+    priority: Priority | None = Field(
+        None,
+        description="batch: the job leads only once no interactive job is queued (bulk work that nobody waits for). "
+        "Left out: the key's class (interactive unless the key was made with batch).",
+    )
 
 
 class JobLinks(BaseModel):
@@ -75,6 +91,7 @@ class JobResponse(BaseModel):
     user_id: str
     model_id: str
     position: int | None
+    priority: Priority
     progress: JobProgress
     batch_size: int | None = Field(..., description="Images in the pipeline call this job ran in.")
     created_at: datetime

@@ -74,6 +74,11 @@ class QueueStats(BaseModel):
     batches_run: int
     mixed_batches_run: int = Field(..., description="Batches whose jobs ran on more than one model (different LoRAs on one base).")
     mean_batch_size: float = Field(..., description="Images per pipeline call, over every batch run so far.")
+    scheduling: Literal["fair", "fifo"] = Field(..., description="SD_SCHEDULING: how the next batch's lead is chosen.")
+    queued_by_user: dict[str, int] = Field(..., description="Jobs queued per user (users with none left out).")
+    tenant_shares: dict[str, float] = Field(
+        ..., description="Each tenant's (API key owner's) share of the pixel-steps served since the start."
+    )
 
 
 class PartStatus(BaseModel):
