@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import DEADLINE_S, HeldLock, png_bytes, poll, sqlite_file, wait_for
+from helpers import DEADLINE_S, HeldLock, png_bytes, poll, post_job, sqlite_file, wait_for
 from sd_server.api.routes import trainings as trainings_route
 
 FIELDS = {"steps": "20", "resolution": "64"}
@@ -208,3 +208,22 @@ def stored_job_status(settings, job_id: str) -> str:
     """The job's status as the database has it (not the live record)."""
     with sqlite3.connect(sqlite_file(settings)) as connection:
         return connection.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_a_training_gets_its_share_of_a_device_that_generations_keep_busy(training_settings, app_factory, gated, small_request, share):
+    training_settings.training_share, training_settings.max_batch_size = share, 1
+    with TestClient(app_factory(training_settings)) as client:
+        jobs = [post_job(client, small_request, seed=seed) for seed in range(10)]
+        wait_for(client, jobs[0], "running")
+        training = start_training(client)
+        gated.release(10_000)
+        ended = wait_for_training(client, training["training_id"])
+        started = [wait_for(client, job_id)["started_at"] for job_id in jobs]
+
+    assert ended["status"] == "succeeded"
+    jobs_before = sum(started_at < ended["finished_at"] for started_at in started)
+    if share:
+        assert jobs_before < len(jobs) - 1, f"the training ended after {jobs_before} of {len(jobs)} jobs"
+    else:
+        assert jobs_before == len(jobs)  # it waited for every ready batch
