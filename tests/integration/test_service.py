@@ -22,7 +22,10 @@ def test_health_reports_device_dtype_loaded_models_version_queue_and_cache(clien
         "loaded_models": [],
         "version": VERSION,
     }
-    assert health["queue"] == {"queued": 0, "running": 0, "max_queue": 64, "max_batch_size": 4, "batches_run": 0, "mixed_batches_run": 0, "mean_batch_size": 0.0}
+    assert health["queue"] == {
+        "queued": 0, "running": 0, "max_queue": 64, "max_batch_size": 4, "batches_run": 0, "mixed_batches_run": 0, "mean_batch_size": 0.0,
+        "scheduling": "fair", "queued_by_user": {}, "tenant_shares": {},
+    }
     assert health["cache"]["device"]["models"] == [] and health["cache"]["device"]["bytes"] == 0
 
     client.post("/generate", json=small_request(num_images=2))
