@@ -43,6 +43,11 @@ class BatchStats:
         self.seconds_per_cost = per_cost if self.seconds_per_cost is None else 0.8 * self.seconds_per_cost + 0.2 * per_cost
 
 
+def data_url(jpeg: bytes) -> str:
+    """A JPEG as a data URL, as SSE progress events carry previews."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
 class Dispatcher:
     """The queue as the loader, the device threads and the encoder use it."""
 
@@ -100,8 +105,7 @@ class Dispatcher:
         """After a denoising step: end the batch's cancelled and timed-out jobs, report progress of the others (with
         a preview of each one's first image, on preview steps)."""
         firsts = itertools.accumulate((job.images_requested for job in batch), initial=0)
-        preview_of = {job.id: previews[first] for job, first in zip(batch, firsts)} if previews else {}
-        urls = {job_id: "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii") for job_id, jpeg in preview_of.items()}
+        preview_of = {job.id: (previews[first], data_url(previews[first])) for job, first in zip(batch, firsts)} if previews else {}
 
         def advance() -> list[Job]:
             ended = []
@@ -116,7 +120,7 @@ class Dispatcher:
                     job.step, job.total_steps = step, total
                     data: dict[str, Any] = {"job_id": job.id, "step": step, "total": total}
                     if job.id in preview_of:
-                        job.preview, data["preview"] = preview_of[job.id], urls[job.id]
+                        job.preview, data["preview"] = preview_of[job.id]
                     self.bus.emit(job, "progress", data)
             return ended
 
