@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     user_models_file: Path | None = Field(
         None, description="A JSON file with more of the user -> model mapping (SD_USER_MODELS wins on conflicts)."
     )
+    fallback_model: str | None = Field(
+        None,
+        description="Model for users without one of their own (a hub id or folder, as SD_DEFAULT_MODEL); unset: such users "
+        "get 404 saying how to get one. Name a plain base model: the default one may be someone's DreamBooth.",
+    )
     models_dir: Path = Field(Path("models"), description="Where local model folders are looked up by name.")
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: CUDA, then MPS, then CPU.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(

@@ -2,14 +2,21 @@
 card's ``schemas.py`` at the top, so ``from schemas import JobResponse`` works as it always has."""
 
 from sd_server.api.schemas.a1111 import (
+    A1111ExtraSingleImageRequest,
+    A1111ExtraSingleImageResponse,
     A1111ImagesResponse,
     A1111Img2ImgRequest,
+    A1111Lora,
     A1111Model,
+    A1111PngInfoRequest,
+    A1111PngInfoResponse,
     A1111Progress,
     A1111ProgressState,
     A1111Sampler,
+    A1111Scheduler,
     A1111Style,
     A1111Txt2ImgRequest,
+    A1111Upscaler,
 )
 from sd_server.api.schemas.generation import (
     GENERATE_EXAMPLE,
@@ -72,14 +79,21 @@ from sd_server.api.schemas.trainings import (
 )
 
 __all__ = [
+    "A1111ExtraSingleImageRequest",
+    "A1111ExtraSingleImageResponse",
     "A1111ImagesResponse",
     "A1111Img2ImgRequest",
+    "A1111Lora",
     "A1111Model",
+    "A1111PngInfoRequest",
+    "A1111PngInfoResponse",
     "A1111Progress",
     "A1111ProgressState",
     "A1111Sampler",
+    "A1111Scheduler",
     "A1111Style",
     "A1111Txt2ImgRequest",
+    "A1111Upscaler",
     "GENERATE_EXAMPLE",
     "TEXT_TO_IMAGE_FIELDS",
     "GeneratedImage",

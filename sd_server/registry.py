@@ -34,24 +34,36 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._models: dict[str, UserModel] = {user: parse_model(value) for user, value in settings.user_model_map.items()}
         self._from_api: set[str] = set()
+        self.fallback = parse_model(settings.fallback_model) if settings.fallback_model else None
         rows = in_session(engine, lambda session: list(session.scalars(select(UserModelRow))), "reading the registry", self.retry_s)
         for row in rows:
             self._apply(row.user_id, USER_MODEL.validate_json(row.spec) if row.spec else None)
 
     def get(self, user_id: str) -> UserModel:
-        """The model of ``user_id``; raises UnknownUserError when there is none."""
+        """The model of ``user_id``'s own; raises UnknownUserError when there is none."""
         with self._lock:
             model = self._models.get(user_id)
         if model is None:
             raise UnknownUserError(
-                f"user '{user_id}' has no model; set one with PUT /users/{user_id}/model, or in SD_USER_MODELS"
+                f"user '{user_id}' has no model of their own: train one from photos with POST /users/{user_id}/trainings, "
+                f"or ask an admin to set one (PUT /users/{user_id}/model, or SD_USER_MODELS); an operator may serve such "
+                "users a base model with SD_FALLBACK_MODEL"
             )
         return model
 
+    def serving(self, user_id: str) -> UserModel:
+        """The model that generates for ``user_id``: their own, else SD_FALLBACK_MODEL; UnknownUserError without either."""
+        if self.fallback is not None:
+            with self._lock:
+                own = self._models.get(user_id)
+            return own or self.fallback
+        return self.get(user_id)
+
     def base_for_training(self, user_id: str) -> str:
-        """The checkpoint a new LoRA of ``user_id`` trains on: the base of their model, else the default user's."""
+        """The checkpoint a new LoRA of ``user_id`` trains on: the base of their model, else SD_FALLBACK_MODEL's, else
+        the default user's."""
         with self._lock:
-            model = self._models.get(user_id) or self._models.get(DEFAULT_USER)
+            model = self._models.get(user_id) or self.fallback or self._models.get(DEFAULT_USER)
         if model is None:
             raise UnknownUserError(f"user '{user_id}' has no model and there is no default model (SD_DEFAULT_MODEL)")
         return model.base

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sd_server.domain.models import LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback, Stop
 from sd_server.engine.png import encode_png
 
 GATE_TIMEOUT_S = 60  # a gate a test forgot to open lets the worker go on after this, so nothing hangs
@@ -70,7 +70,7 @@ class FakeEngine:
         return True
 
     def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], Stop]
     ) -> BatchOutput | None:
         self.batches.append((key, items))
         if self.failures:
@@ -80,8 +80,11 @@ class FakeEngine:
             if self.step_gate is not None:
                 self.step_gate.acquire(timeout=GATE_TIMEOUT_S)
             on_step(step, total, self._previews(items) if self.preview_every and step % self.preview_every == 0 else None)
-            if should_stop():
+            stop = should_stop()
+            if stop == Stop.discard:
                 return None
+            if stop == Stop.finish:
+                break
         images = [[seed_image(item.seed + index) for index in range(item.num_images)] for item in items]
         return BatchOutput(images, key.scheduler.value if key.scheduler else "pndm")
 

@@ -1,13 +1,17 @@
 """FastAPI dependencies: who the request acts as, the service objects created in the lifespan, and the resources
 a route names in its path, loaded once with their owner checked."""
 
+import binascii
+from base64 import b64decode
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar, cast
 
 from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from config import Settings
 from sd_server.api.services import Services
@@ -30,7 +34,27 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 T = TypeVar("T")
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key, as a header of its own")
-basic_scheme = HTTPBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
+
+
+class LenientBasic(HTTPBasic):
+    """HTTP basic auth as A1111 reads it: the key is the password of ``user:key``, or the whole of credentials without
+    a colon (``key``) or with an empty password (``key:``). Empty or malformed credentials are no key at all, not a
+    401: Open WebUI and SillyTavern send ``Authorization: Basic `` when their auth field is empty, and open mode (as
+    A1111 without --api-auth) must ignore it."""
+
+    async def __call__(self, request: HTTPConnection) -> str | None:  # type: ignore[override]
+        scheme, param = get_authorization_scheme_param(request.headers.get("Authorization"))
+        if scheme.lower() != "basic":
+            return None
+        try:
+            credentials = b64decode(param, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            return None
+        username, _, password = credentials.partition(":")
+        return password or username or None
+
+
+basic_scheme = LenientBasic(auto_error=False, description="HTTP basic auth with the API key as the password (A1111 clients)")
 
 
 async def refuse_nul_characters(request: Request) -> None:
@@ -48,10 +72,10 @@ async def refuse_nul_characters(request: Request) -> None:
 async def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     api_key: Annotated[str | None, Depends(api_key_scheme)],
-    basic: Annotated[HTTPBasicCredentials | None, Depends(basic_scheme)],
+    basic: Annotated[str | None, Depends(basic_scheme)],
 ) -> str | None:
-    """The API key the request carries: X-API-Key, a bearer token, or the password of HTTP basic auth."""
-    return api_key or (bearer.credentials if bearer else None) or (basic.password if basic else None)
+    """The API key the request carries: X-API-Key, a bearer token, or HTTP basic auth's (``LenientBasic``)."""
+    return api_key or (bearer.credentials if bearer else None) or basic
 
 
 PresentedKey = Annotated[str | None, Depends(presented_key)]

@@ -124,8 +124,11 @@ def share_of(principal: Principal, requested: Priority | None = None) -> Share:
     return Share(Priority.batch if batch else Priority.interactive, principal.weight, principal.user_id, principal.key_id)
 
 
-async def run_job(generation: Generation, inputs: dict[str, bytes], jobs: Jobs, http_request: Request, share: Share) -> Job:
-    """Queue ``generation`` as a synchronous job and wait for it; a client that disconnects cancels it."""
+async def run_job(
+    generation: Generation, inputs: dict[str, bytes], jobs: Jobs, http_request: Request, share: Share, cancelled_ends_it: bool = False
+) -> Job:
+    """Queue ``generation`` as a synchronous job and wait for it; a client that disconnects cancels it. A cancelled
+    job answers 409, unless ``cancelled_ends_it`` (A1111's calls answer what was made, maybe nothing)."""
     # The database write runs off the event loop (asyncio.to_thread copies the request-id context along).
     job, _ = await asyncio.to_thread(
         jobs.submit, generation, synchronous=True, request_id=request_id_var.get(), inputs=inputs, share=share
@@ -140,6 +143,6 @@ async def run_job(generation: Generation, inputs: dict[str, bytes], jobs: Jobs, 
             raise ClientDisconnectedError(f"job {job.id} cancelled: its client left")
     if job.status is JobStatus.failed:
         raise JobFailedError(job.error or "the job failed", job.error_status or 500)
-    if job.status is JobStatus.cancelled:
-        raise ConflictError(f"job {job.id} was cancelled (POST /jobs/{job.id}/cancel)")
+    if job.status is JobStatus.cancelled and not cancelled_ends_it:
+        raise ConflictError(f"job {job.id} was cancelled before it finished")
     return job

@@ -6,33 +6,67 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 MAX_SEED = 2**32 - 1
+MIN_SIDE, MAX_SIDE = 64, 2048  # an image's width and height, as A1111 allows (SD_MAX_PIXEL_STEPS caps the product)
+MAX_GUIDANCE = 30.0  # classifier-free guidance, as high as A1111's slider
 MAX_PROMPT_CHARS = 2000  # a prompt or negative prompt, as sent and after its styles are applied
 
 
 class SchedulerName(str, Enum):
-    """The samplers a request may pick; left out, the model's own scheduler runs."""
+    """The samplers a request may pick; left out, the model's own scheduler runs. ``_karras``: the same sampler on
+    Karras' noise schedule."""
 
     pndm = "pndm"
     ddim = "ddim"
+    ddpm = "ddpm"
     euler = "euler"
+    euler_karras = "euler_karras"
     euler_a = "euler_a"
     heun = "heun"
+    heun_karras = "heun_karras"
     dpmpp_2m = "dpmpp_2m"
     dpmpp_2m_karras = "dpmpp_2m_karras"
+    dpmpp_2m_sde = "dpmpp_2m_sde"
+    dpmpp_2m_sde_karras = "dpmpp_2m_sde_karras"
+    dpmpp_sde = "dpmpp_sde"
+    dpmpp_sde_karras = "dpmpp_sde_karras"
+    dpm2 = "dpm2"
+    dpm2_karras = "dpm2_karras"
+    dpm2_a = "dpm2_a"
+    dpm2_a_karras = "dpm2_a_karras"
     unipc = "unipc"
+    unipc_karras = "unipc_karras"
 
 
-# AUTOMATIC1111's names, written into each PNG's parameters chunk.
-A1111_SAMPLERS = {
+KARRAS_SUFFIX = "_karras"
+# AUTOMATIC1111's names, written into each PNG's parameters chunk (a Karras variant: the name and " Karras").
+A1111_BASE_SAMPLERS = {
     SchedulerName.pndm: "PNDM",
     SchedulerName.ddim: "DDIM",
+    SchedulerName.ddpm: "DDPM",
     SchedulerName.euler: "Euler",
     SchedulerName.euler_a: "Euler a",
     SchedulerName.heun: "Heun",
     SchedulerName.dpmpp_2m: "DPM++ 2M",
-    SchedulerName.dpmpp_2m_karras: "DPM++ 2M Karras",
+    SchedulerName.dpmpp_2m_sde: "DPM++ 2M SDE",
+    SchedulerName.dpmpp_sde: "DPM++ SDE",
+    SchedulerName.dpm2: "DPM2",
+    SchedulerName.dpm2_a: "DPM2 a",
     SchedulerName.unipc: "UniPC",
 }
+
+
+def plain_sampler(scheduler: SchedulerName) -> SchedulerName:
+    """The sampler without Karras' noise schedule (itself if it has none)."""
+    return SchedulerName(scheduler.value.removesuffix(KARRAS_SUFFIX))
+
+
+A1111_SAMPLERS = {scheduler: A1111_BASE_SAMPLERS.get(scheduler) or A1111_BASE_SAMPLERS[plain_sampler(scheduler)] + " Karras" for scheduler in SchedulerName}
+
+
+def karras_variant(scheduler: SchedulerName) -> SchedulerName | None:
+    """The sampler on Karras' noise schedule (itself if it is one); None when there is no such variant."""
+    name = scheduler.value.removesuffix(KARRAS_SUFFIX) + KARRAS_SUFFIX
+    return SchedulerName(name) if name in SchedulerName._value2member_map_ else None
 
 
 def sampler_label(name: str) -> str:

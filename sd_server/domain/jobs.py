@@ -108,6 +108,7 @@ class Job:
     error: str | None = None
     error_status: int | None = None
     cancel_requested: bool = False
+    finish_requested: bool = False  # stop at the next step and keep what was made (A1111's interrupt)
     deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     model: UserModel = None  # type: ignore[assignment]  # the user's model at submission; left out: the checkpoint ``model_id``

@@ -15,7 +15,7 @@ from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback, Stop
 from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
@@ -138,10 +138,11 @@ class DiffusersEngine:
 
     @threads.device_work
     def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], Stop]
     ) -> BatchOutput | None:
         """One pipeline call on the key's base for all items, each image with its own item's adapter and scale: each
-        item's images, and the scheduler. None when ``should_stop()`` answered True after a step."""
+        item's images, and the scheduler. None when ``should_stop()`` answered ``discard`` after a step; ``finish``
+        decodes the latents as the steps so far left them."""
         checkpoint = self._pin(key.base)
         try:
             adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
@@ -194,7 +195,7 @@ class DiffusersEngine:
         key: BatchKey,
         items: list[BatchItem],
         on_step: StepCallback,
-        should_stop: Callable[[], bool],
+        should_stop: Callable[[], Stop],
     ) -> BatchOutput:
         pipeline = image_modes.mode_pipeline(checkpoint, key.mode)
         pipeline.scheduler, scheduler = fresh_scheduler(checkpoint.scheduler_class, checkpoint.scheduler_config, key.scheduler)
@@ -208,10 +209,13 @@ class DiffusersEngine:
             if every and step % every == 0 and step < pipe.num_timesteps:
                 previews = preview_jpegs(tensors["latents"], self._projection(checkpoint), key.width, key.height)
             on_step(step, pipe.num_timesteps, previews)
-            if index + 1 == pipe.num_timesteps:
-                check_finite(tensors["latents"], key)  # one device sync a batch, before the VAE decodes
-            if should_stop():
+            stop = should_stop()
+            if stop == Stop.discard:
                 raise BatchStopped()
+            if index + 1 == pipe.num_timesteps or stop == Stop.finish:
+                check_finite(tensors["latents"], key)  # one device sync a batch, before the VAE decodes
+            if stop == Stop.finish:
+                pipe._interrupt = True  # diffusers skips the steps left, then decodes the latents as they are
             return tensors
 
         try:

@@ -3,6 +3,7 @@ ready, prepare it, run a batch with a progress callback and a cancel check, enco
 
 from collections.abc import Callable, Set
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
@@ -71,6 +72,15 @@ class EngineReport(TypedDict):
     device_memory_bytes: int
 
 
+class Stop(IntEnum):
+    """What the queue answers after a step: go on, stop and discard the batch (its jobs were cancelled), or finish
+    now and decode what the steps so far made (A1111's interrupt). False is ``go``."""
+
+    go = 0
+    discard = 1
+    finish = 2
+
+
 class StepCallback(Protocol):
     """Told after each denoising step: the step, the steps in all, and on preview steps one JPEG per image (the
     items' images in order)."""
@@ -128,10 +138,11 @@ class Engine(Protocol):
         """Make ``model`` ready, moving out nothing in ``keep`` (checkpoint sources); False: no room now."""
         ...
 
-    def run_batch(self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]) -> BatchOutput | None:
+    def run_batch(self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], Stop]) -> BatchOutput | None:
         """One call for all items, each image with its own item's adapter; ``on_step(step, total, previews)`` after
-        each denoising step (every SD_PREVIEW_EVERY steps with a JPEG preview of each image); None when
-        ``should_stop()`` said so after a step."""
+        each denoising step (every SD_PREVIEW_EVERY steps with a JPEG preview of each image). After a step,
+        ``should_stop()``: ``discard`` ends the call with None; ``finish`` decodes the images as they are (an engine
+        that cannot may answer None)."""
         ...
 
     def encode(self, images: list[Any], texts: list[str]) -> list[bytes]:

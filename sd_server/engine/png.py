@@ -1,6 +1,7 @@
 """PNG encoding with AUTOMATIC1111-style generation parameters, so image tools read them back."""
 
 import io
+import re
 import struct
 import zlib
 
@@ -30,6 +31,25 @@ def a1111_parameters(
         f"Size: {width}x{height}, Model: {model_id}" + "".join(f", {name}: {value}" for name, value in (extras or {}).items())
     )
     return "\n".join(lines)
+
+
+# One "Name: value" of the last line (a value in quotes may hold commas), as A1111's own parser reads it.
+PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """The ``parameters`` text read back as A1111's png-info does: Prompt, Negative prompt, then each setting of the
+    last line by its name (Steps, Sampler, Seed...), values as written."""
+    *prompt_lines, settings = text.strip().split("\n") if text.strip() else [""]
+    if len(PARAMETER.findall(settings)) < 3:  # as A1111: a last line of fewer than 3 settings is still prompt
+        prompt_lines, settings = [*prompt_lines, settings], ""
+    prompt, negative, into_negative = [], [], False
+    for line in prompt_lines:
+        if line.startswith("Negative prompt:"):
+            into_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if into_negative else prompt).append(line)
+    parsed = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    return parsed | {name.strip(): value.strip() for name, value in PARAMETER.findall(settings)}
 
 
 PNG_HEADER_BYTES = 8 + 25  # the signature, then the IHDR chunk (length, type, 13 bytes of data, CRC)

@@ -21,7 +21,7 @@ from config import Settings
 from sd_server.domain.models import LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine.devices import CPU_MAX_BATCH_SIZE, CUDA_MAX_BATCH_SIZE
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback, TrainingRun
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback, Stop, TrainingRun
 from sd_server.engine.png import with_parameters
 from sd_server.engine.prompts import PromptCounter
 from sd_server.engine.ray_replica import APP_NAME, Finished, Progress, ReplicaState, Started, engine_application
@@ -145,10 +145,11 @@ class RayEngine:
     # --- running -----------------------------------------------------------------------------------------
 
     def run_batch(
-        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], Stop]
     ) -> BatchOutput | None:
         """Run the batch on a replica holding the key's base (or the least loaded one); once more on another replica
-        when the first one dies. None when ``should_stop()`` said so after a step."""
+        when the first one dies. None when ``should_stop()`` said to stop after a step: a replica's stream carries no
+        word back, so ``finish`` stops it as ``discard`` does."""
         for attempt in (1, 2):
             try:
                 return self._run_on_replica(key, items, on_step, should_stop)
@@ -172,7 +173,7 @@ class RayEngine:
         return RemoteTraining(self.settings, self.num_gpus, base, photos, settings)
 
     def _run_on_replica(
-        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], bool]
+        self, key: BatchKey, items: list[BatchItem], on_step: StepCallback, should_stop: Callable[[], Stop]
     ) -> BatchOutput | None:
         """One attempt: stream the batch's events from the replica Serve picks."""
         stream = self.handle.options(stream=True, multiplexed_model_id=key.base).run.remote(key, items)

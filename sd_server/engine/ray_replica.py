@@ -18,7 +18,7 @@ from ray import serve
 from config import Settings
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
 from sd_server.engine.diffusers_engine import DiffusersEngine
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, Stop
 from sd_server.engine.png import encode_png
 from sd_server.errors import DeviceLostError, ModelLoadError
 
@@ -102,7 +102,11 @@ class EngineReplica:
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        asyncio.ensure_future(loop.run_in_executor(self._device_thread, self._run_batch, key, items, self._sender(events), stop.is_set))
+
+        def should_stop() -> Stop:
+            return Stop.discard if stop.is_set() else Stop.go
+
+        asyncio.ensure_future(loop.run_in_executor(self._device_thread, self._run_batch, key, items, self._sender(events), should_stop))
         try:
             while True:
                 event = await events.get()
@@ -143,7 +147,7 @@ class EngineReplica:
         loop = asyncio.get_running_loop()
         return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
 
-    def _run_batch(self, key: BatchKey, items: list[BatchItem], send: Callable[[object], None], should_stop: Callable[[], bool]) -> None:
+    def _run_batch(self, key: BatchKey, items: list[BatchItem], send: Callable[[object], None], should_stop: Callable[[], Stop]) -> None:
         """The batch on the engine, in a thread; its end sent as Finished. A lost device ends this replica's process
         (Serve starts another, and the client runs the batch again); other errors go back to the client."""
         try:

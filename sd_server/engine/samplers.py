@@ -4,16 +4,20 @@ from dataclasses import dataclass
 
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from sd_server.domain.generation import SchedulerName
+from sd_server.domain.generation import SchedulerName, plain_sampler
 
 
 @dataclass(frozen=True)
@@ -24,16 +28,33 @@ class SchedulerSpec:
     options: dict
 
 
-SCHEDULERS: dict[SchedulerName, SchedulerSpec] = {
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# As diffusers' own table of A1111 samplers maps them (docs: api/schedulers/overview).
+BASE_SCHEDULERS: dict[SchedulerName, SchedulerSpec] = {
     SchedulerName.pndm: SchedulerSpec(PNDMScheduler, {}),
     SchedulerName.ddim: SchedulerSpec(DDIMScheduler, {}),
+    SchedulerName.ddpm: SchedulerSpec(DDPMScheduler, {}),
     SchedulerName.euler: SchedulerSpec(EulerDiscreteScheduler, {}),
     SchedulerName.euler_a: SchedulerSpec(EulerAncestralDiscreteScheduler, {}),
     SchedulerName.heun: SchedulerSpec(HeunDiscreteScheduler, {}),
     SchedulerName.dpmpp_2m: SchedulerSpec(DPMSolverMultistepScheduler, {}),
-    SchedulerName.dpmpp_2m_karras: SchedulerSpec(DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    SchedulerName.dpmpp_2m_sde: SchedulerSpec(DPMSolverMultistepScheduler, SDE),
+    SchedulerName.dpmpp_sde: SchedulerSpec(DPMSolverSinglestepScheduler, {}),
+    SchedulerName.dpm2: SchedulerSpec(KDPM2DiscreteScheduler, {}),
+    SchedulerName.dpm2_a: SchedulerSpec(KDPM2AncestralDiscreteScheduler, {}),
     SchedulerName.unipc: SchedulerSpec(UniPCMultistepScheduler, {}),
 }
+
+
+def spec_of(name: SchedulerName) -> SchedulerSpec:
+    """The class and options of a sampler; a Karras variant is its plain sampler with Karras sigmas."""
+    if name in BASE_SCHEDULERS:
+        return BASE_SCHEDULERS[name]
+    plain = BASE_SCHEDULERS[plain_sampler(name)]
+    return SchedulerSpec(plain.scheduler_class, plain.options | {"use_karras_sigmas": True})
+
+
+SCHEDULERS = {name: spec_of(name) for name in SchedulerName}
 
 
 def scheduler_name(scheduler_class: type[SchedulerMixin]) -> str:

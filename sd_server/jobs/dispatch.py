@@ -12,7 +12,7 @@ from typing import Any
 
 from config import Settings
 from sd_server.domain.jobs import Job, JobStatus, StoredImage
-from sd_server.engine.interface import Engine
+from sd_server.engine.interface import Engine, Stop
 from sd_server.errors import JobTimeoutError, ServiceError, ServiceUnavailableError
 from sd_server.jobs.admission import Backlog
 from sd_server.jobs.batching import images_in
@@ -109,8 +109,10 @@ class Dispatcher:
 
         def advance() -> list[Job]:
             ended = []
-            for job in (job for job in batch if job.status is JobStatus.running):
-                if job.cancel_requested:
+            running = [job for job in batch if job.status is JobStatus.running]
+            finishing_alone = all(job.finish_requested for job in running)  # else the others' steps go on
+            for job in running:
+                if job.cancel_requested or (job.finish_requested and not finishing_alone):
                     self.queue.end(job, JobStatus.cancelled)
                     ended.append(job)
                 elif self.past_deadline(job):
@@ -126,9 +128,22 @@ class Dispatcher:
 
         self.writer.announce(self.queue.under_lock(advance))
 
-    def all_ended(self, batch: list[Job]) -> bool:
-        """True when no job of the batch is running any more (the pipeline call may stop)."""
-        return self.queue.under_lock(lambda: all(job.status is not JobStatus.running for job in batch))
+    def should_stop(self, batch: list[Job]) -> Stop:
+        """After a step: discard when no job of the batch is running any more, finish when each one running asks to
+        keep what was made (A1111's interrupt), else go on."""
+
+        def signal() -> Stop:
+            running = [job for job in batch if job.status is JobStatus.running]
+            if not running:
+                return Stop.discard
+            return Stop.finish if all(job.finish_requested for job in running) else Stop.go
+
+        return self.queue.under_lock(signal)
+
+    def end_unfinished(self, batch: list[Job]) -> None:
+        """The engine stopped the batch without images: its jobs still running (asked to finish early, on an engine
+        that cannot) end as cancelled."""
+        self.writer.announce(self.queue.end_where(lambda job: job in batch and job.status is JobStatus.running, JobStatus.cancelled))
 
     def record_batch(self, batch: list[Job], seconds: float) -> None:
         """Count the batch and publish it (the metrics)."""
@@ -169,7 +184,8 @@ class Dispatcher:
             if job.cancel_requested:
                 self.queue.end(job, JobStatus.cancelled)
             else:
-                job.images, job.generation_seconds, job.step = images, seconds, job.total_steps
+                job.images, job.generation_seconds = images, seconds
+                job.step = job.step if job.finish_requested else job.total_steps
                 self.queue.end(job, JobStatus.succeeded)
             return True
 

@@ -58,7 +58,7 @@ class Jobs:
         A synchronous job keeps its PNGs for the request that waits on it, and stores them if SD_SAVE_IMAGES;
         an asynchronous one always stores them (its result links to them) and keeps no copy in memory.
         """
-        model = self.registry.get(request.user_id)
+        model = self.registry.serving(request.user_id)
         job = admission.new_job(self.settings, request, model, synchronous, webhook_url, idempotency_key, request_id, share, webhook_events)
         if job.idempotency_key and (existing := self.find_by_idempotency_key(job.idempotency_key)):
             admission.check_repeat(job.fingerprint, existing, idempotency_key or "")
@@ -82,8 +82,10 @@ class Jobs:
         self.bus.emit(job, "queued")
         return job, True
 
-    def cancel(self, job: Job) -> None:
-        """Cancel ``job``: a queued one leaves the queue now, a running one stops at its next step."""
+    def cancel(self, job: Job, keep_what_was_made: bool = False) -> None:
+        """Cancel ``job``: a queued one leaves the queue now, a running one stops at its next step. With
+        ``keep_what_was_made`` (A1111's interrupt) a running job succeeds with its images as the steps so far made
+        them, when every job of its batch stops so (else it is cancelled: the others' steps go on)."""
 
         def request_cancel() -> list[Job]:
             if job.status is JobStatus.queued and self.queue.position(job) is not None:
@@ -91,7 +93,10 @@ class Jobs:
                 return [job]
             if job.status.is_terminal:
                 raise JobFinishedError(f"job {job.id} has already {job.status.value}")
-            job.cancel_requested = True
+            if keep_what_was_made:
+                job.finish_requested = True
+            else:
+                job.cancel_requested = True
             return []
 
         self.writer.announce(self.queue.under_lock(request_cancel))

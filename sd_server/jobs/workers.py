@@ -221,11 +221,13 @@ class DeviceWorker:
                 key,
                 batch_items(batch),
                 lambda step, total, previews=None: self.dispatcher.progress(batch, step, total, previews),
-                lambda: self.dispatcher.all_ended(batch),
+                lambda: self.dispatcher.should_stop(batch),
             )
         except Exception as error:
             return error
-        if output is not None:  # None: every job of the batch was cancelled or timed out
+        if output is None:  # every job of the batch was cancelled or timed out, or asked to finish early
+            self.dispatcher.end_unfinished(batch)
+        else:
             self.finished(batch, output, time.monotonic() - started)
         return None
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from sd_server.errors import InvalidPhotoError
-from sd_server.storage.photos import image_size, open_upright
+from sd_server.storage.photos import image_size, open_upright, opened
 
 NATIVE_SIDE = 512  # SD1.5's own size: an output that follows the init image is at most this on its longer side
-MIN_SIDE, MAX_SIDE = 256, 1024  # the sizes a request may ask for
+MIN_SIDE, MAX_SIDE = 256, 1024  # an init image's own size is brought within these when the request names no size
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,22 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# The upscalers the service has (A1111's names): plain resampling, no upscaling model.
+UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def resized_png(data: bytes, field: str, size: tuple[int, int], upscaler: str) -> bytes:
+    """The image in ``data`` resized to ``size`` by ``upscaler`` (None: left at its own size) as a PNG; 422 naming
+    ``field`` when it does not decode or is over the pixel cap (checked from its header first)."""
+    image = open_upright(field, data, field=field)
+    resample = UPSCALERS[upscaler]
+    return png_bytes(image if resample is None else image.resize(size, resample))
+
+
+def text_chunks(data: bytes, field: str) -> dict[str, str]:
+    """The text an image file carries (a PNG's text chunks, as A1111's ``parameters``), read without decoding its
+    pixels; 422 naming ``field`` when it is not an image."""
+    with opened(field, data, field) as image:
+        return {key: value for key, value in image.info.items() if isinstance(value, str)}

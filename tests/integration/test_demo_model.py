@@ -69,7 +69,7 @@ def test_seeds_change_the_picture_but_not_what_it_shows(demo_client):
     assert readings.count(("yellow", "square", "gray")) >= 2, readings  # the model is right about nine times in ten
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "unipc"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "unipc", "dpmpp_2m_sde_karras", "dpm2_a", "dpmpp_sde_karras", "heun_karras"])
 def test_the_sampler_changes_the_picture_but_not_what_it_shows(demo_client, scheduler):
     drawn = [draw(demo_client, "a red triangle on a white background", seed, scheduler=scheduler) for seed in (5, 6, 7)]
     default, _ = draw(demo_client, "a red triangle on a white background", 5)

@@ -97,6 +97,22 @@ def protected_routes(client: TestClient, job: dict, key_id: str, small_request, 
         ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "demo"}}),
         ("GET", "/sdapi/v1/prompt-styles", {"json": None}),
         ("GET", "/sdapi/v1/scripts", {"json": None}),
+        ("POST", "/sdapi/v1/skip", {"json": None}),
+        ("GET", "/sdapi/v1/schedulers", {"json": None}),
+        ("GET", "/sdapi/v1/loras", {"json": None}),
+        ("GET", "/sdapi/v1/upscalers", {"json": None}),
+        ("GET", "/sdapi/v1/latent-upscale-modes", {"json": None}),
+        ("GET", "/sdapi/v1/sd-vae", {"json": None}),
+        ("GET", "/sdapi/v1/hypernetworks", {"json": None}),
+        ("GET", "/sdapi/v1/embeddings", {"json": None}),
+        ("GET", "/sdapi/v1/sd-modules", {"json": None}),
+        ("GET", "/sdapi/v1/cmd-flags", {"json": None}),
+        ("GET", "/sdapi/v1/memory", {"json": None}),
+        ("POST", "/sdapi/v1/refresh-checkpoints", {"json": None}),
+        ("POST", "/sdapi/v1/refresh-loras", {"json": None}),
+        ("POST", "/sdapi/v1/refresh-vae", {"json": None}),
+        ("POST", "/sdapi/v1/png-info", {"json": {"image": base64.b64encode(png_bytes(seed=1)).decode()}}),
+        ("POST", "/sdapi/v1/extra-single-image", {"json": {"image": base64.b64encode(png_bytes(seed=1)).decode(), "upscaler_1": "Lanczos"}}),
         ("GET", "/session", {"json": None}),
     ]
 
@@ -104,7 +120,7 @@ def protected_routes(client: TestClient, job: dict, key_id: str, small_request, 
 def test_the_route_matrix_covers_every_route_of_the_schema(keys, small_request):
     client, headers, created = keys
     routes = protected_routes(client, bobs_job(client, headers, small_request), created["bob"]["id"], small_request, bobs_training(client, headers))
-    open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics"), ("POST", "/session"), ("DELETE", "/session")}
+    open_routes = {("GET", "/"), ("GET", "/health"), ("GET", "/health/ready"), ("GET", "/metrics"), ("POST", "/session"), ("DELETE", "/session"), ("GET", "/internal/ping")}
 
     schema = client.get("/openapi.json").json()
     templates = {(method.upper(), path) for path, methods in schema["paths"].items() for method in methods}
@@ -119,7 +135,7 @@ def test_every_protected_route_answers_401_without_a_key_or_with_a_wrong_one(key
     client, headers, created = keys
     job, training = bobs_job(client, headers, small_request), bobs_training(client, headers)
     for method, path, arguments in protected_routes(client, job, created["bob"]["id"], small_request, training):
-        for bad in ({}, {"Authorization": "Bearer not-a-key"}, {"X-API-Key": "not-a-key"}):
+        for bad in ({}, {"Authorization": "Bearer not-a-key"}, {"X-API-Key": "not-a-key"}, {"Authorization": "Basic " + base64.b64encode(b"bob:not-a-key").decode()}, {"Authorization": "Basic "}):
             response = client.request(method, path, **arguments, headers=bad)
             assert response.status_code == 401, (method, path, bad, response.text)
             assert response.headers["www-authenticate"] == "Bearer"

@@ -1,6 +1,6 @@
 """One router per resource."""
 
-from sd_server.api.routes.a1111 import a1111_router
+from sd_server.api.routes.a1111 import a1111_internal_router, a1111_router
 from sd_server.api.routes.generation import generation_router
 from sd_server.api.routes.images import images_router
 from sd_server.api.routes.jobs import jobs_router
@@ -14,5 +14,5 @@ from sd_server.api.routes.users import users_router
 
 ROUTERS = (
     generation_router, jobs_router, images_router, models_router, users_router, trainings_router, styles_router, keys_router,
-    session_router, service_router, a1111_router,
+    session_router, service_router, a1111_router, a1111_internal_router,
 )  # fmt: skip

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # --- AUTOMATIC1111's API (/sdapi/v1), in its own shapes -----------------------------------------------------------
 from sd_server.api.schemas.generation import StyleName
-from sd_server.domain.generation import MAX_PROMPT_CHARS, MAX_SEED
+from sd_server.domain.generation import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MIN_SIDE
 from sd_server.domain.models import Text
 
 
@@ -27,13 +27,15 @@ class A1111Txt2ImgRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=4)
     n_iter: int = Field(1, ge=1, le=4, description="batch_size x n_iter images, at most 4.")
     steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=1.0, le=20.0, allow_inf_nan=False)
-    width: int = Field(512, ge=256, le=1024, multiple_of=8)
-    height: int = Field(512, ge=256, le=1024, multiple_of=8)
+    cfg_scale: float = Field(7.0, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)
+    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8)
     sampler_name: str | None = Field(None, description="An A1111 sampler name (GET /sdapi/v1/samplers); null: the model's own.")
     sampler_index: str | None = Field(None, description="Deprecated by A1111: sampler_name wins.")
-    scheduler: str | None = Field(None, description="A1111's schedule type: Karras turns DPM++ 2M into DPM++ 2M Karras.")
-    enable_hr: bool = Field(False, description="Hires fix is not supported: true is refused.")
+    scheduler: str | None = Field(
+        None, max_length=64, description="A1111's schedule type (GET /sdapi/v1/schedulers): Karras runs the sampler's Karras variant."
+    )
+    enable_hr: bool = Field(False, description="Hires fix is not supported yet: true is refused.")
 
 
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):
@@ -65,6 +67,7 @@ class A1111ProgressState(BaseModel):
 
     skipped: bool = False
     interrupted: bool = False
+    stopping_generation: bool = Field(False, description="Interrupted: it stops at its next step and answers what it made.")
     job: str = ""
     job_count: int
     job_timestamp: str = ""
@@ -108,3 +111,66 @@ class A1111Style(BaseModel):
     name: str
     prompt: str
     negative_prompt: str
+
+
+class A1111Scheduler(BaseModel):
+    """A schedule type as A1111 (1.9+) lists it."""
+
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+class A1111Upscaler(BaseModel):
+    """An upscaler as A1111 lists it: here plain resampling, no model."""
+
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float = 4
+
+
+class A1111Lora(BaseModel):
+    """A LoRA as A1111 lists it."""
+
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class A1111ExtraSingleImageRequest(BaseModel):
+    """A1111's extras on one image: resized by a factor (resize_mode 0) or to a size (1) with an upscaler."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(..., min_length=1, description="The picture, base64 (or a data: URL).")
+    resize_mode: int = Field(0, ge=0, le=1, description="0: by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h.")
+    upscaling_resize: float = Field(2, gt=0, le=8, allow_inf_nan=False)
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_SIDE)
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_SIDE)
+    upscaler_1: str = Field("None", description="GET /sdapi/v1/upscalers: Lanczos, Nearest or None.")
+
+
+class A1111ExtraSingleImageResponse(BaseModel):
+    """The resized picture."""
+
+    html_info: str
+    image: str
+
+
+class A1111PngInfoRequest(BaseModel):
+    """A picture whose generation parameters to read."""
+
+    image: str = Field(..., min_length=1, description="The picture, base64 (or a data: URL).")
+
+
+class A1111PngInfoResponse(BaseModel):
+    """The parameters text a picture carries, its text chunks, and the parameters parsed as A1111 parses them."""
+
+    info: str
+    items: dict[str, str]
+    parameters: dict[str, str]

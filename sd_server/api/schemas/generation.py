@@ -4,7 +4,16 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from sd_server.domain.generation import MAX_PROMPT_CHARS, MAX_SEED, Generation, Mode, SchedulerName
+from sd_server.domain.generation import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MIN_SIDE,
+    Generation,
+    Mode,
+    SchedulerName,
+)
 from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, Text
 
 StyleName = Annotated[Text, Field(min_length=1, max_length=100)]
@@ -33,9 +42,9 @@ class GenerateRequest(BaseModel):
     negative_prompt: Text | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What the image must not show.")
     user_id: str = Field(DEFAULT_USER, pattern=USER_ID_PATTERN, description="Whose model to use.")
     num_inference_steps: int = Field(30, ge=1, le=150, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=1.0, le=20.0, allow_inf_nan=False, description="Classifier-free guidance (CFG) scale.")
-    width: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
-    height: int = Field(512, ge=256, le=1024, multiple_of=8, description="Pixels; a multiple of 8.")
+    guidance_scale: float = Field(7.5, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance (CFG) scale.")
+    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels; a multiple of 8 (SD_MAX_PIXEL_STEPS caps the size).")
+    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels; a multiple of 8 (SD_MAX_PIXEL_STEPS caps the size).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Left out, a random seed is drawn and returned.")
     num_images: int = Field(1, ge=1, le=4, description="Images to make; image i uses seed + i.")
     scheduler: SchedulerName | None = Field(None, description="Sampler; left out, the model's own.")
