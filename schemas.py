@@ -25,6 +25,7 @@ from sd_server.api.schemas.generation import (
     GenerateRequest,
     GenerateResponse,
     GenerationParameters,
+    HiresRequest,
 )
 from sd_server.api.schemas.jobs import (
     JobCreated,
@@ -100,6 +101,7 @@ __all__ = [
     "GenerateRequest",
     "GenerateResponse",
     "GenerationParameters",
+    "HiresRequest",
     "JobCreated",
     "JobImage",
     "JobLinks",

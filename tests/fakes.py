@@ -76,6 +76,7 @@ class FakeEngine:
         if self.failures:
             raise self.failures.pop(0)
         total = min(int(key.num_inference_steps * key.strength), key.num_inference_steps)  # img2img skips the first steps
+        total += key.hires.steps_to_run(key.num_inference_steps) if key.hires else 0  # and hires fix's pass
         for step in range(1, total + 1):
             if self.step_gate is not None:
                 self.step_gate.acquire(timeout=GATE_TIMEOUT_S)

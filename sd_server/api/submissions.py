@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from schemas import GenerateRequest
+from schemas import GenerateRequest, HiresRequest
 from sd_server.api.work_pools import WorkPool
-from sd_server.domain.generation import Generation, ImageInput
+from sd_server.domain.generation import Generation, Hires, ImageInput
 from sd_server.domain.jobs import Job, JobStatus, Priority
 from sd_server.domain.models import DEFAULT_USER
 from sd_server.domain.prompt_weights import check_weights
@@ -56,6 +56,8 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
     prompt, negative_prompt = styles.apply(request.styles, request.prompt, request.negative_prompt)
     check_prompt_weights(prompt, negative_prompt, bool(request.styles))
     generation = replace(request.to_generation(user_id), prompt=prompt, negative_prompt=negative_prompt, styles=tuple(request.styles))
+    if request.hires is not None:
+        generation = replace(generation, hires=hires_of(request.hires, generation, files))
     if files.init_image is None:
         return generation, {}
     size = (request.width, request.height) if {"width", "height"} & request.model_fields_set else None
@@ -77,6 +79,17 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
         )
     inputs = {"init": sources.init_png, **({"mask": sources.mask_png} if sources.mask_png else {})}
     return generation, inputs
+
+
+def hires_of(hires: HiresRequest, generation: Generation, files: ImageFiles) -> Hires:
+    """The hires fix a text-to-image request asks for; 422 naming ``hires`` with an init image, or when its size is
+    out of range."""
+    if files.init_image is not None:
+        raise InvalidFieldError("hires fix runs after a text-to-image pass; leave it out with an init image", field="hires")
+    try:
+        return hires.to_hires(generation.width, generation.height)
+    except ValueError as error:
+        raise InvalidFieldError(str(error), field="hires") from error
 
 
 def check_prompt_weights(prompt: str, negative_prompt: str | None, styled: bool) -> None:

@@ -104,6 +104,46 @@ class ImageInput:
         return Mode.inpaint if self.mask_sha256 else Mode.img2img
 
 
+# Hires fix's upscalers, by A1111's names: latent ones resize the first pass's latents, pixel ones its picture.
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")  # fmt: skip
+PIXEL_UPSCALERS = ("Lanczos", "Nearest")
+HIRES_UPSCALERS = LATENT_UPSCALERS + PIXEL_UPSCALERS
+DEFAULT_HIRES_STRENGTH = 0.7  # A1111's
+
+
+@dataclass(frozen=True)
+class Hires:
+    """Hires fix: the first pass upscaled to width x height by ``upscaler``, then refined by an img2img pass of
+    ``steps`` (0: the first pass's) at ``strength``, as A1111's enable_hr does."""
+
+    width: int
+    height: int
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = DEFAULT_HIRES_STRENGTH
+
+    def steps_to_run(self, first_pass_steps: int) -> int:
+        """Denoising steps the second pass runs: the first (1 - strength) of its steps are skipped, as in img2img."""
+        steps = self.steps or first_pass_steps
+        return min(int(steps * self.strength), steps)
+
+
+def hires_size(width: int, height: int, scale: float, resize_x: int = 0, resize_y: int = 0) -> tuple[int, int]:
+    """Hires fix's size, as A1111 reckons it: the first pass's times ``scale``, or ``resize_x`` x ``resize_y`` (one of
+    them 0: the other side follows the aspect), rounded to multiples of 8; ValueError outside MIN_SIDE..MAX_SIDE."""
+    size: tuple[float, float]
+    if resize_x and resize_y:
+        size = (resize_x, resize_y)
+    elif resize_x or resize_y:
+        size = (resize_x, resize_x * height / width) if resize_x else (resize_y * width / height, resize_y)
+    else:
+        size = (width * scale, height * scale)
+    target = (round(size[0] / 8) * 8, round(size[1] / 8) * 8)
+    if not all(MIN_SIDE <= side <= MAX_SIDE for side in target):
+        raise ValueError(f"hires fix's size {target[0]}x{target[1]} is outside {MIN_SIDE}..{MAX_SIDE} a side; lower the scale")
+    return target
+
+
 @dataclass(frozen=True)
 class Generation:
     """A generation as validated at the edge: prompts, whose model, and the sampling settings."""
@@ -120,6 +160,7 @@ class Generation:
     scheduler: SchedulerName | None
     image_input: ImageInput | None = None
     styles: tuple[str, ...] = ()  # applied already: the prompts are the effective ones
+    hires: Hires | None = None
 
     @property
     def mode(self) -> Mode:
@@ -137,13 +178,33 @@ class Generation:
         return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
     @property
+    def total_steps(self) -> int:
+        """Denoising steps that really run, hires fix's second pass included."""
+        return self.steps_to_run + (self.hires.steps_to_run(self.num_inference_steps) if self.hires else 0)
+
+    @property
     def work(self) -> int:
-        """width x height x steps x images: what SD_MAX_PIXEL_STEPS caps."""
-        return self.width * self.height * self.num_inference_steps * self.num_images
+        """width x height x steps x images, hires fix's pass at its size added: what SD_MAX_PIXEL_STEPS caps."""
+        first = self.width * self.height * self.num_inference_steps
+        second = self.hires.width * self.hires.height * (self.hires.steps or self.num_inference_steps) if self.hires else 0
+        return (first + second) * self.num_images
+
+    @property
+    def cost(self) -> int:
+        """Pixel-steps that really run: width x height x steps that run x images, hires fix's pass at its size added."""
+        second = self.hires.width * self.hires.height * self.hires.steps_to_run(self.num_inference_steps) if self.hires else 0
+        return (self.width * self.height * self.steps_to_run + second) * self.num_images
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The images' width and height: hires fix's when it runs."""
+        return (self.hires.width, self.hires.height) if self.hires else (self.width, self.height)
 
     def canonical_json(self) -> str:
         """The fields as compact JSON, in declaration order (what an idempotency fingerprint hashes)."""
         fields = {name: value.value if isinstance(value, Enum) else value for name, value in asdict(self).items()}
         if self.image_input is None and not self.styles:  # a text-to-image request keeps the fingerprint it always had
             del fields["image_input"], fields["styles"]
+        if self.hires is None:
+            del fields["hires"]
         return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))

@@ -122,7 +122,7 @@ class Job:
     preview: bytes | None = None  # a JPEG of its first image at the last preview step, while it runs
 
     def __post_init__(self) -> None:
-        self.total_steps = self.total_steps or self.request.steps_to_run
+        self.total_steps = self.total_steps or self.request.total_steps
         self.model = self.model or CheckpointModel(source=self.model_id)
         self.tenant = self.tenant or self.request.user_id
 
@@ -138,9 +138,8 @@ class Job:
 
     @property
     def cost(self) -> int:
-        """What it takes of the device, in pixel-steps: width x height x steps that run x images."""
-        request = self.request
-        return request.width * request.height * request.steps_to_run * request.num_images
+        """What it takes of the device, in pixel-steps (``Generation.cost``)."""
+        return self.request.cost
 
     @property
     def input_keys(self) -> dict[str, str]:

@@ -2,6 +2,7 @@
 job queue's device and loader threads call it."""
 
 from collections.abc import Callable, Set
+from dataclasses import replace
 from pathlib import Path
 
 import diffusers
@@ -10,12 +11,14 @@ import transformers
 from PIL import Image
 
 from config import Settings
+from sd_server.domain.generation import Mode
 from sd_server.domain.models import CheckpointModel, LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
-from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, StepCallback, Stop
+from sd_server.engine.hires import Passes, decode_latents, in_latent_space, upscale_latents, upscale_pictures
+from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, ImageSource, StepCallback, Stop
 from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
@@ -23,6 +26,7 @@ from sd_server.engine.previews import fit_projection, preview_jpegs
 from sd_server.engine.prompts import PromptCounter, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, GenerationFailedError, ModelLoadError, first_line
+from sd_server.storage.source_images import png_bytes
 
 diffusers.utils.logging.disable_progress_bar()
 transformers.utils.logging.disable_progress_bar()
@@ -183,6 +187,34 @@ class DiffusersEngine:
             return SampleAdapter(self.adapters.ensure(checkpoint, model), model.scale)
         return SampleAdapter(None)
 
+    def _hires_pass(
+        self, checkpoint: CachedCheckpoint, key: BatchKey, texts: dict, generators: list, latents: torch.Tensor, passes: Passes, step_ended: Callable
+    ) -> list[Image.Image]:
+        """Hires fix's second pass: the first pass's latents upscaled (or decoded and upscaled as pictures), refined by
+        img2img at hires fix's size; the first pass decoded as it is when the batch was asked to finish."""
+        hires = key.hires
+        assert hires is not None
+        if passes.finishing:
+            return decode_latents(checkpoint.pipeline, latents)
+        second = replace(key, mode=Mode.img2img, width=hires.width, height=hires.height, strength=hires.strength, hires=None)
+        pipeline = image_modes.mode_pipeline(checkpoint, Mode.img2img)
+        pipeline.scheduler, _ = fresh_scheduler(checkpoint.scheduler_class, checkpoint.scheduler_config, key.scheduler)
+        if in_latent_space(hires) and not image_modes.is_inpainting_model(checkpoint):
+            images: dict = {"image": upscale_latents(latents, hires), "strength": hires.strength}
+        else:
+            pictures = upscale_pictures(decode_latents(checkpoint.pipeline, latents), hires)
+            images, _ = image_modes.image_arguments(checkpoint, second, [ImageSource(png_bytes(picture)) for picture in pictures])
+        return list(
+            pipeline(
+                **texts,
+                **images,
+                num_inference_steps=hires.steps or key.num_inference_steps,
+                guidance_scale=key.guidance_scale,
+                generator=generators,
+                callback_on_step_end=step_ended,
+            ).images
+        )
+
     def _projection(self, checkpoint: CachedCheckpoint) -> torch.Tensor:
         """The checkpoint's latent-to-RGB map for previews, fitted on its VAE the first time (its lock is held)."""
         if "preview_projection" not in checkpoint.derived:
@@ -203,19 +235,21 @@ class DiffusersEngine:
         generators = [torch.Generator("cpu").manual_seed(item.seed + i) for item in items for i in range(item.num_images)]
         images, prepared = image_modes.image_arguments(checkpoint, key, [item.source for item in items for _ in range(item.num_images)])
 
+        passes = Passes(key.hires.steps_to_run(key.num_inference_steps) if key.hires else 0, key.width, key.height)
+
         def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
             step, every = index + 1, self.settings.preview_every
             previews = None
             if every and step % every == 0 and step < pipe.num_timesteps:
-                previews = preview_jpegs(tensors["latents"], self._projection(checkpoint), key.width, key.height)
-            on_step(step, pipe.num_timesteps, previews)
+                previews = preview_jpegs(tensors["latents"], self._projection(checkpoint), passes.width, passes.height)
+            on_step(passes.before + step, passes.before + pipe.num_timesteps + passes.later, previews)
             stop = should_stop()
             if stop == Stop.discard:
                 raise BatchStopped()
             if index + 1 == pipe.num_timesteps or stop == Stop.finish:
-                check_finite(tensors["latents"], key)  # one device sync a batch, before the VAE decodes
+                check_finite(tensors["latents"], key)  # one device sync a pass, before the VAE decodes
             if stop == Stop.finish:
-                pipe._interrupt = True  # diffusers skips the steps left, then decodes the latents as they are
+                passes.finishing = pipe._interrupt = True  # diffusers skips the steps left, then decodes the latents as they are
             return tensors
 
         try:
@@ -232,7 +266,11 @@ class DiffusersEngine:
                 guidance_scale=key.guidance_scale,
                 generator=generators,
                 callback_on_step_end=step_ended,
+                output_type="latent" if key.hires else "pil",
             )
+            if key.hires:
+                passes.next_pass(pipeline.num_timesteps, key.hires)
+                output.images = self._hires_pass(checkpoint, key, texts, generators, output.images, passes, step_ended)
         except torch.OutOfMemoryError:
             output = None  # memory is freed below, once the error (and the tensors its traceback holds) is gone
         except RuntimeError as error:

@@ -7,7 +7,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
-from sd_server.domain.generation import Mode, SchedulerName
+from sd_server.domain.generation import Hires, Mode, SchedulerName
 from sd_server.domain.models import LoraModel, UserModel
 from sd_server.domain.trainings import TrainingSettings
 
@@ -26,6 +26,7 @@ class BatchKey:
     mode: Mode = Mode.txt2img
     strength: float = 1.0
     prompt_chunks: int = 1  # 77-token chunks of every prompt embedding (long prompts take more)
+    hires: Hires | None = None  # hires fix: an upscale and an img2img pass after the first
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ def new_job(
     """The job for ``request``, its seed drawn when left out; JobTooLargeError past SD_MAX_PIXEL_STEPS."""
     if request.work > settings.max_pixel_steps:
         raise JobTooLargeError(
-            f"width x height x num_inference_steps x num_images = {request.work} is over {settings.max_pixel_steps} "
-            "(SD_MAX_PIXEL_STEPS); ask for fewer pixels, steps or images"
+            f"width x height x num_inference_steps x num_images{' (with hires fix at its size)' if request.hires else ''} = "
+            f"{request.work} is over {settings.max_pixel_steps} (SD_MAX_PIXEL_STEPS); ask for fewer pixels, steps or images"
         )
     events = "" if webhook_events == DEFAULT_WEBHOOK_EVENTS else "|" + ",".join(sorted(event.value for event in webhook_events))
     fingerprint = hashlib.sha256(f"{request.canonical_json()}|{webhook_url}{events}".encode()).hexdigest()

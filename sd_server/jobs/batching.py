@@ -32,6 +32,7 @@ def batch_key(job: Job) -> BatchKey:
         request.mode,
         request.strength,
         job.prompt_chunks,
+        request.hires,
     )
 
 

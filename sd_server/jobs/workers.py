@@ -325,8 +325,15 @@ def png_parameters(job: Job, scheduler: str, index: int) -> str:
 
 
 def image_parameters(request: Generation) -> dict[str, object]:
-    """What an img2img or inpainting image's parameters add, in A1111's words (nothing for txt2img)."""
-    image_input = request.image_input
+    """What an img2img, inpainting or hires fix image's parameters add, in A1111's words (nothing for plain txt2img)."""
+    image_input, hires = request.image_input, request.hires
+    if hires is not None:
+        return {
+            "Denoising strength": hires.strength,
+            "Hires resize": f"{hires.width}x{hires.height}",
+            "Hires steps": hires.steps,
+            "Hires upscaler": hires.upscaler,
+        }
     if image_input is None:
         return {}
     extras: dict[str, object] = {"Mode": request.mode.value, "Denoising strength": image_input.strength}

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sd_server.domain.generation import Generation, ImageInput, SchedulerName
+from sd_server.domain.generation import Generation, Hires, ImageInput, SchedulerName
 from sd_server.domain.jobs import Job, JobQuery, JobStatus, Priority, StoredImage, WebhookEvent, as_utc
 from sd_server.domain.models import USER_MODEL
 from sd_server.persistence.retry import in_session, with_retries
@@ -41,6 +41,7 @@ def to_row(job: Job, row: JobRow) -> JobRow:
     row.scheduler = job.request.scheduler.value if job.request.scheduler else None
     row.image_input = json.dumps(asdict(job.request.image_input)) if job.request.image_input else None
     row.styles = json.dumps(list(job.request.styles)) if job.request.styles else None
+    row.hires = json.dumps(asdict(job.request.hires)) if job.request.hires else None
     if len(row.images) != len(job.images):
         row.images = [
             ImageRow(position=index, seed=image.seed, storage_key=image.key, size_bytes=image.size_bytes, sha256=image.sha256)
@@ -58,6 +59,7 @@ def to_job(row: JobRow) -> Job:
         scheduler=scheduler,
         image_input=ImageInput(**json.loads(row.image_input)) if row.image_input else None,
         styles=tuple(json.loads(row.styles)) if row.styles else (),
+        hires=Hires(**json.loads(row.hires)) if row.hires else None,
     )
     fields = {name: getattr(row, name) for name in JOB_COLUMNS}
     for name in ("created_at", "started_at", "finished_at"):

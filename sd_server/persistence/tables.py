@@ -32,6 +32,7 @@ class JobRow(Base):
     scheduler_used: Mapped[str | None] = mapped_column(String(64))
     image_input: Mapped[str | None] = mapped_column(Text, doc="img2img/inpainting: the ImageInput as JSON (null: txt2img)")
     styles: Mapped[str | None] = mapped_column(Text, doc="the style presets applied, as a JSON list")
+    hires: Mapped[str | None] = mapped_column(Text, doc="hires fix: the Hires as JSON (null: none)")
     seed: Mapped[int] = mapped_column(BigInteger)
     synchronous: Mapped[bool]
     webhook_url: Mapped[str | None] = mapped_column(Text)

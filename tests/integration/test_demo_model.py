@@ -79,6 +79,18 @@ def test_the_sampler_changes_the_picture_but_not_what_it_shows(demo_client, sche
     assert readings.count(("red", "triangle", "white")) >= 2, readings
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_doubles_the_picture_and_keeps_its_shape_and_colours(demo_client, upscaler):
+    prompt, hires = "a green triangle on a black background", {"scale": 2, "upscaler": upscaler, "denoising_strength": 0.5}
+    firsts = [draw(demo_client, prompt, seed)[1] for seed in (3, 4, 5)]
+    upscaled = [draw(demo_client, prompt, seed, hires=hires)[0] for seed in (3, 4, 5)]
+
+    assert all(picture.shape == (512, 512, 3) for picture in upscaled)
+    readings = [read(Image.fromarray(picture.astype(np.uint8)).resize((256, 256))) for picture in upscaled]
+    kept = [(r.colour, r.shape, r.background) == (f.colour, f.shape, f.background) for r, f in zip(readings, firsts)]
+    assert sum(kept) >= 2, (firsts, readings)
+
+
 def test_a_recolouring_lora_changes_its_users_pictures_and_no_one_elses(demo_client):
     prompt = "a red circle on a white background"
     _, alices = draw(demo_client, prompt, 21, user_id="alice")

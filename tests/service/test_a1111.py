@@ -4,6 +4,7 @@ their own (the 404 says what to do; SD_FALLBACK_MODEL serves them a base model).
 
 import base64
 import io
+import json
 import threading
 
 import pytest
@@ -122,7 +123,8 @@ def test_interrupt_cancels_a_job_still_queued_and_skip_leaves_it(settings, app_f
         ({"sampler_name": "DPM fast"}, "sampler_name"),
         ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler"),
         ({"scheduler": "Spiral"}, "scheduler"),
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_scale": 4, "width": 1024}, "hr_scale"),
     ],
 )
 def test_a1111_values_out_of_a1111s_own_ranges_are_422_naming_a1111s_field(client, fields, field):
@@ -172,3 +174,17 @@ def test_png_info_reads_the_parameters_a_generated_png_carries_and_refuses_what_
     assert info["parameters"]["Seed"] == "4" and info["info"] == info["items"]["parameters"]
     assert plain == {"info": "", "items": {}, "parameters": {}}
     assert not_an_image.status_code == 422 and not_an_image.json()["detail"][0]["loc"][-1] == "image"
+
+
+def test_hires_fix_through_a1111_runs_both_passes_and_says_so_in_info(client, engine):
+    response = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "a photo", "steps": 4, "width": 256, "height": 256, "enable_hr": True, "hr_scale": 1.5,
+        "hr_upscaler": "Lanczos", "hr_second_pass_steps": 6, "denoising_strength": 0.5,
+    })  # fmt: skip
+
+    info = json.loads(response.json()["info"])
+    assert response.status_code == 200
+    assert info["extra_generation_params"] == {"Hires resize": "384x384", "Hires steps": 6, "Hires upscaler": "Lanczos"}
+    assert info["denoising_strength"] == 0.5 and "Hires upscaler: Lanczos" in info["infotexts"][0]
+    key, _ = engine.batches[-1]
+    assert (key.hires.width, key.hires.height, key.hires.steps, key.hires.strength) == (384, 384, 6, 0.5)

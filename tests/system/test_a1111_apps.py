@@ -55,7 +55,8 @@ def open_webui(url: str, auth: str) -> Image.Image:
 
 def silly_tavern(url: str, auth: str) -> Image.Image:
     """SillyTavern's sequence: ping, the upscaler, sampler, scheduler, model and VAE lists, set the model and wait
-    for the queue, then txt2img with values its sliders allow (CFG 24, width 192, an SDE Karras sampler)."""
+    for the queue, then txt2img with values its sliders allow (CFG 24, width 192, an SDE Karras sampler) and its
+    Hires. fix toggle on."""
     with AppSession(url, {"Authorization": basic(auth)}) as http:
         http.get("/sdapi/v1/options")  # /api/sd/ping
         upscalers = [item["name"] for item in http.get("/sdapi/v1/upscalers").json()]
@@ -71,8 +72,8 @@ def silly_tavern(url: str, auth: str) -> Image.Image:
         assert model in {item["value"] for item in models} and vaes == ["None"]
         body = {
             "prompt": "a red circle", "negative_prompt": "", "sampler_name": "DPM++ 2M SDE Karras", "scheduler": "normal",
-            "steps": 4, "cfg_scale": 24, "width": 192, "height": 256, "restore_faces": False, "enable_hr": False,
-            "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "denoising_strength": 0.7, "clip_skip": 1,
+            "steps": 4, "cfg_scale": 24, "width": 192, "height": 256, "restore_faces": False, "enable_hr": True,
+            "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "denoising_strength": 0.7, "clip_skip": 1,
             "seed": -1, "override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "None"},
             "override_settings_restore_afterwards": True, "save_images": True, "send_images": True,
             "do_not_save_grid": False, "do_not_save_samples": False,
@@ -82,7 +83,7 @@ def silly_tavern(url: str, auth: str) -> Image.Image:
 
 
 APPS: dict[str, Callable[[str, str], Image.Image]] = {"open-webui": open_webui, "sillytavern": silly_tavern}
-SIZES = {"open-webui": (256, 256), "sillytavern": (192, 256)}
+SIZES = {"open-webui": (256, 256), "sillytavern": (288, 384)}  # SillyTavern's 192x256, through hires fix x 1.5
 
 
 @pytest.mark.parametrize("app", APPS)

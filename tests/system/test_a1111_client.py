@@ -108,7 +108,8 @@ def test_a1111_listings_that_clients_probe_answer_in_a1111_shapes(a1111):
     api = client(url, key)
 
     assert [upscaler["name"] for upscaler in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
-    assert api.get_latent_upscale_modes() == [] and api.get_sd_vae() == [] and api.get_hypernetworks() == []
+    assert [mode["name"] for mode in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
+    assert api.get_sd_vae() == [] and api.get_hypernetworks() == []
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert [scheduler["label"] for scheduler in api.get_schedulers()] == ["Automatic", "Uniform", "Karras"]
     assert sorted(api.util_get_scheduler_names()) == ["automatic", "karras", "uniform"]

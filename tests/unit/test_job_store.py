@@ -1,12 +1,12 @@
 """The SQL job store and its migrations, on SQLite and (when a server answers) on PostgreSQL."""
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 
 import pytest
 import sqlalchemy
 
-from sd_server.domain.generation import Generation
+from sd_server.domain.generation import Generation, Hires
 from sd_server.domain.jobs import Job, JobQuery, JobStatus, Priority, StoredImage, utc_now
 from sd_server.domain.models import LoraModel
 from sd_server.persistence.database import create_database_engine, migrate
@@ -42,7 +42,7 @@ def test_migrations_create_every_table_from_an_empty_database(database_url):
     inspector = sqlalchemy.inspect(engine)
     assert {"jobs", "job_images", "api_keys", "user_models", "webhook_deliveries", "trainings", "styles", "browser_sessions", "alembic_version"} <= set(inspector.get_table_names())
     with engine.connect() as connection:
-        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0009"
         if engine.dialect.name == "sqlite":
             assert connection.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
@@ -122,3 +122,14 @@ def test_a_jobs_model_is_stored_with_it(store):
     stored = SqlJobStore(store.engine).get(job.id)
 
     assert stored.model == model and stored.model_id == "demo+loras/alice.safetensors@0.7"
+
+
+def test_a_jobs_hires_fix_is_stored_with_it_and_counts_in_its_steps(store):
+    job = make_job()
+    job = Job(replace(job.request, hires=Hires(512, 512, "Latent (bicubic)", 10, 0.5)), "demo", 7, synchronous=False)
+    store.add(job)
+
+    stored = SqlJobStore(store.engine).get(job.id)
+
+    assert stored.request.hires == Hires(512, 512, "Latent (bicubic)", 10, 0.5)
+    assert stored.total_steps == 2 + 5 and stored.cost == 256 * 256 * 2 + 512 * 512 * 5

@@ -47,13 +47,22 @@ from sd_server.api.dependencies import (
 from sd_server.api.errors import body_validation_error, error_responses
 from sd_server.api.routes.generation import GENERATION_ERRORS
 from sd_server.api.submissions import ImageFiles, decode_image, off_the_loop, prepare_generation, run_job, share_of
-from sd_server.domain.generation import A1111_SAMPLERS, MAX_SIDE, SchedulerName, karras_variant, sampler_label
+from sd_server.domain.generation import (
+    A1111_SAMPLERS,
+    DEFAULT_HIRES_STRENGTH,
+    HIRES_UPSCALERS,
+    LATENT_UPSCALERS,
+    MAX_SIDE,
+    SchedulerName,
+    karras_variant,
+    sampler_label,
+)
 from sd_server.domain.jobs import Job, JobStatus
 from sd_server.domain.models import DEFAULT_USER, LoraModel, UserModel
 from sd_server.engine.png import parse_parameters
 from sd_server.errors import InvalidFieldError, InvalidPhotoError, JobFinishedError, UnknownUserError
 from sd_server.jobs.submission import Jobs
-from sd_server.jobs.workers import png_parameters
+from sd_server.jobs.workers import image_parameters, png_parameters
 from sd_server.security.keys import Principal
 from sd_server.storage.photos import image_size
 from sd_server.storage.source_images import UPSCALERS, base64_payload, decode_base64, resized_png, text_chunks
@@ -63,7 +72,7 @@ a1111_router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 # Our field -> A1111's, to name A1111's field in a validation error.
 A1111_FIELDS = {
     "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "num_images": "batch_size", "strength": "denoising_strength",
-    "scheduler": "sampler_name", "init_image": "init_images", "mask_image": "mask",
+    "scheduler": "sampler_name", "init_image": "init_images", "mask_image": "mask", "hires": "hr_scale",
 }  # fmt: skip
 PROMPT_PLACEHOLDER = "-"  # A1111 allows an empty prompt, our request model does not: validated with this, then put back
 
@@ -100,13 +109,19 @@ def scheduler_for(body: A1111Txt2ImgRequest) -> SchedulerName | None:
     return karras
 
 
+def hires_request(body: A1111Txt2ImgRequest) -> dict[str, Any]:
+    """Our hires fix for A1111's enable_hr fields; 422 naming hr_upscaler for one the service does not have."""
+    upscaler = body.hr_upscaler or "Latent"
+    if upscaler not in HIRES_UPSCALERS:
+        raise InvalidFieldError(f"unknown upscaler '{upscaler}'; one of {', '.join(HIRES_UPSCALERS)}", field="hr_upscaler")
+    return {
+        "scale": body.hr_scale, "width": body.hr_resize_x, "height": body.hr_resize_y, "upscaler": upscaler,
+        "steps": body.hr_second_pass_steps, "denoising_strength": body.denoising_strength or DEFAULT_HIRES_STRENGTH,
+    }  # fmt: skip
+
+
 def generate_request(body: A1111Txt2ImgRequest) -> GenerateRequest:
     """Our request for an A1111 body; 422 naming A1111's field when a value is out of our ranges."""
-    if body.enable_hr:
-        raise InvalidFieldError(
-            "hires fix (enable_hr) is not supported yet; generate, then upscale with /sdapi/v1/extra-single-image and refine with img2img",
-            field="enable_hr",
-        )
     fields: dict[str, Any] = {
         "prompt": body.prompt.strip() or PROMPT_PLACEHOLDER,
         "negative_prompt": body.negative_prompt or None,
@@ -119,6 +134,8 @@ def generate_request(body: A1111Txt2ImgRequest) -> GenerateRequest:
         "scheduler": scheduler_for(body),
         "styles": body.styles or [],
     }
+    if body.enable_hr and not isinstance(body, A1111Img2ImgRequest):
+        fields["hires"] = hires_request(body)
     if isinstance(body, A1111Img2ImgRequest):
         fields |= {
             "strength": body.denoising_strength,
@@ -164,8 +181,7 @@ A1111_PARAMETER_DEFAULTS: dict[str, Any] = {
     "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False, "eta": None, "s_min_uncond": None,
     "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None, "override_settings": None,
     "override_settings_restore_afterwards": True, "refiner_checkpoint": None, "refiner_switch_at": None,
-    "disable_extra_networks": False, "comments": None, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2.0,
-    "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
+    "disable_extra_networks": False, "comments": None, "firstphase_width": 0, "firstphase_height": 0, "hr_checkpoint_name": None,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "", "force_task_id": None,
     "script_name": None, "script_args": [], "send_images": True, "save_images": False, "alwayson_scripts": {}, "infotext": None,
 }  # fmt: skip
@@ -205,8 +221,8 @@ def info(job: Job) -> dict[str, Any]:
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": request.strength if request.image_input else 0,
-        "extra_generation_params": {},
+        "denoising_strength": request.strength if request.image_input else (request.hires.strength if request.hires else 0),
+        "extra_generation_params": {name: value for name, value in image_parameters(request).items() if name.startswith("Hires")},
         "index_of_first_image": 0,
         "infotexts": [png_parameters(job, scheduler, index) for index in range(count)],
         "styles": list(request.styles),
@@ -359,8 +375,8 @@ async def upscalers(principal: CurrentUser) -> list[A1111Upscaler]:
 
 @a1111_router.get("/latent-upscale-modes")
 async def latent_upscale_modes(principal: CurrentUser) -> list[dict[str, str]]:
-    """None: latent upscaling belongs to hires fix, which this service does not run yet."""
-    return []
+    """Hires fix's latent upscalers (hr_upscaler), which resize the first pass's latents."""
+    return [{"name": name} for name in LATENT_UPSCALERS]
 
 
 @a1111_router.get("/sd-vae")

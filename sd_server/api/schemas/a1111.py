@@ -35,7 +35,13 @@ class A1111Txt2ImgRequest(BaseModel):
     scheduler: str | None = Field(
         None, max_length=64, description="A1111's schedule type (GET /sdapi/v1/schedulers): Karras runs the sampler's Karras variant."
     )
-    enable_hr: bool = Field(False, description="Hires fix is not supported yet: true is refused.")
+    enable_hr: bool = Field(False, description="Hires fix: upscale the first pass (hr_scale, or hr_resize_x/y) and refine it with img2img.")
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0, allow_inf_nan=False)
+    hr_upscaler: str | None = Field(None, description="Latent (and its variants), Lanczos or Nearest; null: Latent.")
+    hr_second_pass_steps: int = Field(0, ge=0, le=150, description="0: the first pass's steps.")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+    denoising_strength: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Hires fix's second pass; null: 0.7.")
 
 
 class A1111Img2ImgRequest(A1111Txt2ImgRequest):

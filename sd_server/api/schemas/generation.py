@@ -1,18 +1,22 @@
 """The generation requests and answers: POST /generate and /generate/image, their images and parameters."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from sd_server.domain.generation import (
+    DEFAULT_HIRES_STRENGTH,
+    HIRES_UPSCALERS,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SIDE,
     MIN_SIDE,
     Generation,
+    Hires,
     Mode,
     SchedulerName,
+    hires_size,
 )
 from sd_server.domain.models import DEFAULT_USER, USER_ID_PATTERN, Text
 
@@ -31,6 +35,35 @@ GENERATE_EXAMPLE: dict[str, JsonValue] = {
     "num_images": 1,
     "scheduler": "dpmpp_2m",
 }
+
+
+class HiresRequest(BaseModel):
+    """Hires fix, as A1111's enable_hr: the first pass at width x height, upscaled (by ``scale``, or to a size),
+    then refined by an img2img pass; the images come out at the upscaled size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(2.0, ge=1.0, le=4.0, allow_inf_nan=False, description="Upscale factor (unless width or height is set).")
+    width: int = Field(0, ge=0, le=MAX_SIDE, description="Upscaled width; 0: by scale, or by the aspect when only height is set.")
+    height: int = Field(0, ge=0, le=MAX_SIDE, description="Upscaled height; 0: by scale, or by the aspect when only width is set.")
+    upscaler: str = Field(
+        "Latent", json_schema_extra={"enum": list(HIRES_UPSCALERS)}, description="Latent ones resize the latents; Lanczos and Nearest the picture."
+    )
+    steps: int = Field(0, ge=0, le=150, description="Steps of the second pass (as img2img: x denoising_strength run); 0: num_inference_steps.")
+    denoising_strength: float = Field(DEFAULT_HIRES_STRENGTH, gt=0, le=1, allow_inf_nan=False, description="How far the second pass may move from the upscaled picture.")
+
+    @field_validator("upscaler")
+    @classmethod
+    def upscaler_is_known(cls, upscaler: str) -> str:
+        """Refuse an upscaler the service does not have."""
+        if upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"unknown upscaler; one of {', '.join(HIRES_UPSCALERS)}")
+        return upscaler
+
+    def to_hires(self, width: int, height: int) -> Hires:
+        """The domain's hires fix after a first pass of width x height; ValueError when its size is out of range."""
+        target = hires_size(width, height, self.scale, self.width, self.height)
+        return Hires(*target, upscaler=self.upscaler, steps=self.steps, strength=self.denoising_strength)
 
 
 class GenerateRequest(BaseModel):
@@ -76,6 +109,7 @@ class GenerateRequest(BaseModel):
         "padding) is generated at width x height and pasted back.",
     )
     inpaint_full_res_padding: int = Field(32, ge=0, le=256, description="Inpainting at full resolution: pixels kept around the mask.")
+    hires: HiresRequest | None = Field(None, description="Hires fix (text-to-image only): upscale the first pass and refine it.")
 
     @field_validator("prompt")
     @classmethod
@@ -115,6 +149,7 @@ class GenerationParameters(BaseModel):
     mask_blur: int | None = Field(None, description="Inpainting: the mask's blur.")
     inpaint_full_res: bool | None = Field(None, description="Inpainting: only the masked area, at full resolution.")
     inpaint_full_res_padding: int | None = None
+    hires: dict[str, Any] | None = Field(None, description="Hires fix: its size, upscaler, steps and strength (null: none).")
 
 
 class GeneratedImage(BaseModel):
