@@ -167,6 +167,11 @@ class Settings(BaseSettings):
         None, description="Signs browser sessions (POST /session); unset: a random one per process (sessions end at a restart)."
     )
     session_ttl_s: int = Field(12 * 3600, ge=60, description="How long a browser session lasts.")
+    session_samesite: Literal["strict", "lax", "none"] = Field(
+        "strict",
+        description="The session cookie's SameSite: none lets a frontend on another site (a page on localhost calling "
+        "127.0.0.1, or app.example calling api.example) send it, and makes it Secure (HTTPS, or localhost in browsers).",
+    )
     max_body_bytes: int = Field(65536, ge=1024, description="Largest request body accepted (413 past it).")
     max_image_body_bytes: int = Field(
         32 * 1024**2, ge=1024, description="Largest body of a request that carries images (img2img, inpainting; 413 past it)."

@@ -38,6 +38,17 @@ def test_signing_in_sets_an_httponly_strict_cookie_and_answers_the_csrf_token(se
     assert client.get("/session").json()["csrf_token"] == body["csrf_token"]  # a reloaded page reads it back
 
 
+def test_sd_session_samesite_none_makes_a_secure_cookie_a_frontend_on_another_site_can_send(settings: Settings):
+    settings.admin_key, settings.session_samesite = ADMIN_KEY, "none"
+    with TestClient(create_app(settings)) as client:
+        key = client.post("/keys", json={"user_id": "alice"}, headers={"X-API-Key": ADMIN_KEY}).json()["key"]
+        signed_in = client.post("/session", json={"api_key": key}).headers["set-cookie"]
+        signed_out = client.delete("/session").headers["set-cookie"]
+
+    assert "SameSite=none" in signed_in and "Secure" in signed_in and "HttpOnly" in signed_in
+    assert "SameSite=none" in signed_out and "Secure" in signed_out
+
+
 def test_the_session_cookie_carries_reads_events_and_images_and_changes_need_the_csrf_token(secured, small_request):
     client, key = secured
     csrf = client.post("/session", json={"api_key": key["key"]}).json()["csrf_token"]

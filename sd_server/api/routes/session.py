@@ -29,8 +29,8 @@ def session_response(principal: Principal, session: Session | None) -> SessionRe
 
 @session_router.post("", responses=error_responses(UnauthorizedError))
 async def sign_in(body: SessionRequest, request: Request, response: Response) -> SessionResponse:
-    """Exchange an API key for a session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS; lasts
-    SD_SESSION_TTL_S). Send `csrf_token` as the X-CSRF-Token header with every POST, PUT and DELETE the cookie signs.
+    """Exchange an API key for a session cookie (HttpOnly, SameSite per SD_SESSION_SAMESITE, Strict by default; Secure
+    over HTTPS and with SameSite=None; lasts SD_SESSION_TTL_S). Send `csrf_token` as the X-CSRF-Token header with every POST, PUT and DELETE the cookie signs.
     In open mode (no key needed) nothing is set."""
     principal = await asyncio.to_thread(identify, request, body.api_key)  # a key is given: a principal, or 401
     if principal is None:
@@ -39,8 +39,9 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
         return session_response(principal, None)
     sessions = services_of(request).sessions
     token, session = await asyncio.to_thread(sessions.issue, principal.key_id)
-    secure = request.url.scheme == "https"
-    response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite="strict", secure=secure, path="/")
+    samesite = services_of(request).settings.session_samesite
+    secure = request.url.scheme == "https" or samesite == "none"  # browsers drop SameSite=None cookies that are not Secure
+    response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite=samesite, secure=secure, path="/")
     return session_response(principal, session)
 
 
@@ -62,5 +63,6 @@ async def sign_out(request: Request) -> Response:
     cookie. Without a live session there is nothing to end, and the answer is the same."""
     await asyncio.to_thread(end_session, request)
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    samesite = services_of(request).settings.session_samesite
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite=samesite, secure=samesite == "none")
     return response
