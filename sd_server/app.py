@@ -236,8 +236,9 @@ def create_app(
         app.state.shutting_down = True
         await stop_services(services)
 
-    app = FastAPIOffline(  # /docs and /redoc from packaged assets: they work without network
+    app = FastAPIOffline(  # /docs (and /redoc: offline_docs_router) from packaged assets: they work without network
         static_url="/docs-assets",
+        redoc_url=None,
         title="Personalized Stable Diffusion API",
         version=VERSION,
         responses=error_responses(

@@ -57,6 +57,7 @@ function signedIn(session) {
   $("signin").hidden = true;
   $("nav").hidden = false;
   $("nav-admin").hidden = session.role !== "admin";
+  $("lora-form").hidden = session.role !== "admin";  // uploading a LoRA is an admin's route
   const name = session.open ? "open mode (no key needed)" : `${session.user_id} (${session.role})`;
   $("who").innerHTML = "";
   $("who").append(name);
@@ -103,9 +104,17 @@ window.addEventListener("hashchange", () => state.me && route());
 // --- generate --------------------------------------------------------------------------------------------------
 
 async function loadStyles() {
-  const select = $("styles");
-  select.innerHTML = "";
-  for (const style of await api("/styles")) select.append(new Option(style.name, style.name));
+  const box = $("styles");
+  box.innerHTML = "";
+  for (const style of await api("/styles")) {
+    const label = document.createElement("label");
+    label.className = "style";
+    label.title = style.prompt + (style.negative_prompt ? ` (not: ${style.negative_prompt})` : "");
+    const check = Object.assign(document.createElement("input"), { type: "checkbox", value: style.name, name: "style" });
+    label.append(check, " ", style.name);
+    box.append(label);
+  }
+  $("styles-box").hidden = !box.children.length;
 }
 
 function requestBody() {
@@ -116,7 +125,7 @@ function requestBody() {
   body.guidance_scale = parseFloat(form.guidance_scale.value);
   if (form.seed.value !== "") body.seed = parseInt(form.seed.value, 10);
   if (form.scheduler.value) body.scheduler = form.scheduler.value;
-  const styles = [...$("styles").selectedOptions].map((option) => option.value);
+  const styles = [...$("styles").querySelectorAll("input:checked")].map((check) => check.value);
   if (styles.length) body.styles = styles;
   if (!$("canvas-box").hidden) {
     body.init_image = $("init-canvas").toDataURL("image/png");
@@ -362,17 +371,31 @@ function historyCard(job) {
 
 // --- my model, trainings ---------------------------------------------------------------------------------
 
+function modelFacts(model, trained) {
+  // What a person wants to know of their model: what it is, what it builds on, when it was trained.
+  if (model.kind === "checkpoint") return [["Model", model.source], ["Kind", "a full model (checkpoint)"]];
+  const facts = [["Model", trained ? "your own, trained from your photos" : "a LoRA adapter"], ["Base", model.base]];
+  if (model.scale !== 1) facts.push(["Strength", String(model.scale)]);
+  if (trained) facts.push(["Trained", `${new Date(trained.finished_at).toLocaleString()}, from ${trained.photos} photos, trigger word "${trained.settings.trigger}"`]);
+  return facts;
+}
+
 async function loadModel() {
+  const info = $("model-info");
+  info.innerHTML = "";
+  $("model-samples").innerHTML = "";
+  const trainings = await api("/trainings?limit=20").catch(() => ({ trainings: [] }));
   try {
-    const model = await api(`/users/${myUser()}/model`);
-    $("model-info").textContent = JSON.stringify(model, null, 2);
-    $("lora-base").placeholder = model.model.base || model.model.source;
+    const entry = await api(`/users/${myUser()}/model`);
+    const trained = trainings.trainings.find((training) => training.model && training.model.source === entry.model.source);
+    for (const [name, value] of modelFacts(entry.model, trained)) info.append(Object.assign(document.createElement("dt"), { textContent: name }), Object.assign(document.createElement("dd"), { textContent: value }));
+    $("lora-base").placeholder = entry.model.base || entry.model.source;
+    for (const url of trained ? trained.samples : []) $("model-samples").append(sampleCard(url));
   } catch (error) {
-    $("model-info").textContent = error.message;
+    info.append(Object.assign(document.createElement("dd"), { textContent: error.message }));
   }
   const list = $("trainings");
   list.innerHTML = "";
-  const trainings = await api("/trainings?limit=20").catch(() => ({ trainings: [] }));
   for (const training of trainings.trainings) {
     const item = document.createElement("li");
     item.textContent = `${training.status}: ${training.progress.step}/${training.progress.total} steps, ${new Date(training.created_at).toLocaleString()}`;
@@ -414,6 +437,13 @@ $("training-form").addEventListener("submit", async (event) => {
   }
 });
 
+function sampleCard(url) {
+  const sample = Object.assign(document.createElement("img"), { src: url, alt: "a sample drawn with the trained model", className: "sample" });
+  const card = document.createElement("figure");
+  card.append(sample);
+  return card;
+}
+
 function followTraining(trainingId) {
   $("training-box").hidden = false;
   $("training-samples").innerHTML = "";
@@ -429,16 +459,8 @@ function followTraining(trainingId) {
       $("training-error").textContent = training.error || `the training was ${training.status}`;
       return;
     }
-    show(100, `done: your model is now ${training.model.source}`);
-    for (const url of training.samples) {
-      const sample = document.createElement("img");
-      sample.src = url;
-      sample.alt = "a sample drawn with the trained model";
-      sample.className = "sample";
-      const card = document.createElement("figure");
-      card.append(sample);
-      $("training-samples").append(card);
-    }
+    show(100, training.settings.activate ? "done: your model now draws with what it learned" : "done: the trained model is kept, not made yours");
+    for (const url of training.samples) $("training-samples").append(sampleCard(url));
     loadModel();
   };
   followEvents(

@@ -3,6 +3,7 @@ progress bar reach 100 %, see the image, find it in the history after a reload; 
 cookie. /docs renders offline. Skipped, saying why, where no Chromium and driver can be found. Screenshots go to
 test_output/browser/ (CI keeps test_output/)."""
 
+import re
 import shutil
 
 import httpx
@@ -33,10 +34,23 @@ def browser():
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,1400"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
     driver.set_page_load_timeout(DEADLINE_S)
     yield driver
+    errors = console_errors(driver)
     driver.quit()
+    assert not errors, f"the browser's console showed errors: {errors}"
+
+
+# The one error a browser logs by itself: the web app asks GET /session who it is signed in as, and before signing
+# in (keys on) the answer is 401, which Chromium logs as a failed resource load. Nothing else is allowed.
+SIGNED_OUT_PROBE = re.compile(r"/session - Failed to load resource: the server responded with a status of 401")
+
+
+def console_errors(driver) -> list[str]:
+    """The console's errors (script errors, console.error, failed loads, invalid patterns...) since the last call."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE" and not SIGNED_OUT_PROBE.search(entry["message"])]
 
 
 def screenshot(driver, name: str) -> None:
@@ -88,12 +102,15 @@ def generate_and_see(driver, url: str, name: str) -> None:
 
 def test_in_open_mode_the_web_app_generates_shows_progress_keeps_the_image_in_its_history_and_shows_model_and_admin(browser, live_server):
     browser.get(f"{live_server}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+    assert not browser.find_element(By.ID, "progress-box").is_displayed()  # no job yet: no progress bar
+    assert browser.find_elements(By.CSS_SELECTOR, "#styles input[type=checkbox]")  # the style presets, as checkboxes
 
     generate_and_see(browser, live_server, "open")
 
     assert "open mode" in browser.find_element(By.ID, "who").text
     browser.find_element(By.LINK_TEXT, "My model").click()
-    wait(browser, lambda driver: '"source": "demo"' in driver.find_element(By.ID, "model-info").text, "the user's model")
+    wait(browser, lambda driver: "Model\ndemo" in driver.find_element(By.ID, "model-info").text, "the user's model, as facts")
     browser.find_element(By.LINK_TEXT, "Admin").click()
     wait(browser, lambda driver: '"queue"' in driver.find_element(By.ID, "admin-health").text, "the queue and cache")
     screenshot(browser, "open-admin")
@@ -113,10 +130,30 @@ def test_with_keys_on_a_user_signs_in_with_a_key_and_the_session_carries_events_
     assert browser.find_element(By.ID, "who").text.startswith("alice (user)")
     assert browser.get_cookie("sd_session")["httpOnly"] is True
     assert not browser.find_element(By.ID, "nav-admin").is_displayed()
+    browser.find_element(By.LINK_TEXT, "My model").click()
+    wait(browser, lambda driver: "Model\ndemo" in driver.find_element(By.ID, "model-info").text, "alice's model")
+    assert not browser.find_element(By.ID, "lora-form").is_displayed()  # an admin's route: not offered to a user key
+
+
+def test_before_signing_in_only_the_sign_in_form_shows_and_the_fields_validate_their_patterns(browser, settings: Settings, live_server_factory):
+    settings.admin_key = ADMIN_KEY
+    url = live_server_factory(settings)
+    browser.get(f"{url}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "api-key")), "the sign-in form")
+
+    hidden = browser.execute_script("return ['nav', 'progress-box', 'view-generate'].map(id => document.getElementById(id).offsetParent === null)")
+    browser.execute_script("document.getElementById('view-model').hidden = false")  # show the form to check it
+    trigger = browser.find_element(By.ID, "training-trigger")
+    trigger.clear()
+    trigger.send_keys("not a word!")
+    invalid = browser.execute_script("return document.getElementById('training-trigger').validity.patternMismatch")
+
+    assert hidden == [True, True, True]
+    assert invalid is True  # the pattern compiles under the v flag, so it validates
 
 
 def test_the_api_docs_render_without_network(browser, live_server):
-    browser.get(f"{live_server}/docs")
+    browser.get(f"{live_server}/docs")  # any request off this server fails here and shows in the console check
     wait(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".opblock"), "Swagger UI's operations")
     browser.get(f"{live_server}/redoc")
     wait(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, "[data-section-id]"), "ReDoc's sections")
@@ -185,5 +222,7 @@ def test_a_user_trains_their_model_from_photos_in_the_web_app_and_sees_its_sampl
 
     wait(browser, lambda driver: driver.find_element(By.ID, "training-progress").get_attribute("value") == "100", "the training done")
     wait(browser, image_loaded(browser, "img.sample"), "a sample of the trained model")
-    wait(browser, lambda driver: '"kind": "lora"' in driver.find_element(By.ID, "model-info").text, "the trained LoRA as the user's model")
+    wait(browser, lambda driver: "your own, trained from your photos" in driver.find_element(By.ID, "model-info").text, "the trained model as the user's")
+    wait(browser, image_loaded(browser, "#model-samples img.sample"), "the trained model's samples on its page")
+    assert "loras/" not in browser.find_element(By.ID, "view-model").text  # no internal path
     screenshot(browser, "trained")
