@@ -409,16 +409,23 @@ async def cmd_flags(settings: SettingsDep, principal: CurrentUser) -> dict[str, 
     return {"api": True, "nowebui": False, "listen": True, "api_auth": None, "no_half": settings.dtype == "float32", "medvram": False, "lowvram": False}
 
 
+def ram() -> dict[str, Any]:
+    """The machine's RAM, free, used and in all (bytes), as A1111 reports it; an error where the system does not say."""
+    try:
+        page, pages, free_pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):  # SC_AVPHYS_PAGES is Linux's
+        return {"error": "this system does not report its free memory"}
+    return {"free": float(page * free_pages), "used": float(page * (pages - free_pages)), "total": float(page * pages)}
+
+
 @a1111_router.get("/memory")
 async def memory(engine: EngineDep, principal: CurrentUser) -> dict[str, Any]:
     """RAM and device memory in A1111's shape (bytes)."""
-    page, pages, free_pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
-    ram = {"free": float(page * free_pages), "used": float(page * (pages - free_pages)), "total": float(page * pages)}
     report = await asyncio.to_thread(engine.report)
     if report["device"].startswith("cuda"):
         used = float(report["device_memory_bytes"])
-        return {"ram": ram, "cuda": {"system": {"used": used}, "active": {"current": used}}}
-    return {"ram": ram, "cuda": {"error": f"no CUDA device: the model runs on {report['device']}"}}
+        return {"ram": ram(), "cuda": {"system": {"used": used}, "active": {"current": used}}}
+    return {"ram": ram(), "cuda": {"error": f"no CUDA device: the model runs on {report['device']}"}}
 
 
 @a1111_router.post("/refresh-checkpoints")
