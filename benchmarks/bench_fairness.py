@@ -203,7 +203,8 @@ def main() -> None:
     ]
     fifo_equal, fair_equal = rows[2], rows[3]
     figures = {
-        "fair_over_fifo_throughput": round(fair_equal["total_images_per_s"] / fifo_equal["total_images_per_s"], 3),
+        # 0.0 when FIFO finished nothing in the window (a smoke run's few seconds on a busy machine), as "ratio" does
+        "fair_over_fifo_throughput": round(fair_equal["total_images_per_s"] / fifo_equal["total_images_per_s"], 3) if fifo_equal["total_images_per_s"] else 0.0,
         "fair_jain_index": fair_equal["jain_index"],
         "weighted_ratio": rows[4]["ratio"],
         "light_user_batches_ahead_fair": rows[1].get("batches_ahead"),

@@ -120,4 +120,5 @@ def test_the_web_app_is_served_at_ui(client):
     assets = re.findall(r'(?:src|href)="([^"#]+)"', page.text)
 
     assert page.status_code == 200 and "<title>Personalized Stable Diffusion</title>" in page.text
-    assert sorted(assets) == ["app.css", "app.js"] and all(client.get(f"/ui/{asset}").status_code == 200 for asset in assets)
+    assert sorted(assets) == ["/docs-assets/favicon.png", "app.css", "app.js"]
+    assert all(client.get(asset if asset.startswith("/") else f"/ui/{asset}").status_code == 200 for asset in assets)

@@ -43,6 +43,7 @@ def test_generate_returns_png_with_seed_model_and_effective_parameters(client, s
         "mask_blur": None,
         "inpaint_full_res": None,
         "inpaint_full_res_padding": None,
+        "hires": None,
     }
 
 
