@@ -116,6 +116,22 @@ def test_in_open_mode_the_web_app_generates_shows_progress_keeps_the_image_in_it
     screenshot(browser, "open-admin")
 
 
+def test_the_live_preview_shows_under_the_progress_bar_while_a_job_runs(browser, live_server):
+    browser.get(f"{live_server}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+    browser.execute_script(  # remember whether the preview was ever shown: it hides again when the job ends
+        "window.previewShown = false; const preview = document.getElementById('preview');"
+        "new MutationObserver(() => { if (!preview.hidden && preview.src.startsWith('data:image/jpeg')) window.previewShown = true; })"
+        ".observe(preview, {attributes: true});"
+    )
+    fill(browser, {"prompt": "a red circle on a white background", "steps": "30", "width": "256", "height": "256", "seed": "3"})
+    browser.find_element(By.ID, "generate-button").click()
+    wait(browser, image_loaded(browser, "img.result"), "the generated image")
+
+    assert browser.execute_script("return window.previewShown") is True  # SD_PREVIEW_EVERY (5): previews at steps 5, 10...
+    assert not browser.find_element(By.ID, "preview").is_displayed()
+
+
 def test_with_keys_on_a_user_signs_in_with_a_key_and_the_session_carries_events_and_images(browser, settings: Settings, live_server_factory):
     settings.admin_key = ADMIN_KEY
     url = live_server_factory(settings)
