@@ -195,11 +195,6 @@ class Generation:
         second = self.hires.width * self.hires.height * self.hires.steps_to_run(self.num_inference_steps) if self.hires else 0
         return (self.width * self.height * self.steps_to_run + second) * self.num_images
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """The images' width and height: hires fix's when it runs."""
-        return (self.hires.width, self.hires.height) if self.hires else (self.width, self.height)
-
     def canonical_json(self) -> str:
         """The fields as compact JSON, in declaration order (what an idempotency fingerprint hashes)."""
         fields = {name: value.value if isinstance(value, Enum) else value for name, value in asdict(self).items()}

@@ -196,14 +196,16 @@ class DiffusersEngine:
         assert hires is not None
         if passes.finishing:
             return decode_latents(checkpoint.pipeline, latents)
-        second = replace(key, mode=Mode.img2img, width=hires.width, height=hires.height, strength=hires.strength, hires=None)
         pipeline = image_modes.mode_pipeline(checkpoint, Mode.img2img)
         pipeline.scheduler, _ = fresh_scheduler(checkpoint.scheduler_class, checkpoint.scheduler_config, key.scheduler)
-        if in_latent_space(hires) and not image_modes.is_inpainting_model(checkpoint):
-            images: dict = {"image": upscale_latents(latents, hires), "strength": hires.strength}
-        else:
+        images: dict
+        if image_modes.is_inpainting_model(checkpoint):  # its pipeline takes pictures and a mask, as its img2img does
             pictures = upscale_pictures(decode_latents(checkpoint.pipeline, latents), hires)
+            second = replace(key, mode=Mode.img2img, width=hires.width, height=hires.height, strength=hires.strength, hires=None)
             images, _ = image_modes.image_arguments(checkpoint, second, [ImageSource(png_bytes(picture)) for picture in pictures])
+        else:
+            upscaled = upscale_latents(latents, hires) if in_latent_space(hires) else upscale_pictures(decode_latents(checkpoint.pipeline, latents), hires)
+            images = {"image": upscaled, "strength": hires.strength}
         return list(
             pipeline(
                 **texts,

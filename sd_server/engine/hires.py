@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from sd_server.domain.generation import LATENT_UPSCALERS, Hires
+from sd_server.storage.source_images import UPSCALERS
 
 # A1111's latent upscalers as torch's interpolation modes, with antialiasing or not.
 LATENT_MODES = {
@@ -58,7 +59,7 @@ def decode_latents(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def upscale_pictures(pictures: list[Image.Image], hires: Hires) -> list[Image.Image]:
-    """Pictures resized to hires fix's size: Nearest by its own name, Lanczos otherwise (a Latent upscaler on a
-    model whose second pass needs pictures)."""
-    resample = Image.Resampling.NEAREST if hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
+    """Pictures resized to hires fix's size by its pixel upscaler (a Latent one, on a model whose second pass needs
+    pictures: Lanczos)."""
+    resample = UPSCALERS.get(hires.upscaler) or Image.Resampling.LANCZOS
     return [picture.resize((hires.width, hires.height), resample) for picture in pictures]

@@ -43,6 +43,11 @@ class BatchStats:
         self.seconds_per_cost = per_cost if self.seconds_per_cost is None else 0.8 * self.seconds_per_cost + 0.2 * per_cost
 
 
+def running_in(batch: list[Job]) -> list[Job]:
+    """The jobs of ``batch`` still running (call under the queue's lock)."""
+    return [job for job in batch if job.status is JobStatus.running]
+
+
 def data_url(jpeg: bytes) -> str:
     """A JPEG as a data URL, as SSE progress events carry previews."""
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
@@ -109,7 +114,7 @@ class Dispatcher:
 
         def advance() -> list[Job]:
             ended = []
-            running = [job for job in batch if job.status is JobStatus.running]
+            running = running_in(batch)
             finishing_alone = all(job.finish_requested for job in running)  # else the others' steps go on
             for job in running:
                 if job.cancel_requested or (job.finish_requested and not finishing_alone):
@@ -133,7 +138,7 @@ class Dispatcher:
         keep what was made (A1111's interrupt), else go on."""
 
         def signal() -> Stop:
-            running = [job for job in batch if job.status is JobStatus.running]
+            running = running_in(batch)
             if not running:
                 return Stop.discard
             return Stop.finish if all(job.finish_requested for job in running) else Stop.go

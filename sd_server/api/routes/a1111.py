@@ -58,7 +58,7 @@ from sd_server.domain.generation import (
     sampler_label,
 )
 from sd_server.domain.jobs import Job, JobStatus
-from sd_server.domain.models import DEFAULT_USER, LoraModel, UserModel
+from sd_server.domain.models import DEFAULT_USER, LoraModel
 from sd_server.engine.png import parse_parameters
 from sd_server.errors import InvalidFieldError, InvalidPhotoError, JobFinishedError, UnknownUserError
 from sd_server.jobs.submission import Jobs
@@ -84,7 +84,7 @@ def acting_user(principal: Principal) -> str:
 
 # A1111's schedule types (GET /sdapi/v1/schedulers lists the ones that run as named): Karras runs a sampler's
 # Karras variant; the others are accepted and run the sampler's own schedule.
-KARRAS_SCHEDULES = {"karras"}
+KARRAS_SCHEDULE = "karras"
 OWN_SCHEDULES = {"automatic", "uniform", "normal", "simple", "sgm_uniform", "exponential", "polyexponential", "kl_optimal", "align_your_steps", "beta", "ddim"}  # fmt: skip
 
 
@@ -92,7 +92,7 @@ def scheduler_for(body: A1111Txt2ImgRequest) -> SchedulerName | None:
     """Our scheduler for A1111's sampler name (or this API's own name) and schedule type; None: the model's own;
     422 naming the field if either is unknown."""
     schedule = (body.scheduler or "automatic").casefold().replace(" ", "_")
-    if schedule not in KARRAS_SCHEDULES | OWN_SCHEDULES:
+    if schedule != KARRAS_SCHEDULE and schedule not in OWN_SCHEDULES:
         raise InvalidFieldError(f"unknown schedule type '{body.scheduler}'; GET /sdapi/v1/schedulers lists them", field="scheduler")
     name = body.sampler_name or body.sampler_index
     if not name:
@@ -101,7 +101,7 @@ def scheduler_for(body: A1111Txt2ImgRequest) -> SchedulerName | None:
     if name.casefold() not in known:
         raise InvalidFieldError(f"unknown sampler '{name}'; GET /sdapi/v1/samplers lists them", field="sampler_name")
     sampler = known[name.casefold()]
-    if schedule not in KARRAS_SCHEDULES:
+    if schedule != KARRAS_SCHEDULE:
         return sampler
     karras = karras_variant(sampler)
     if karras is None:
@@ -187,9 +187,14 @@ A1111_PARAMETER_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def model_sha256(model_id: str) -> str:
+    """What names a model as A1111's checkpoint SHA-256 does: here of its id, not of its file."""
+    return hashlib.sha256(model_id.encode("utf-8")).hexdigest()
+
+
 def model_hash(model_id: str) -> str:
-    """A short hash that names a model as A1111's 10-hex-digit checkpoint hash does (of its id here, not its file)."""
-    return hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:10]
+    """A1111's short (10-hex-digit) checkpoint hash of a model."""
+    return model_sha256(model_id)[:10]
 
 
 def info(job: Job) -> dict[str, Any]:
@@ -329,7 +334,7 @@ async def sd_models(registry: RegistryDep, principal: CurrentUser) -> list[A1111
     models = registry.all().values() if principal.is_admin else [registry.serving(acting_user(principal))]
     distinct = {model.label: model for model in models}
     return [
-        A1111Model(title=label, model_name=label, hash=model_hash(label), sha256=hashlib.sha256(label.encode()).hexdigest(), filename=model.source)
+        A1111Model(title=label, model_name=label, hash=model_hash(label), sha256=model_sha256(label), filename=model.source)
         for label, model in distinct.items()
     ]
 
@@ -338,10 +343,9 @@ async def sd_models(registry: RegistryDep, principal: CurrentUser) -> list[A1111
 async def loras(registry: RegistryDep, principal: CurrentUser) -> list[A1111Lora]:
     """The caller's own LoRA, when their model is one (an admin: every user's). It applies by itself: a prompt's
     ``<lora:...>`` tag is plain text here."""
-    models: list[UserModel] = list(registry.all().values()) if principal.is_admin else []
-    if not principal.is_admin:
-        with suppress(UnknownUserError):
-            models = [registry.get(acting_user(principal))]
+    everyone, user = registry.all(), acting_user(principal)
+    own = [everyone[user]] if user in everyone else []
+    models = list(everyone.values()) if principal.is_admin else own
     adapters = {model.label: model for model in models if isinstance(model, LoraModel)}
     return [A1111Lora(name=label, alias=label, path=os.path.basename(model.source)) for label, model in adapters.items()]
 
@@ -352,7 +356,7 @@ async def get_options(registry: RegistryDep, settings: SettingsDep, principal: C
     label = registry.serving(acting_user(principal)).label
     return {
         "sd_model_checkpoint": label,
-        "sd_checkpoint_hash": hashlib.sha256(label.encode()).hexdigest(),
+        "sd_checkpoint_hash": model_sha256(label),
         "sd_vae": "Automatic",
         "samples_format": "png",
         "CLIP_stop_at_last_layers": 1,

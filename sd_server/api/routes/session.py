@@ -2,6 +2,7 @@
 who the browser is signed in as, and signing out."""
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
@@ -27,6 +28,13 @@ def session_response(principal: Principal, session: Session | None) -> SessionRe
     )
 
 
+def cookie_attributes(request: Request) -> dict[str, Any]:
+    """The session cookie's attributes, the same when it is set and when it is forgotten: HttpOnly, SameSite per
+    SD_SESSION_SAMESITE, Secure over HTTPS and with SameSite=None (browsers drop such a cookie otherwise)."""
+    samesite = services_of(request).settings.session_samesite
+    return {"httponly": True, "samesite": samesite, "secure": request.url.scheme == "https" or samesite == "none", "path": "/"}
+
+
 @session_router.post("", responses=error_responses(UnauthorizedError))
 async def sign_in(body: SessionRequest, request: Request, response: Response) -> SessionResponse:
     """Exchange an API key for a session cookie (HttpOnly, SameSite per SD_SESSION_SAMESITE, Strict by default; Secure
@@ -39,9 +47,7 @@ async def sign_in(body: SessionRequest, request: Request, response: Response) ->
         return session_response(principal, None)
     sessions = services_of(request).sessions
     token, session = await asyncio.to_thread(sessions.issue, principal.key_id)
-    samesite = services_of(request).settings.session_samesite
-    secure = request.url.scheme == "https" or samesite == "none"  # browsers drop SameSite=None cookies that are not Secure
-    response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, httponly=True, samesite=samesite, secure=secure, path="/")
+    response.set_cookie(SESSION_COOKIE, token, max_age=sessions.ttl_s, **cookie_attributes(request))
     return session_response(principal, session)
 
 
@@ -63,6 +69,5 @@ async def sign_out(request: Request) -> Response:
     cookie. Without a live session there is nothing to end, and the answer is the same."""
     await asyncio.to_thread(end_session, request)
     response = Response(status_code=204)
-    samesite = services_of(request).settings.session_samesite
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite=samesite, secure=samesite == "none")
+    response.delete_cookie(SESSION_COOKIE, **cookie_attributes(request))
     return response
