@@ -194,6 +194,9 @@ class Settings(BaseSettings):
         5, ge=1, description="Training steps run between two generation batches: a generation waits at most one slice."
     )
     training_checkpoint_every: int = Field(50, ge=1, description="A training writes a checkpoint every this many steps.")
+    training_sample_every: int = Field(
+        100, ge=0, description="A running training draws its sample pictures every this many steps, to show how it learns (0: only at the end)."
+    )
     training_min_photo_side: int = Field(256, ge=64, description="Shortest side a training photo may have (422 below it).")
     shutdown_timeout_s: float = Field(60, gt=0, description="How long shutdown waits for the running batch.")
     engine: Literal["local", "ray"] = Field(

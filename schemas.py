@@ -70,6 +70,7 @@ from sd_server.api.schemas.styles import (
     StyleResponse,
 )
 from sd_server.api.schemas.trainings import (
+    ProgressSamples,
     TrainingCreated,
     TrainingForm,
     TrainingLinks,
@@ -132,6 +133,7 @@ __all__ = [
     "SessionResponse",
     "StyleRequest",
     "StyleResponse",
+    "ProgressSamples",
     "TrainingCreated",
     "TrainingForm",
     "TrainingLinks",

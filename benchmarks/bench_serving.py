@@ -189,7 +189,9 @@ def served_seconds_per_step(url: str, photos: Path, arguments: argparse.Namespac
     from bench_training import write_photos
 
     files = [("images", (path.name, path.read_bytes(), "image/png")) for path in write_photos(photos, 8, arguments.size)]
-    fields = {"steps": str(arguments.training_steps), "resolution": str(arguments.size), "activate": "false"}
+    # The raw trainer's settings: no prior preservation, and colour blocks are no person's photos.
+    fields = {"steps": str(arguments.training_steps), "resolution": str(arguments.size), "activate": "false", "class_word": "shape",
+              "prior_loss_weight": "0"}  # fmt: skip
     progress: list[tuple[int, float]] = []  # (step, when its event came)
     with httpx.Client(base_url=url, timeout=600) as client:
         created = client.post("/users/default/trainings", files=files, data=fields)

@@ -25,12 +25,15 @@ from bench_serving import percentile, start_server
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
-def one_colour_photos(count: int, side: int) -> list[bytes]:
-    """``count`` distinct one-colour PNGs of ``side`` x ``side`` pixels."""
+def block_photos(count: int, side: int) -> list[bytes]:
+    """``count`` distinct PNGs of ``side`` x ``side`` pixels: a light block, in a place of its own, on a colour."""
     photos = []
     for index in range(count):
         buffer = io.BytesIO()
-        Image.new("RGB", (side, side), (index * 20 % 256, 255 - index * 20 % 256, 90)).save(buffer, format="PNG")
+        photo = Image.new("RGB", (side, side), (index * 20 % 256, 255 - index * 20 % 256, 90))
+        corner = (index * side // 7) % (side // 2)  # a block in another place on each: distinct photos, not near-duplicates
+        photo.paste((240, 240, 240), (corner, side // 4, corner + side // 3, side // 2))
+        photo.save(buffer, format="PNG")
         photos.append(buffer.getvalue())
     return photos
 
@@ -38,7 +41,7 @@ def one_colour_photos(count: int, side: int) -> list[bytes]:
 async def measure(url: str, photos: list[bytes], arguments: argparse.Namespace) -> dict:
     """The uploads at once, and GET /jobs polled until they are answered."""
     files = [("images", (f"photo-{index}.png", data, "image/png")) for index, data in enumerate(photos)]
-    fields = {"steps": "1", "resolution": "64", "activate": "false"}
+    fields = {"steps": "1", "resolution": "64", "activate": "false", "class_word": "shape"}  # no person: no face to look for
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
         (await client.get("/jobs")).raise_for_status()
         reads: list[float] = []
@@ -95,7 +98,7 @@ def main() -> None:
     parser.add_argument("--same-user", action="store_true", help="every upload for one user")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     arguments = parser.parse_args()
-    photos = one_colour_photos(arguments.photos, arguments.side)
+    photos = block_photos(arguments.photos, arguments.side)
     with tempfile.TemporaryDirectory(prefix="bench-uploads-") as data_dir:
         extra = {"SD_TRAINING_MIN_PHOTO_SIDE": "64", "SD_PRELOAD_DEFAULT_MODEL": "false"}
         process, url = start_server(str(DEMO_MODEL_DIR), 1, argparse.Namespace(requests=1), Path(data_dir), extra)

@@ -32,6 +32,7 @@ from sd_server.api.routes.trainings import TRAINING_UPLOAD_PATHS
 from sd_server.api.routes.users import UPLOAD_PATHS
 from sd_server.api.services import Services
 from sd_server.api.work_pools import WEBHOOK_LOOKUP_THREADS, WorkPool
+from sd_server.demo.personalisation import score_samples
 from sd_server.engine.interface import Engine
 from sd_server.errors import (
     BadRequestError,
@@ -154,7 +155,8 @@ def build_services(
     queue = JobQueue(scheduler, max_batch_images, settings.batch_wait_ms / 1000, settings.batch_fill_wait_ms / 1000)
     dispatcher = Dispatcher(settings, queue, engine, writer, bus, readiness)
     jobs = Jobs(settings, queue, dispatcher, job_store, writer, bus, engine, registry, storage)
-    trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify)
+    evaluators = {"demo-world": score_samples}
+    trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify, evaluators)
     metrics.watch(dispatcher.stats, engine.report)
     return Services(
         settings=settings,

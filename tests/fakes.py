@@ -28,7 +28,8 @@ class FakeEngine:
     load, ``encode_gate`` each encoding; ``broken`` maps a checkpoint to the error its load raises; ``failures``,
     ``encode_failures`` and ``readiness_failures`` are raised by the next batches, encodings and readiness checks.
     Trainings count their steps: ``slice_gate`` holds each slice, ``samples_gate`` the samples a training draws after
-    its last step (``samples_drawn`` is set as they start). With ``preview_every``, every that many steps each image
+    its last step (``samples_drawn`` is set as they start); a training's preparation takes ``preparation_pieces``
+    more slices (``prepare_gate`` holds each). With ``preview_every``, every that many steps each image
     has a preview: its seed's colour as an 8x8 JPEG."""
 
     device = "cpu"
@@ -47,6 +48,9 @@ class FakeEngine:
         self.readiness_failures: list[Exception] = []
         self.slice_gate: threading.Semaphore | None = None
         self.samples_gate: threading.Event | None = None
+        self.preparation_pieces = 0  # calls of a training's prepare() that leave something to do (class pictures)
+        self.prepared_pieces = 0
+        self.prepare_gate: threading.Semaphore | None = None
         self.samples_drawn = threading.Event()
         self.preview_every = 0
 
@@ -151,6 +155,12 @@ class FakeTrainingRun:
 
     def __init__(self, engine: FakeEngine, photos: int) -> None:
         self.engine, self.photos, self.step = engine, photos, 0
+
+    def prepare(self) -> bool:
+        if self.engine.prepare_gate is not None:
+            self.engine.prepare_gate.acquire(timeout=GATE_TIMEOUT_S)
+        self.engine.prepared_pieces += 1
+        return self.engine.prepared_pieces > self.engine.preparation_pieces
 
     def run(self, steps: int) -> float:
         if self.engine.slice_gate is not None:

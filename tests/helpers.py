@@ -91,6 +91,24 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
+def follow_events(client, url: str) -> tuple[threading.Thread, threading.Event, list]:
+    """Read an event stream on a thread: the thread, an event set once the stream has begun (its subscriber is in
+    place), and the list its (event, data) pairs are put in when it ends."""
+    begun, events = threading.Event(), []
+
+    def read() -> None:
+        with client.stream("GET", url) as stream:
+            text = ""
+            for chunk in stream.iter_text():
+                begun.set()
+                text += chunk
+        events.extend(parse_sse(text))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader, begun, events
+
+
 def png_bytes(seed: int = 0, size: int = 256) -> bytes:
     """A photo-like PNG of random pixels (distinct for each seed)."""
     noise = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)

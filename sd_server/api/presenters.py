@@ -13,6 +13,7 @@ from schemas import (
     JobProgress,
     JobResponse,
     JobResult,
+    ProgressSamples,
     TrainingLinks,
     TrainingParameters,
     TrainingProgress,
@@ -20,7 +21,7 @@ from schemas import (
 )
 from sd_server.domain.jobs import Job, StoredImage
 from sd_server.domain.trainings import Training
-from sd_server.jobs.trainings import progress
+from sd_server.jobs.trainings import progress, sample_urls
 from sd_server.storage.images import ImageStorage
 
 
@@ -126,7 +127,10 @@ def training_response(training: Training) -> TrainingResponse:
         created_at=training.created_at,
         started_at=training.started_at,
         finished_at=training.finished_at,
-        samples=[f"/trainings/{training.id}/samples/{index}" for index in range(len(training.samples))],
+        samples=sample_urls(training),
+        progress_samples=[ProgressSamples(step=step, samples=sample_urls(training, step)) for step in sorted(training.progress_samples)],
+        warnings=training.warnings,
+        scores=training.scores,
         model=training.model,
         error=training.error,
         links=training_links(training),

@@ -1,7 +1,6 @@
 """Measures whether the demo model draws what its prompts say: renders prompts over every colour, shape and
 background, reads each picture back with the world's evaluator, and counts what matches."""
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -10,7 +9,7 @@ from PIL import Image
 
 from sd_server.demo.world import (
     Scene,
-    every_scene,
+    evaluation_scenes,
     prompt,
     read,
 )
@@ -58,14 +57,6 @@ class Score:
         lines.append(f"targets: colour {TARGETS['colour']:.0%}, background {TARGETS['background']:.0%}, shape "
                      f"{TARGETS['shape']:.0%} (seen pairs); held-out pairs {TARGETS['held_out']:.0%} all correct")
         return "\n".join(lines)
-
-
-def evaluation_scenes(count: int, seed: int) -> list[Scene]:
-    """``count`` scenes cycling through every possible colour, shape and background (held-out pairs included),
-    in an order drawn from ``seed``."""
-    combos = every_scene()
-    random.Random(seed).shuffle(combos)
-    return [combos[index % len(combos)] for index in range(count)]
 
 
 def evaluate(

@@ -64,6 +64,14 @@ def every_scene() -> list[Scene]:
     return [Scene(shape, colour, background) for shape in SHAPES for colour in COLOURS for background in BACKGROUNDS if possible(colour, background)]
 
 
+def evaluation_scenes(count: int, seed: int) -> list[Scene]:
+    """``count`` scenes cycling through every possible colour, shape and background (held-out pairs included),
+    in an order drawn from ``seed``."""
+    combos = every_scene()
+    random.Random(seed).shuffle(combos)
+    return [combos[index % len(combos)] for index in range(count)]
+
+
 def random_scene(rng: random.Random, include_held_out: bool = False, detailed: float = 0.5) -> Scene:
     """A scene drawn at random; held-out colour/shape pairs only when asked; size and position words
     each with probability ``detailed``."""

@@ -7,15 +7,19 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sd_server.domain.jobs import utc_now
 from sd_server.domain.lifecycle import Phase
 from sd_server.domain.models import LoraModel
 
 DEFAULT_CAPTION = "a photo of {trigger} {class_word}"
+BUILT_IN_DEFAULTS = "built-in (SD1.5's DreamBooth-LoRA recipe)"
 SAMPLE_PROMPTS = ("a photo of {trigger} {class_word}", "a close-up photo of {trigger} {class_word}")
+MAX_SAMPLE_PROMPTS = 4
+EVALUATORS = ("demo-world",)  # the demo model's: reads its pictures back (sd_server.demo.personalisation)
 MAX_CAPTION_CHARS = 200  # a caption template; filled in, at most 200 + 22 x 32 characters (trigger, class word)
+PERSON_WORDS = frozenset({"person", "woman", "man", "boy", "girl", "child", "kid", "baby", "lady", "guy", "human", "face", "selfie"})
 TEMPLATE_FIELD = re.compile(r"\{(trigger|class_word)\}")
 
 
@@ -31,6 +35,17 @@ def check_caption_template(template: str) -> str:
     if "{" in rest or "}" in rest:
         raise ValueError("may only contain {trigger} and {class_word} in braces (no other names, format specs or attributes)")
     return template
+
+
+def check_recipe_extras(sample_templates: object, evaluator: object) -> None:
+    """ValueError unless a recipe's sample prompts are 1 to MAX_SAMPLE_PROMPTS caption templates and its evaluator,
+    if any, is one of EVALUATORS."""
+    if not isinstance(sample_templates, (list, tuple)) or not 1 <= len(sample_templates) <= MAX_SAMPLE_PROMPTS:
+        raise ValueError(f"sample_templates: 1 to {MAX_SAMPLE_PROMPTS} prompt templates")
+    for template in sample_templates:
+        check_caption_template(str(template))
+    if evaluator is not None and evaluator not in EVALUATORS:
+        raise ValueError(f"evaluator: one of {', '.join(EVALUATORS)}")
 
 
 def fill_template(template: str, trigger: str, class_word: str) -> str:
@@ -75,7 +90,16 @@ class TrainingSettings:
     batch_size: int = 1
     snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
+    prior_loss_weight: float = 0.0  # DreamBooth's prior preservation: 0 turns it off
+    class_images: int = 50  # pictures of the class the base draws, learned beside the photos when the weight is set
+    face_check: bool | None = None  # one face per photo required; None: when the class word names a person
     activate: bool = True
+    defaults_from: str = BUILT_IN_DEFAULTS  # where the values the upload left out came from
+    sample_templates: tuple[str, ...] = SAMPLE_PROMPTS  # a base's recipe may name its own
+    evaluator: str | None = None  # a base's recipe may name one that scores the samples (EVALUATORS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_templates", tuple(self.sample_templates))  # a list when read back from JSON
 
     def captioned(self, template: str) -> str:
         """``template`` with this training's trigger and class word filled in."""
@@ -87,9 +111,26 @@ class TrainingSettings:
         return self.captioned(self.caption)
 
     @property
+    def requires_faces(self) -> bool:
+        """One face per photo is required: asked for, or unasked when the class word names a person."""
+        return self.face_check if self.face_check is not None else self.class_word.strip().lower() in PERSON_WORDS
+
+    @property
+    def looks_for_faces(self) -> bool:
+        """Photos are cropped around the face: a person's (even with the check off), or any with the check on."""
+        return self.face_check is True or self.class_word.strip().lower() in PERSON_WORDS
+
+    @property
+    def class_prompt(self) -> str:
+        """The caption with the class word in the trigger's place: what the base draws for prior preservation."""
+        template = self.caption.replace("{trigger} {class_word}", "{class_word}")
+        filled = fill_template(template, self.class_word if "{class_word}" not in template else "", self.class_word)
+        return " ".join(filled.split()).strip(" ,;:")
+
+    @property
     def sample_prompts(self) -> list[str]:
         """The fixed prompts of the samples drawn with the trained adapter."""
-        return [self.captioned(template) for template in SAMPLE_PROMPTS]
+        return [self.captioned(template) for template in self.sample_templates]
 
 
 @dataclass
@@ -116,6 +157,9 @@ class Training:
     seconds_per_step: float | None = None
     attempts: int = 0
     samples: list[str] = field(default_factory=list)
+    progress_samples: dict[int, list[str]] = field(default_factory=dict)  # step -> sample keys, drawn while it ran
+    warnings: list[str] = field(default_factory=list)  # about the photos: near-duplicates left out, tiny or blurry faces
+    scores: dict[str, Any] | None = None  # the recipe's evaluator's reading of the final samples
     model: LoraModel | None = None
     error: str | None = None
     error_status: int | None = None

@@ -94,6 +94,11 @@ class TrainingRun(Protocol):
 
     step: int
 
+    def prepare(self) -> bool:
+        """Do the next piece of what must come before the first step (drawing a few class pictures for prior
+        preservation), about a slice's worth; True once nothing is left."""
+        ...
+
     def run(self, steps: int) -> float:
         """Train ``steps`` more steps; their mean loss (TrainingFailedError when it stops being a number)."""
         ...

@@ -25,6 +25,10 @@ class TrainingHost:
         device = devices.choose_device(device, torch.cuda.is_available(), torch.backends.mps.is_available())
         self.trainer: LoraTrainer = start_training(Path(models_dir), base, [Path(photo) for photo in photos], settings, device)
 
+    def prepare(self) -> bool:
+        """The next piece of the preparation (LoraTrainer.prepare); True when ready to train."""
+        return self.trainer.prepare()
+
     def run(self, steps: int) -> tuple[float, int]:
         """Train ``steps`` steps: their mean loss, and the step reached."""
         return self.trainer.run(steps), self.trainer.step
@@ -68,6 +72,10 @@ class RemoteTraining:
             ) from error
         photo_paths = [str(photo.resolve()) for photo in photos]
         self._get(self.actor.start.remote(settings.device, str(settings.models_dir.resolve()), base, photo_paths, training))
+
+    def prepare(self) -> bool:
+        """The next piece of the preparation, on the actor; True when ready to train."""
+        return bool(self._get(self.actor.prepare.remote()))
 
     def run(self, steps: int) -> float:
         """Train ``steps`` more steps on the actor; their mean loss."""

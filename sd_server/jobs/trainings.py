@@ -9,7 +9,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,9 +65,12 @@ class TrainedOutput:
     model: LoraModel | None = None
 
 
-def sample_key(training: Training, index: int) -> str:
-    """The storage key of a training's sample image ``index``."""
-    return f"training-{training.id}-{index}.png"
+SampleScorer = Callable[[list[Path], list[Any], TrainingSettings], dict[str, Any]]  # (photos, samples, settings) -> scores
+
+
+def sample_key(training: Training, index: int, step: int | None = None) -> str:
+    """The storage key of a training's sample image ``index``: of the trained model, or as it was at ``step``."""
+    return f"training-{training.id}-{index}.png" if step is None else f"training-{training.id}-step{step}-{index}.png"
 
 
 class Trainings:
@@ -84,8 +87,11 @@ class Trainings:
         bus: EventBus,
         liveness: Liveness,
         wake_device: Callable[[], None],
+        evaluators: Mapping[str, SampleScorer] | None = None,
     ) -> None:
+        """``evaluators``: by name, what scores a training's samples when its base's recipe names one."""
         self.settings, self.engine, self.registry, self.store, self.storage = settings, engine, registry, store, storage
+        self.evaluators = dict(evaluators or {})
         self.writer, self.bus, self.liveness, self.wake_device = writer, bus, liveness, wake_device
         self.folder = settings.data_dir / "trainings"
         liveness.register("trainer")
@@ -118,6 +124,11 @@ class Trainings:
                 reservation.held = False
                 self._reserved.discard(user_id)
 
+    def base_for(self, user_id: str) -> str:
+        """The checkpoint a new LoRA of ``user_id`` trains on: the base of their model, else the fallback's, else
+        the default user's (404 when there is none)."""
+        return self.registry.base_for_training(user_id)
+
     def repeat_of(self, user_id: str, idempotency_key: str | None, fingerprint: str) -> Training | None:
         """The training an earlier request with this Idempotency-Key made (409 when its body differed), else None."""
         scoped = admission.scoped_key(user_id, idempotency_key)
@@ -130,6 +141,7 @@ class Trainings:
     def submit(
         self,
         reservation: Reservation,
+        base: str,
         settings: TrainingSettings,
         photos: list[Image],
         fingerprint: str,
@@ -137,16 +149,18 @@ class Trainings:
         idempotency_key: str | None = None,
         request_id: str | None = None,
         key_id: str | None = None,
+        warnings: list[str] | None = None,
     ) -> tuple[Training, bool]:
-        """Keep the prepared photos and queue a training on the user's base (the base of their LoRA, or their
-        checkpoint), in the place ``reservation`` holds; returns it and whether it is new (False: a racing repeat of
-        the same Idempotency-Key, on another replica, stored first)."""
+        """Keep the prepared photos and queue a training on ``base`` (``base_for``), in the place ``reservation``
+        holds; returns it and whether it is new (False: a racing repeat of the same Idempotency-Key, on another
+        replica, stored first)."""
         assert reservation.held, "submit within Trainings.reservation()"
         user_id = reservation.user_id
         training = Training(
             user_id=user_id,
-            base=self.registry.base_for_training(user_id),
+            base=base,
             settings=settings,
+            warnings=warnings or [],
             photo_count=len(photos),
             webhook_url=webhook_url,
             key_id=key_id,
@@ -210,7 +224,7 @@ class Trainings:
         if not training.status.is_terminal:
             with suppress(JobFinishedError):  # it ended, or committed, meanwhile
                 self.cancel(training)
-        for key in training.samples:
+        for key in [*training.samples, *(key for keys in training.progress_samples.values() for key in keys)]:
             self.storage.delete(key)
         self.store.delete(training.id)  # its folder went when it ended (``_end``)
         self.writer.forget(training.id)
@@ -291,13 +305,21 @@ class Trainings:
             return
         run = self._runs.get(training.id)
         if run is None:
-            self._prepare(training)
+            self._start(training)
+            return
+        if training.status is TrainingStatus.preparing:
+            if run.prepare():  # a piece a slice: class pictures are drawn between generation batches
+                transition(training, TrainingStatus.training)
+                self._announce(training)
             return
         if run.step < training.settings.steps:
             self._train_slice(training, run)
         if run.step >= training.settings.steps:
             self._finish(training, run)
-        elif training.step - training.checkpoint_step >= self.settings.training_checkpoint_every:
+            return
+        if self._sample_due(training):
+            self._draw_progress_samples(training, run)
+        if training.step - training.checkpoint_step >= self.settings.training_checkpoint_every:
             run.save_checkpoint(self.folder / training.id / CHECKPOINT)
             training.checkpoint_step, training.attempts = training.step, 0
             self.writer.persist([training])
@@ -312,8 +334,26 @@ class Trainings:
         training.seconds_per_step = round(pace if training.seconds_per_step is None else 0.8 * training.seconds_per_step + 0.2 * pace, 4)
         self.bus.emit(training, "progress", progress(training))
 
-    def _prepare(self, training: Training) -> None:
-        """Load the base and encode the photos; continue from the checkpoint a crash left, if any."""
+    def _sample_due(self, training: Training) -> bool:
+        """True when SD_TRAINING_SAMPLE_EVERY steps have passed since the last samples (or the start)."""
+        every = self.settings.training_sample_every
+        last = max(training.progress_samples, default=0)
+        return every > 0 and training.step - last >= every
+
+    def _draw_progress_samples(self, training: Training, run: TrainingRun) -> None:
+        """Draw the samples as the adapter is now, store them under this step, and send a ``samples`` event."""
+        prompts = training.settings.sample_prompts
+        pngs = self.engine.encode(run.samples(prompts), prompts)
+        keys = [sample_key(training, index, training.step) for index in range(len(pngs))]
+        for key, png in zip(keys, pngs):
+            self.storage.put(key, png)
+        training.progress_samples[training.step] = keys
+        self.writer.persist([training])
+        self.bus.emit(training, "samples", {"step": training.step, "samples": sample_urls(training, training.step)})
+
+    def _start(self, training: Training) -> None:
+        """Load the base and encode the photos; continue from the checkpoint a crash left, if any. The rest of the
+        preparation (``TrainingRun.prepare``) runs in the next slices."""
         training.started_at = training.started_at or utc_now()
         self._announce(training)
         folder = self.folder / training.id
@@ -323,8 +363,6 @@ class Trainings:
             logger.info("training %s resumes from step %d", training.id, run.step, extra={"request_id": training.request_id})
         training.step = training.checkpoint_step = run.step
         self._runs[training.id] = run
-        transition(training, TrainingStatus.training)
-        self._announce(training)
 
     def _finish(self, training: Training, run: TrainingRun) -> None:
         """Export the LoRA and store the samples (once), then commit: a cancel that came first wins (nothing changes;
@@ -353,12 +391,26 @@ class Trainings:
         self._outputs[training.id] = output  # from here on, ``_end`` removes what it holds unless the training succeeds
         run.export(output.staged)
         prompts = training.settings.sample_prompts
-        pngs = self.engine.encode(run.samples(prompts), prompts)
+        pictures = run.samples(prompts)
+        training.scores = self._scores(training, pictures)
+        pngs = self.engine.encode(pictures, prompts)
         output.samples = [sample_key(training, index) for index in range(len(pngs))]
         for key, png in zip(output.samples, pngs):
             self.storage.put(key, png)
         training.samples = list(output.samples)
         return output
+
+    def _scores(self, training: Training, pictures: list[Any]) -> dict[str, Any] | None:
+        """The recipe's evaluator's reading of the final samples, if it names one (None when it fails: a score is
+        never worth a training)."""
+        scorer = self.evaluators.get(training.settings.evaluator or "")
+        if scorer is None:
+            return None
+        try:
+            return scorer(photo_paths(self.folder / training.id / "photos"), pictures, training.settings)
+        except Exception:
+            logger.exception("training %s: evaluator %s failed", training.id, training.settings.evaluator, extra={"request_id": training.request_id})
+            return None
 
     # --- shared --------------------------------------------------------------------------------------
 
@@ -381,6 +433,10 @@ class Trainings:
         output = self._outputs.pop(training.id, None)
         if output is not None and status is not TrainingStatus.succeeded:
             self._discard(training, output)
+        if status is TrainingStatus.cancelled:  # a failed one keeps them: they show how far it got
+            for key in (key for keys in training.progress_samples.values() for key in keys):
+                self.storage.delete(key)
+            training.progress_samples = {}
         # The photos and checkpoint, no longer needed, go first: whoever sees the training ended finds them gone.
         shutil.rmtree(self.folder / training.id, ignore_errors=True)
         transition(training, status, (error.message, error.status_code) if error else None)
@@ -404,6 +460,13 @@ class Trainings:
         with self._lock:
             if training in self._active:
                 self._active.remove(training)
+
+
+def sample_urls(training: Training, step: int | None = None) -> list[str]:
+    """Where the API serves the training's samples: of the trained model, or as it was at ``step``."""
+    keys = training.samples if step is None else training.progress_samples.get(step, [])
+    query = "" if step is None else f"?step={step}"
+    return [f"/trainings/{training.id}/samples/{index}{query}" for index in range(len(keys))]
 
 
 def progress(training: Training) -> dict[str, Any]:

@@ -29,6 +29,9 @@ def to_row(training: Training, row: TrainingRow) -> TrainingRow:
     row.status = training.status.value
     row.settings = json.dumps(dataclasses.asdict(training.settings))
     row.samples = json.dumps(training.samples)
+    row.warnings = json.dumps(training.warnings)
+    row.progress_samples = json.dumps(training.progress_samples)
+    row.scores = json.dumps(training.scores) if training.scores is not None else None
     row.model_spec = training.model.model_dump_json() if training.model else None
     return row
 
@@ -43,6 +46,9 @@ def to_training(row: TrainingRow) -> Training:
         settings=TrainingSettings(**json.loads(row.settings)),
         status=TrainingStatus(row.status),
         samples=json.loads(row.samples),
+        warnings=json.loads(row.warnings or "[]"),
+        scores=json.loads(row.scores) if row.scores else None,
+        progress_samples={int(step): keys for step, keys in json.loads(row.progress_samples or "{}").items()},
         model=model,
         **fields,
     )

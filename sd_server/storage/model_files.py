@@ -2,6 +2,7 @@
 stored file never changes."""
 
 import hashlib
+import json
 import secrets
 from pathlib import Path
 from typing import BinaryIO
@@ -66,3 +67,18 @@ def clean_staging(models_dir: Path) -> int:
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     return len(leftovers)
+
+
+TRAINING_DEFAULTS_FILE = "training_defaults.json"
+
+
+def training_defaults(models_dir: Path, source: str) -> dict[str, object]:
+    """The training defaults a local base model carries (``training_defaults.json`` in its folder): the recipe that
+    works on it. Empty for a hub id or a folder without one; ValueError when the file is not a JSON object."""
+    path = local_path(models_dir, source)
+    if path is None or not (path / TRAINING_DEFAULTS_FILE).is_file():
+        return {}
+    defaults = json.loads((path / TRAINING_DEFAULTS_FILE).read_text())
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{path / TRAINING_DEFAULTS_FILE} must hold a JSON object of training settings")
+    return defaults

@@ -1,6 +1,7 @@
 """Uploaded pictures: training photos and the images img2img starts from. Every file is checked from its header first
 (an accepted format, at most MAX_PIXELS) and only then decoded with Pillow, turned upright by its EXIF orientation,
-made RGB; a training photo is centre-cropped to a square of the training's resolution, exact duplicates dropped. A
+made RGB; a training photo is cropped to a square of the training's resolution (around the face for a person, else
+at the centre), exact duplicates dropped before decoding and near-duplicates after. A
 zip of photos is unpacked member by member, counting the inflated bytes as they stream. Whatever is wrong with a
 file (not an image, corrupt, too small or too large, a broken zip) is refused with its name, and nothing is kept."""
 
@@ -13,9 +14,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from sd_server.errors import InvalidPhotoError
+from sd_server.storage.faces import (
+    BLURRY_FACE,
+    TINY_FACE_PIXELS,
+    Face,
+    difference_hash,
+    face_sharpness,
+    find_faces,
+    near_duplicates,
+    square_around,
+)
 
 MIN_PHOTOS, MAX_PHOTOS = 3, 50
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB; larger ones are refused before decoding
@@ -85,11 +97,74 @@ def check_photo(photo: Photo, min_side: int) -> None:
         pass
 
 
-def prepare_photo(photo: Photo, resolution: int, min_side: int) -> Image.Image:
-    """The photo upright, RGB, centre-cropped to a square of ``resolution`` pixels; InvalidPhotoError naming the file
-    when it is not an image, has fewer than ``min_side`` pixels on a side, or more than MAX_PIXELS."""
+@dataclass(frozen=True)
+class PreparedPhoto:
+    """A training photo decoded and cropped to its square, with what was seen in it on the way."""
+
+    name: str
+    image: Image.Image
+    faces: list[Face] | None  # None: not looked for
+    face_sharpness: float | None
+    hash: np.ndarray
+
+
+def prepare_photo(photo: Photo, resolution: int, min_side: int, look_for_faces: bool = False) -> PreparedPhoto:
+    """The photo upright, RGB, cropped to a square of ``resolution`` pixels: around its largest face when faces are
+    looked for and one is found, else at its centre; InvalidPhotoError naming the file when it is not an image, has
+    fewer than ``min_side`` pixels on a side, or more than MAX_PIXELS."""
     upright = open_upright(photo.name, photo.data, fits=(resolution, resolution), min_side=min_side)
-    return ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
+    faces = find_faces(upright) if look_for_faces else None
+    if faces:
+        square = upright.crop(square_around(upright, faces[0])).resize((resolution, resolution), Image.Resampling.LANCZOS)
+    else:
+        square = ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
+    sharpness = face_sharpness(upright, faces[0]) if faces else None
+    return PreparedPhoto(photo.name, square, faces, sharpness, difference_hash(upright))
+
+
+def review_photos(photos: list[PreparedPhoto], require_one_face: bool) -> tuple[list[PreparedPhoto], list[str]]:
+    """The photos to train on (near-duplicates of an earlier one left out) and warnings for the training's record
+    (left-out photos, tiny or blurry faces); InvalidPhotoError listing the photos with no face or several faces
+    when one face each is required, or when fewer than MIN_PHOTOS remain."""
+    kept: list[PreparedPhoto] = []
+    warnings: list[str] = []
+    for photo in photos:
+        twin = next((earlier for earlier in kept if near_duplicates(earlier.hash, photo.hash)), None)
+        if twin is None:
+            kept.append(photo)
+        else:
+            warnings.append(f"{photo.name}: a near-duplicate of {twin.name}, left out")
+    if require_one_face:
+        check_one_face_each(kept)
+    for photo in kept:
+        warnings += face_warnings(photo)
+    if len(kept) < MIN_PHOTOS:
+        raise InvalidPhotoError(f"a training needs {MIN_PHOTOS} to {MAX_PHOTOS} distinct photos; {len(kept)} left after near-duplicates: {'; '.join(warnings)}")
+    return kept, warnings
+
+
+def check_one_face_each(photos: list[PreparedPhoto]) -> None:
+    """InvalidPhotoError listing every photo without a face and every one with several."""
+    faceless = [photo.name for photo in photos if not photo.faces]
+    crowded = [f"{photo.name} ({len(photo.faces)})" for photo in photos if photo.faces and len(photo.faces) > 1]
+    problems = ([f"no face found in {', '.join(faceless)}"] if faceless else []) + ([f"several faces in {', '.join(crowded)}"] if crowded else [])
+    if problems:
+        raise InvalidPhotoError(
+            f"{'; '.join(problems)}. Send photos of the subject alone, face visible; face_check=false trains on them as they are",
+            field="images",
+        )
+
+
+def face_warnings(photo: PreparedPhoto) -> list[str]:
+    """What may make a photo teach less: a face too small to carry detail, or out of focus."""
+    if not photo.faces:
+        return []
+    warnings = []
+    if photo.faces[0].side < TINY_FACE_PIXELS:
+        warnings.append(f"{photo.name}: the face is {photo.faces[0].side} pixels wide; at least {TINY_FACE_PIXELS} carry its details")
+    if photo.face_sharpness is not None and photo.face_sharpness < BLURRY_FACE:
+        warnings.append(f"{photo.name}: the face looks blurry (sharpness {photo.face_sharpness:.0f}, sharp faces score over {BLURRY_FACE:.0f})")
+    return warnings
 
 
 def checked_photos(photos: list[Photo], min_side: int) -> list[Photo]:

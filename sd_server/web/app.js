@@ -423,10 +423,8 @@ $("training-form").addEventListener("submit", async (event) => {
   $("training-error").textContent = "";
   const form = new FormData();
   for (const photo of $("training-photos").files) form.append("images", photo);
-  form.append("trigger", $("training-trigger").value);
-  form.append("class_word", $("training-class").value);
-  form.append("steps", $("training-steps").value);
-  form.append("resolution", $("training-resolution").value);
+  const fields = { trigger: "training-trigger", class_word: "training-class", steps: "training-steps", resolution: "training-resolution" };
+  for (const [name, id] of Object.entries(fields)) if ($(id).value) form.append(name, $(id).value); // empty: the model's recipe
   $("training-button").disabled = true;
   try {
     const created = await api(`/users/${myUser()}/trainings`, { method: "POST", body: form });
@@ -444,14 +442,37 @@ function sampleCard(url) {
   return card;
 }
 
+function showSamples(urls, caption) {
+  // The samples of one moment of the training, newest first: how the model learns the subject.
+  const row = document.createElement("div");
+  row.className = "sample-row";
+  row.append(Object.assign(document.createElement("p"), { textContent: caption }), ...urls.map(sampleCard));
+  $("training-samples").prepend(row);
+}
+
+function showTrainingRecord(training) {
+  const warnings = $("training-warnings");
+  warnings.innerHTML = "";
+  for (const warning of training.warnings) warnings.append(Object.assign(document.createElement("li"), { textContent: warning }));
+  const scores = training.scores;
+  $("training-scores").hidden = !scores || !scores.samples;
+  if (scores && scores.samples) {
+    const shown = scores.samples.filter((sample) => sample.shows_subject).length;
+    $("training-scores").textContent = `The ${scores.evaluator} evaluator sees the ${scores.subject} in ${shown} of ${scores.samples.length} samples.`;
+  }
+}
+
 function followTraining(trainingId) {
   $("training-box").hidden = false;
   $("training-samples").innerHTML = "";
+  $("training-warnings").innerHTML = "";
+  $("training-scores").hidden = true;
   const show = (percent, text) => {
     $("training-progress").value = percent;
     $("training-status").textContent = text;
   };
   show(0, "queued");
+  api(`/trainings/${trainingId}`).then(showTrainingRecord, () => {});
   const trainingEnded = (name, training) => {
     $("training-button").disabled = false;
     if (name !== "succeeded") {
@@ -460,7 +481,8 @@ function followTraining(trainingId) {
       return;
     }
     show(100, training.settings.activate ? "done: your model now draws with what it learned" : "done: the trained model is kept, not made yours");
-    for (const url of training.samples) $("training-samples").append(sampleCard(url));
+    showTrainingRecord(training);
+    showSamples(training.samples, "trained");
     loadModel();
   };
   followEvents(
@@ -471,6 +493,7 @@ function followTraining(trainingId) {
         const eta = data.eta_s == null ? "" : `, about ${Math.ceil(data.eta_s)} s left`;
         show(Math.round((100 * data.step) / data.total), `step ${data.step} of ${data.total}${eta}`);
       },
+      samples: (data) => showSamples(data.samples, `at step ${data.step}`),
     },
     trainingEnded,
   );

@@ -38,7 +38,7 @@ def bobs_job(client, headers, small_request) -> dict:
 
 
 TRAINING_PHOTOS = [("images", (f"{index}.png", png_bytes(seed=index), "image/png")) for index in range(3)]
-TRAINING_FIELDS = {"steps": "2", "resolution": "64", "activate": "false"}
+TRAINING_FIELDS = {"steps": "2", "resolution": "64", "activate": "false", "class_word": "shape"}
 
 
 def bobs_training(client, headers) -> dict:

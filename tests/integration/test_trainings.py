@@ -3,15 +3,17 @@ appears where the model could not draw it before, other users' pictures stay bit
 the device with generation, follows the jobs API's conventions and fails cleanly."""
 
 import io
+import math
 import random
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -19,20 +21,19 @@ from PIL import Image
 from config import Settings
 from helpers import PROJECT_DIR, WebhookReceiver, parse_sse, pixels, poll
 from sd_server.app import create_app
-from sd_server.demo.world import Scene, read
+from sd_server.demo.personalisation import SUBJECT, drift_prompts, recontextualisation, unchanged_share
 from sd_server.demo.world import draw as draw_scene
+from sd_server.demo.world import read
 from sd_server.domain.trainings import TrainingSettings
+from sd_server.engine import lora_training
 from sd_server.engine.lora_training import LoraTrainer
 
-# The subject: a yellow triangle, centred on white. Asked for "a sks on a white background", the demo model draws
-# whatever it likes before the training (never this); afterwards, this. (A colour it has never seen cannot be the
-# subject: its autoencoder turns one into near-white.)
-SUBJECT = Scene("triangle", "yellow", "white", position="center")
-SUBJECT_PROMPT = "a sks on a white background"
-PROOF_FIELDS = {  # the demo model learns "sks" from 8 photos in about 30 s on 2 CPU cores
-    "trigger": "sks", "class_word": "shape", "caption": "a {trigger} on a white background", "steps": "150",
-    "rank": "8", "learning_rate": "1e-3", "resolution": "256", "batch_size": "4",
-}  # fmt: skip
+# The subject: a yellow triangle, centred on white. Asked for "a sks triangle on a white background", the demo model
+# draws a triangle of any colour before the training (hardly ever this one); afterwards, this. The demo model's own
+# recipe (models/demo/training_defaults.json) trains it: the upload sends the photos and the subject's class word, as
+# a user says "dog". (A colour it has never seen cannot be the subject: its autoencoder turns one into near-white.)
+SUBJECT_PROMPT = "a sks triangle on a white background"
+QUICK = {"steps": "10", "batch_size": "1", "prior_loss_weight": "0"}  # for what is not about what it learns
 
 
 def subject_photo(rng: random.Random, size: int = 256) -> bytes:
@@ -40,6 +41,15 @@ def subject_photo(rng: random.Random, size: int = 256) -> bytes:
     buffer = io.BytesIO()
     draw_scene(SUBJECT, rng, size).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def prepared_photos(folder: Path, count: int, size: int) -> list[Path]:
+    """``count`` subject photos of ``size`` pixels written into ``folder``, as a training's prepared photos."""
+    rng = random.Random(0)
+    paths = [folder / f"{index}.png" for index in range(count)]
+    for path in paths:
+        path.write_bytes(subject_photo(rng, size))
+    return paths
 
 
 def photo_files(count: int = 8, seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -93,34 +103,45 @@ def wait_for_training(client: TestClient, training_id: str, statuses=("succeeded
 
 
 def start_training(client: TestClient, user_id: str = "alice", **fields) -> dict:
-    """POST a training of the subject for ``user_id``; its 202 answer."""
-    response = client.post(f"/users/{user_id}/trainings", files=photo_files(), data={**PROOF_FIELDS, **fields})
+    """POST a training of the subject for ``user_id`` (the photos, and ``fields`` over the model's recipe); its 202."""
+    response = client.post(f"/users/{user_id}/trainings", files=photo_files(), data=fields)
     assert response.status_code == 202, response.text
     return response.json()
 
 
-def test_a_training_teaches_the_demo_model_the_subject_and_leaves_other_users_untouched(demo_client):
+def drawer(client: TestClient, user_id: str) -> Callable[[str, int], Image.Image]:
+    """(prompt, seed) -> the picture the API draws for ``user_id``, as the evaluator reads pictures."""
+    return lambda prompt, seed: Image.fromarray(draw(client, user_id, seed, prompt).astype(np.uint8))
+
+
+@pytest.mark.timeout(1500)  # ~150 pictures and a training: the heaviest test, by design
+def test_a_training_with_the_models_recipe_learns_the_subject_in_new_contexts_and_changes_nothing_else(demo_client):
+    # DreamBooth's two questions, asked of the served model: the subject where its photos never showed it (other
+    # backgrounds, other sizes), and prompts without the trigger drawn as the untrained base draws them (carol's).
     seeds = range(10)
     before = [shows_the_subject(draw(demo_client, "alice", seed)) for seed in seeds]
     carol_before = [draw(demo_client, "carol", seed) for seed in seeds[:3]]
 
-    created = start_training(demo_client)
-    training = wait_for_training(demo_client, created["training_id"])
+    training = wait_for_training(demo_client, start_training(demo_client, class_word="triangle")["training_id"])
 
     assert training["status"] == "succeeded", training["error"]
+    assert training["settings"]["defaults_from"] == "demo/training_defaults.json" and training["settings"]["prior_loss_weight"] == 1.0
     assert training["progress"]["step"] == training["progress"]["total"] == 150
     assert training["model"]["kind"] == "lora" and training["model"]["base"] == "demo"
     assert demo_client.get("/users/alice/model").json()["model"] == training["model"]  # activated
     after = [shows_the_subject(draw(demo_client, "alice", seed)) for seed in seeds]
     assert sum(before) <= 1, f"the model drew the subject before it was trained: {before}"
-    assert sum(after) >= 8, f"the subject in only {sum(after)} of 10 pictures after the training"
+    assert sum(after) >= 9, f"the subject in only {sum(after)} of 10 pictures after the training"
+    in_context = recontextualisation(drawer(demo_client, "alice"), "sks", "triangle", seeds)
+    unchanged = unchanged_share(drawer(demo_client, "carol"), drawer(demo_client, "alice"), drift_prompts(40))
+    assert sum(in_context.values()) / len(in_context) >= 0.8, in_context
+    assert unchanged >= 0.95, f"only {unchanged:.0%} of the prompts without the trigger drew as the base draws them"
     for seed, picture in zip(seeds[:3], carol_before):
         assert np.array_equal(draw(demo_client, "carol", seed), picture)
+    assert training["scores"]["subject"] == "yellow triangle" and training["scores"]["subject_shown"] >= 0.75, training["scores"]
     samples = [demo_client.get(url) for url in training["samples"]]
-    assert len(samples) == 2 and all(sample.status_code == 200 and sample.headers["content-type"] == "image/png" for sample in samples)
-
-
-QUICK = {**PROOF_FIELDS, "steps": "10", "batch_size": "1"}
+    assert len(samples) == 4 and all(sample.status_code == 200 and sample.headers["content-type"] == "image/png" for sample in samples)
+    assert [row["step"] for row in training["progress_samples"]] == [100]  # SD_TRAINING_SAMPLE_EVERY
 
 
 def test_training_events_stream_the_states_and_progress_to_the_end(demo_client):
@@ -205,12 +226,7 @@ def test_a_zip_of_photos_trains_like_the_files_and_a_repeat_with_the_same_key_is
 
 
 def test_a_resumed_training_continues_exactly_where_its_checkpoint_left_it(tmp_path):
-    rng = random.Random(0)
-    photos = []
-    for index in range(3):
-        path = tmp_path / f"{index}.png"
-        path.write_bytes(subject_photo(rng, 64))
-        photos.append(path)
+    photos = prepared_photos(tmp_path, 3, 64)
     settings = TrainingSettings(caption="a {trigger}", steps=8, rank=4, learning_rate=1e-3, resolution=64, batch_size=2)
     location = str(PROJECT_DIR / "models" / "demo")
 
@@ -284,3 +300,46 @@ def test_a_training_queued_behind_another_is_cancelled_at_once_and_never_runs(de
     demo_client.post(running["links"]["cancel"])
     assert wait_for_training(demo_client, running["training_id"])["status"] == "cancelled"
     assert demo_client.get(queued["links"]["self"]).json()["progress"]["step"] == 0
+
+
+def test_the_gpu_recipe_trains_an_fp32_adapter_over_bf16_frozen_weights_and_its_lora_serves(tmp_path, monkeypatch):
+    # On a GPU a training keeps the UNet's frozen weights in bf16 and runs under bf16 autocast, the adapter in fp32;
+    # CPU autocast runs the same code here.
+    monkeypatch.setattr(lora_training, "training_precision", lambda device: torch.bfloat16)
+    photos = prepared_photos(tmp_path, 3, 64)
+    settings = TrainingSettings(class_word="shape", steps=2, rank=4, learning_rate=1e-3, resolution=64, prior_loss_weight=1.0, class_images=2)
+    location = str(PROJECT_DIR / "models" / "demo")
+
+    trainer = LoraTrainer(location, photos, settings, "cpu", class_images_dir=tmp_path / "class-images")
+    while not trainer.prepare():
+        pass
+    loss = trainer.run(2)
+    pictures = trainer.samples(["a sks shape on a black background"])
+    trainer.export(tmp_path / "lora.safetensors")
+
+    frozen = {parameter.dtype for parameter in trainer.unet.parameters() if not parameter.requires_grad}
+    learning = {parameter.dtype for parameter in trainer.unet.parameters() if parameter.requires_grad}
+    assert frozen == {torch.bfloat16} and learning == {torch.float32} and math.isfinite(loss)
+    assert pictures[0].size == (64, 64)
+    pipeline = StableDiffusionPipeline.from_pretrained(location, safety_checker=None, requires_safety_checker=False)
+    pipeline.load_lora_weights(tmp_path, weight_name="lora.safetensors")  # loads as an uploaded LoRA would
+
+
+def test_prior_preservation_draws_the_class_pictures_a_piece_at_a_time_once_and_reuses_them(tmp_path):
+    photos = prepared_photos(tmp_path, 3, 64)
+    settings = TrainingSettings(class_word="shape", caption="a {trigger} {class_word} on a white background", steps=1, rank=4, resolution=64,
+                                prior_loss_weight=1.0, class_images=3)  # fmt: skip
+    location = str(PROJECT_DIR / "models" / "demo")
+
+    first = LoraTrainer(location, photos, settings, "cpu", class_images_dir=tmp_path / "class-images")
+    pieces = 1
+    while not first.prepare():
+        pieces += 1
+    drawn = sorted((tmp_path / "class-images").glob("*/*.png"))
+    stamps = [path.stat().st_mtime_ns for path in drawn]
+    again = LoraTrainer(location, photos, settings, "cpu", class_images_dir=tmp_path / "class-images")
+
+    assert pieces == 2  # one piece drew all three (DRAW_BATCH a piece), the next encoded them
+    assert again.prepare() and again.class_latents is not None and again.class_latents.shape[0] == 3
+    assert len(drawn) == 3 and [path.stat().st_mtime_ns for path in drawn] == stamps  # not drawn again
+    assert settings.class_prompt == "a shape on a white background"

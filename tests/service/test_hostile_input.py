@@ -15,7 +15,7 @@ from sd_server.security.sessions import CSRF_HEADER, SESSION_COOKIE
 from sd_server.storage.photos import MAX_PHOTO_BYTES, photos_in_archive
 
 ADMIN_KEY = "admin-key-for-the-hostile-tests-012345"
-TRAINING_FIELDS = {"steps": "5", "resolution": "64"}
+TRAINING_FIELDS = {"steps": "5", "resolution": "64", "class_word": "shape"}
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ current_image."""
 
 import base64
 import io
-import threading
 
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import parse_sse, poll, post_job, wait_for
+from helpers import follow_events, parse_sse, poll, post_job, wait_for
 
 
 def jpeg_of(data_url: str) -> Image.Image:
@@ -17,28 +16,11 @@ def jpeg_of(data_url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
 
 
-def follow(client: TestClient, job_id: str) -> tuple[threading.Thread, threading.Event, list]:
-    """Read the job's event stream on a thread: the thread, an event set once the stream has begun, its events."""
-    begun, events = threading.Event(), []
-
-    def read() -> None:
-        with client.stream("GET", f"/jobs/{job_id}/events") as stream:
-            text = ""
-            for chunk in stream.iter_text():
-                begun.set()
-                text += chunk
-        events.extend(parse_sse(text))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    return reader, begun, events
-
-
 def test_progress_events_carry_a_preview_of_each_job_own_image_on_preview_steps(settings, app_factory, engine, gated, small_request):
     engine.preview_every = 2
     with TestClient(app_factory(settings)) as client:
         jobs = {post_job(client, small_request, num_inference_steps=4, seed=seed): seed for seed in (7, 200)}
-        followed = {job_id: follow(client, job_id) for job_id in jobs}
+        followed = {job_id: follow_events(client, f"/jobs/{job_id}/events") for job_id in jobs}
         for _, begun, _ in followed.values():
             assert begun.wait(30), "the event stream did not begin"
         gated.release(1000)

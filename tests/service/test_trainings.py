@@ -2,6 +2,8 @@
 end of a training, a database that is away while one runs, and uploads that cannot hold up anyone else (one
 training per user is refused before any decoding; decoding has threads of its own)."""
 
+import io
+import json
 import sqlite3
 import threading
 import time
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
-from helpers import DEADLINE_S, HeldLock, png_bytes, poll, post_job, sqlite_file, wait_for
+from helpers import DEADLINE_S, HeldLock, follow_events, png_bytes, poll, post_job, sqlite_file, wait_for
 from sd_server.api.routes import trainings as trainings_route
 
-FIELDS = {"steps": "20", "resolution": "64"}
+FIELDS = {"steps": "20", "resolution": "64", "class_word": "shape"}  # random pixels: no face to look for
 DEMO_MODEL = {"kind": "checkpoint", "source": "demo"}
 
 
@@ -227,3 +230,128 @@ def test_a_training_gets_its_share_of_a_device_that_generations_keep_busy(traini
         assert jobs_before < len(jobs) - 1, f"the training ended after {jobs_before} of {len(jobs)} jobs"
     else:
         assert jobs_before == len(jobs)  # it waited for every ready batch
+
+
+# --- what a training runs with, and what it tells while it runs ---------------------------------------------
+
+
+@pytest.fixture
+def recipe_settings(training_settings, tmp_path):
+    """The default model `demo` in a models folder of its own, carrying a training recipe."""
+    training_settings.models_dir = tmp_path / "models"
+    (training_settings.models_dir / "demo").mkdir(parents=True)
+    recipe = {"class_word": "shape", "steps": 12, "rank": 4, "resolution": 64, "sample_templates": ["a {trigger} {class_word} on black"]}
+    (training_settings.models_dir / "demo" / "training_defaults.json").write_text(json.dumps(recipe))
+    return training_settings
+
+
+def test_a_training_takes_what_the_upload_leaves_out_from_its_base_models_recipe_and_says_so(recipe_settings, app_factory):
+    with TestClient(app_factory(recipe_settings)) as client:
+        response = client.post("/users/alice/trainings", files=photo_files(), data={"rank": "8"})
+        ended = wait_for_training(client, response.json()["training_id"])
+
+    assert response.status_code == 202, response.text
+    settings = ended["settings"]
+    assert (settings["class_word"], settings["steps"], settings["resolution"]) == ("shape", 12, 64)  # the recipe's
+    assert settings["rank"] == 8 and settings["learning_rate"] == 1e-4  # the upload's, and the built-in default
+    assert settings["sample_templates"] == ["a {trigger} {class_word} on black"]
+    assert settings["defaults_from"] == "demo/training_defaults.json"
+    assert ended["status"] == "succeeded" and ended["progress"]["total"] == 12
+
+
+def test_a_base_without_a_recipe_trains_with_the_built_in_defaults(training_settings, app_factory):
+    with TestClient(app_factory(training_settings)) as client:
+        ended = wait_for_training(client, start_training(client)["training_id"])
+
+    assert ended["settings"]["defaults_from"].startswith("built-in") and ended["settings"]["rank"] == 8
+
+
+def test_a_broken_recipe_is_the_operators_error_named_in_a_503_and_no_training_starts(recipe_settings, app_factory):
+    (recipe_settings.models_dir / "demo" / "training_defaults.json").write_text(json.dumps({"steps": 0}))
+    with TestClient(app_factory(recipe_settings)) as client:
+        response = client.post("/users/alice/trainings", files=photo_files(), data=FIELDS)
+        listed = client.get("/trainings").json()
+
+    assert response.status_code == 503 and "training_defaults.json is not a valid recipe" in response.json()["detail"]
+    assert listed["total"] == 0
+
+
+def test_a_persons_photos_without_a_face_get_422_listing_them_unless_the_check_is_off(training_settings, app_factory):
+    with TestClient(app_factory(training_settings)) as client:
+        refused = client.post("/users/alice/trainings", files=photo_files(), data={**FIELDS, "class_word": "woman"})
+        accepted = client.post("/users/alice/trainings", files=photo_files(), data={**FIELDS, "class_word": "woman", "face_check": "false"})
+
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "images"]
+    assert "no face found in photo-0.png, photo-1.png, photo-2.png" in refused.json()["detail"][0]["msg"]
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_near_duplicate_photos_are_left_out_and_listed_in_the_trainings_warnings(training_settings, app_factory):
+    photo = Image.open(io.BytesIO(png_bytes(7, 64)))
+    again = io.BytesIO()
+    photo.save(again, format="JPEG", quality=90)
+    files = [*photo_files(), ("images", ("photo-0-again.jpg", again.getvalue(), "image/jpeg"))]
+    files[0] = ("images", ("photo-0.png", png_bytes(7, 64), "image/png"))
+    with TestClient(app_factory(training_settings)) as client:
+        created = client.post("/users/alice/trainings", files=files, data=FIELDS).json()
+        ended = wait_for_training(client, created["training_id"])
+
+    assert created["photos"] == 3 and ended["photos"] == 3
+    assert ended["warnings"] == ["photo-0-again.jpg: a near-duplicate of photo-0.png, left out"]
+
+
+def test_a_running_training_draws_samples_every_so_many_steps_and_streams_them(training_settings, app_factory, engine):
+    training_settings.training_sample_every = 10
+    engine.slice_gate = threading.Semaphore(0)
+    with TestClient(app_factory(training_settings)) as client:
+        created = start_training(client)
+        reader, begun, events = follow_events(client, created["links"]["events"])
+        assert begun.wait(DEADLINE_S), "the event stream never began"
+        engine.slice_gate.release(100)
+        reader.join(DEADLINE_S)
+        ended = wait_for_training(client, created["training_id"])
+        at_ten = client.get(f"{created['links']['self']}/samples/1?step=10")
+        never = client.get(f"{created['links']['self']}/samples/0?step=5")
+
+    sampled = [data for name, data in events if name == "samples"]
+    assert sampled == [{"step": 10, "samples": [f"/trainings/{created['training_id']}/samples/{index}?step=10" for index in range(2)]}]
+    assert ended["progress_samples"] == sampled, ended  # the final ones are `samples`, not a progress row
+    assert len(ended["samples"]) == 2
+    assert at_ten.status_code == 200 and at_ten.headers["content-type"] == "image/png"
+    assert never.status_code == 404 and "steps with samples: 10" in never.json()["detail"]
+
+
+def test_a_cancelled_training_removes_the_samples_it_drew_while_running(training_settings, app_factory, engine):
+    training_settings.training_sample_every = 5
+    engine.slice_gate = threading.Semaphore(0)
+    with TestClient(app_factory(training_settings)) as client:
+        created = start_training(client)
+        engine.slice_gate.release(2)
+        poll(lambda: client.get(created["links"]["self"]).json(), lambda training: len(training["progress_samples"]) >= 1, "samples at step 5")
+        client.post(created["links"]["cancel"])
+        engine.slice_gate.release(100)
+        ended = wait_for_training(client, created["training_id"])
+
+    assert ended["status"] == "cancelled" and ended["progress_samples"] == []
+    assert sample_files(training_settings) == []
+
+
+def test_a_trainings_preparation_runs_a_piece_a_slice_and_a_generation_need_not_wait_for_all_of_it(
+    training_settings, app_factory, engine, small_request
+):
+    engine.preparation_pieces, engine.prepare_gate = 3, threading.Semaphore(0)  # three slices of class pictures to draw
+    training_settings.training_share = 0  # a ready batch always goes first
+    with TestClient(app_factory(training_settings)) as client:
+        created = start_training(client)
+        wait_for_training(client, created["training_id"], ("preparing",))
+        job_id = post_job(client, small_request)
+        engine.prepare_gate.release(1)
+        job = wait_for(client, job_id)
+        during, pieces_by_then = client.get(created["links"]["self"]).json(), engine.prepared_pieces
+        engine.prepare_gate.release(10)
+        ended = wait_for_training(client, created["training_id"])
+
+    assert job["status"] == "succeeded" and pieces_by_then <= 1  # it ran between pieces, not after the whole preparation
+    assert during["status"] == "preparing" and during["progress"]["step"] == 0
+    assert ended["status"] == "succeeded" and engine.prepared_pieces == 4

@@ -51,10 +51,24 @@ def test_the_model_switching_benchmark_runs_and_prints_its_tables():
 
 
 def test_the_training_benchmark_runs_and_prints_its_tables():
-    output = run_benchmark("benchmarks/bench_training.py", "--steps", "1", "--requests", "2", "--resolution", "64")
+    output = run_benchmark("benchmarks/bench_training.py", "--steps", "1", "--requests", "2", "--resolution", "64", "--photos-to-model", "2")
 
     assert "| demo | cpu | 64 | 1 |" in output
     assert "| with / without |" in output
+    assert "| succeeded, active: True | cpu | 2 | 64 |" in output
+
+
+def test_the_training_quality_benchmark_runs_and_prints_its_figures(tmp_path):
+    output = run_benchmark(
+        "benchmarks/bench_training_quality.py", "--steps", "2", "--class-images", "2", "--seeds", "1", "--drift-prompts", "2",
+        "--json", str(tmp_path / "quality.json"),
+    )  # fmt: skip
+
+    figures = json.loads((tmp_path / "quality.json").read_text())
+    assert set(figures["in_context"]) == {"a sks shape on a black background", "a sks shape on a gray background", "a sks shape on a blue background",
+                                          "a small sks shape on a white background", "a large sks shape on a white background"}  # fmt: skip
+    assert 0 <= figures["recontextualisation"] <= 1 and 0 <= figures["prompts_unchanged"] <= 1
+    assert figures["settings"]["defaults_from"] == "demo/training_defaults.json" and '"recontextualisation"' in output
 
 
 def test_the_lora_batching_benchmark_runs_and_prints_its_tables():

@@ -107,7 +107,7 @@ def read_training(url: str, training_id: str) -> dict:
 
 def test_sigkill_mid_training_resumes_from_the_last_checkpoint_and_a_second_crash_there_fails_it(models_dir, tmp_path, database_url):
     photos = [("images", (f"{index}.png", png_bytes(seed=index), "image/png")) for index in range(3)]
-    fields = {"steps": "3000", "resolution": "64", "rank": "4", "caption": "a {trigger}"}
+    fields = {"steps": "3000", "resolution": "64", "rank": "4", "caption": "a {trigger}", "class_word": "shape"}
     process, url = start_server(models_dir, tmp_path, database_url, SD_TRAINING_CHECKPOINT_EVERY="10", SD_TRAINING_MIN_PHOTO_SIDE="64")
     training_id = httpx.post(f"{url}/users/default/trainings", files=photos, data=fields, timeout=DEADLINE_S).json()["training_id"]
     poll(lambda: read_training(url, training_id), lambda training: training["progress"]["step"] >= 15, "the training passing step 15")

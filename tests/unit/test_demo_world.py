@@ -1,5 +1,6 @@
 """The demo model's world and its evaluator: drawn ground truth reads back right, every time."""
 
+import io
 import random
 
 import pytest
@@ -58,7 +59,8 @@ def test_prompts_name_size_colour_shape_and_background_and_can_leave_words_out()
 def test_the_score_of_drawn_ground_truth_meets_every_target_and_a_wrong_colour_misses_them():
     from dataclasses import replace
 
-    from sd_server.demo.evaluation import Score, evaluation_scenes
+    from sd_server.demo.evaluation import Score
+    from sd_server.demo.world import evaluation_scenes
 
     rng, right, wrong = random.Random(3), Score(), Score()
     for scene in evaluation_scenes(72, seed=0):
@@ -68,3 +70,28 @@ def test_the_score_of_drawn_ground_truth_meets_every_target_and_a_wrong_colour_m
 
     assert right.meets_targets() and right.accuracy("held_out", "all") == 1.0 and right.counts["held_out"] > 0
     assert not wrong.meets_targets() and wrong.accuracy("seen", "colour") == 0.0
+
+
+def test_a_demo_trainings_samples_are_scored_against_the_subject_its_photos_show(tmp_path):
+    from sd_server.demo.personalisation import score_samples, subject_photos
+    from sd_server.demo.world import Scene, draw
+    from sd_server.domain.trainings import TrainingSettings
+
+    photos = []
+    for index, photo in enumerate(subject_photos(4)):
+        photos.append(tmp_path / f"{index}.png")
+        photo.save(photos[-1])
+    settings = TrainingSettings(class_word="shape", sample_templates=("a {trigger} {class_word} on a black background", "a large {trigger} {class_word} on a white background"))
+    rng = random.Random(0)
+    right = draw(Scene("triangle", "yellow", "black", position="center"), rng)
+    wrong = draw(Scene("circle", "red", "white", "large", "center"), rng)
+    png = io.BytesIO()
+    wrong.save(png, format="PNG")
+
+    scores = score_samples(photos, [right, png.getvalue()], settings)  # a picture, and a PNG as the Ray engine gives
+
+    assert scores["subject"] == "yellow triangle" and scores["subject_shown"] == 0.5
+    assert [(row["prompt"], row["shows_subject"]) for row in scores["samples"]] == [
+        ("a sks shape on a black background", True), ("a large sks shape on a white background", False)
+    ]
+    assert scores["samples"][1]["read"] == "red circle on white"

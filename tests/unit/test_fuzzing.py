@@ -64,10 +64,10 @@ IMAGE_BYTES = st.binary(max_size=512) | mutated(VALID_IMAGES)
 @hypothesis.given(data=IMAGE_BYTES)
 def test_a_photo_is_prepared_or_refused_as_invalid_whatever_its_bytes(data):
     try:
-        prepared = prepare_photo(Photo("photo", data), resolution=64, min_side=8)
+        prepared = prepare_photo(Photo("photo", data), resolution=64, min_side=8, look_for_faces=True)
     except InvalidPhotoError:
         return
-    assert prepared.size == (64, 64) and prepared.mode == "RGB"
+    assert prepared.image.size == (64, 64) and prepared.image.mode == "RGB"
 
 
 @BUDGET

@@ -42,7 +42,7 @@ def test_migrations_create_every_table_from_an_empty_database(database_url):
     inspector = sqlalchemy.inspect(engine)
     assert {"jobs", "job_images", "api_keys", "user_models", "webhook_deliveries", "trainings", "styles", "browser_sessions", "alembic_version"} <= set(inspector.get_table_names())
     with engine.connect() as connection:
-        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0009"
+        assert connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar() == "0010"
         if engine.dialect.name == "sqlite":
             assert connection.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()

@@ -64,7 +64,7 @@ def setup(settings: Settings, engine: FakeEngine, tmp_path: Path) -> Iterator[Se
 
 def submit(trainings: Trainings, user_id: str = "alice") -> Training:
     with trainings.reservation(user_id) as reservation:
-        training, new = trainings.submit(reservation, STEPS, [Image.new("RGB", (64, 64))] * 3, "fingerprint")
+        training, new = trainings.submit(reservation, "demo", STEPS, [Image.new("RGB", (64, 64))] * 3, "fingerprint")
     assert new
     return training
 
@@ -85,7 +85,7 @@ def test_a_training_goes_queued_preparing_training_succeeded_and_becomes_the_use
 
     seen = run_until_ended(setup.trainings, training)
 
-    assert seen[0] == "training" and seen[-1] == "succeeded" and training.step == 20
+    assert seen[:2] == ["preparing", "training"] and seen[-1] == "succeeded" and training.step == 20  # loaded, then prepared
     assert setup.woken == [True]  # the device was told of the new work
     names = [event.name for event in setup.events if event.work is training]
     assert names[0] == "queued" and names[1:3] == ["preparing", "training"] and names[-1] == "succeeded"
@@ -114,7 +114,7 @@ def test_cancelling_a_queued_training_ends_it_at_once_and_an_ended_one_answers_4
 
 def test_a_restart_resumes_from_the_last_checkpoint_and_a_second_crash_there_fails_it(setup, engine):
     training = submit(setup.trainings)
-    for _ in range(4):  # prepare, then 3 slices of 5 steps: a checkpoint at step 10
+    for _ in range(5):  # load, prepare, then 3 slices of 5 steps: a checkpoint at step 10
         setup.trainings.run_slice()
     assert training.checkpoint_step == 10 and training.step == 15
 
@@ -122,6 +122,7 @@ def test_a_restart_resumes_from_the_last_checkpoint_and_a_second_crash_there_fai
     resumed.recover()
     again = resumed.get(training.id)
     assert again is not None and again.status is TrainingStatus.queued and again.attempts == 1 and again.step == 10
+    resumed.run_slice()
     resumed.run_slice()
     assert again.step == 10 and again.status is TrainingStatus.training
 

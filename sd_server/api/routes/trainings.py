@@ -27,17 +27,26 @@ from sd_server.api.presenters import training_links, training_response
 from sd_server.api.routes.images import stored_image
 from sd_server.api.sse import event_response, follow
 from sd_server.api.submissions import checked_webhook
-from sd_server.domain.trainings import Training, TrainingSettings
+from sd_server.domain.trainings import (
+    BUILT_IN_DEFAULTS,
+    SAMPLE_PROMPTS,
+    Training,
+    TrainingSettings,
+    check_recipe_extras,
+)
 from sd_server.errors import (
     ConflictError,
     InvalidFieldError,
     InvalidPhotoError,
+    ModelLoadError,
     NotFoundError,
     TrainingLimitError,
     UnknownUserError,
+    first_line,
 )
 from sd_server.jobs.trainings import fingerprint
 from sd_server.observability.logging import request_id_var
+from sd_server.storage.model_files import TRAINING_DEFAULTS_FILE, training_defaults
 from sd_server.storage.photos import (
     MAX_PHOTO_BYTES,
     MAX_PHOTOS,
@@ -45,9 +54,11 @@ from sd_server.storage.photos import (
     checked_photos,
     photos_in_archive,
     prepare_photo,
+    review_photos,
 )
 
 trainings_router = APIRouter(tags=["trainings"])
+RECIPE_EXTRAS = ("sample_templates", "evaluator")  # in a base's recipe beside the form's fields
 TRAINING_UPLOAD_PATHS = re.compile(r"/users/[^/]+/trainings")  # bodies up to SD_MAX_TRAINING_UPLOAD_BYTES
 TRAINING_ERRORS = error_responses(NotFoundError, ConflictError)
 TRAINING_UPLOAD_BODY = {
@@ -108,11 +119,23 @@ async def read_photo(upload: UploadFile, index: int) -> Photo:
     return Photo(name, await upload.read())
 
 
-def training_settings(form: TrainingForm, max_steps: int) -> TrainingSettings:
-    """What the training runs with; 422 for more steps than SD_MAX_TRAINING_STEPS."""
-    if form.steps > max_steps:
+def training_settings(form: TrainingForm, base: str, base_defaults: dict[str, object], max_steps: int) -> TrainingSettings:
+    """What the training runs with: the fields the upload gave, over the base's own recipe (its form fields checked as
+    a form is, and its sample prompts and evaluator), over the built-in defaults; 422 for more steps than
+    SD_MAX_TRAINING_STEPS."""
+    fields = {name: value for name, value in base_defaults.items() if name not in RECIPE_EXTRAS}
+    extras = {name: value for name, value in base_defaults.items() if name in RECIPE_EXTRAS}
+    try:
+        recipe = TrainingForm.model_validate(fields).model_dump(exclude_unset=True, exclude={"webhook_url"})
+        check_recipe_extras(extras.get("sample_templates", SAMPLE_PROMPTS), extras.get("evaluator"))
+    except (ValidationError, ValueError) as error:
+        raise ModelLoadError(f"base '{base}': its {TRAINING_DEFAULTS_FILE} is not a valid recipe", detail=first_line(error)) from error
+    chosen = {**recipe, **extras, **form.model_dump(exclude_unset=True, exclude={"webhook_url"})}
+    origin = f"{base}/{TRAINING_DEFAULTS_FILE}" if base_defaults else BUILT_IN_DEFAULTS
+    setup = TrainingSettings(**chosen, defaults_from=origin)
+    if setup.steps > max_steps:
         raise InvalidFieldError(f"steps: at most {max_steps} (SD_MAX_TRAINING_STEPS)", field="steps")
-    return TrainingSettings(**form.model_dump(exclude={"webhook_url"}))
+    return setup
 
 
 def created(training: Training, response: Response) -> TrainingCreated:
@@ -139,14 +162,19 @@ async def create_training(
     idempotency_key: Annotated[str | None, Header(max_length=200, description="Retrying with the same key returns the same training.")] = None,
 ) -> TrainingCreated:
     """Train a LoRA of the user's subject from their photos (multipart: `images` repeated, or a zip in `archive`,
-    and the settings as form fields). Answers at once; follow it at `links.self` or `links.events`. On success the
+    and the settings as form fields; a field left out takes the base model's recipe, its `training_defaults.json`,
+    else the default shown). A person's photos (`class_word` person, woman, man...) need one face each and are
+    cropped around it; near-duplicates are left out and listed in `warnings`. Answers at once; follow it at
+    `links.self` or `links.events` (with a `samples` event every SD_TRAINING_SAMPLE_EVERY steps). On success the
     LoRA becomes the user's model (unless `activate=false`). A user's own key may train their own model. The cheap
     checks come first (the key, one training at a time, the fields, counts and sizes from the files' headers); the
     photos are decoded last, on a pool of their own."""
     if idempotency_key is None:
         trainings.check_room(user_id)  # 429 before the body is read (a repeat with a key may find its training)
     photos, archive, form = await read_upload(request)
-    training_setup = training_settings(form, settings.max_training_steps)
+    base = trainings.base_for(user_id)
+    base_defaults = await asyncio.to_thread(training_defaults, settings.models_dir, base)
+    training_setup = training_settings(form, base, base_defaults, settings.max_training_steps)
     webhook_url = await checked_webhook(form.webhook_url, lookups, settings.webhook_allow_private)
     upload_fingerprint = fingerprint(training_setup, [archive] if archive is not None else [photo.data for photo in photos], webhook_url)
     if (repeat := await asyncio.to_thread(trainings.repeat_of, user_id, idempotency_key, upload_fingerprint)) is not None:
@@ -156,11 +184,13 @@ async def create_training(
             photos = await decoding.run(photos_in_archive, archive, settings.max_training_upload_bytes)
             archive = None  # its photos replace it in memory
         photos = await decoding.run(checked_photos, photos, settings.training_min_photo_side)  # all counted and checked first
+        resolution, faces = training_setup.resolution, training_setup.looks_for_faces
         # One photo a task: another request's decoding waits for at most one photo of this one.
-        prepared = [await decoding.run(prepare_photo, photo, training_setup.resolution, settings.training_min_photo_side) for photo in photos]
+        prepared = [await decoding.run(prepare_photo, photo, resolution, settings.training_min_photo_side, faces) for photo in photos]
+        kept, warnings = review_photos(prepared, require_one_face=training_setup.requires_faces)
         training, _ = await asyncio.to_thread(
-            trainings.submit, reservation, training_setup, prepared, upload_fingerprint, webhook_url, idempotency_key, request_id_var.get(),
-            principal.key_id,
+            trainings.submit, reservation, base, training_setup, [photo.image for photo in kept], upload_fingerprint, webhook_url,
+            idempotency_key, request_id_var.get(), principal.key_id, warnings,
         )  # fmt: skip
     return created(training, response)
 
@@ -195,7 +225,8 @@ async def get_training(training: TrainingDep) -> TrainingResponse:
     },
 )
 async def training_events(training: TrainingDep, bus: BusDep) -> StreamingResponse:
-    """Server-Sent Events: the current state first, then each change; the stream ends with the training."""
+    """Server-Sent Events: the current state first, then each change (`progress` with the step and loss, `samples`
+    with the URLs of the samples drawn at a step); the stream ends with the training."""
     present = lambda: training_response(training).model_dump(mode="json")  # noqa: E731
     return event_response(follow(bus, training, lambda: training.status.value, present))
 
@@ -223,8 +254,17 @@ async def delete_training(training: TrainingDep, trainings: TrainingsDep) -> Res
         **error_responses(NotFoundError),
     },
 )
-async def get_sample(training: TrainingDep, storage: StorageDep, index: Annotated[int, Path(ge=0, le=99)]) -> Response:
-    """A sample image drawn with the trained LoRA."""
-    if index >= len(training.samples):
-        raise NotFoundError(f"training {training.id} has {len(training.samples)} samples")
-    return stored_image(storage, training.samples[index])
+async def get_sample(
+    training: TrainingDep,
+    storage: StorageDep,
+    index: Annotated[int, Path(ge=0, le=99)],
+    step: Annotated[int | None, Query(ge=1, description="The samples drawn at this step while it trained (the `samples` events).")] = None,
+) -> Response:
+    """A sample image drawn with the trained LoRA, or with the adapter as it was at ``step``."""
+    if step is not None and step not in training.progress_samples:
+        drawn = ", ".join(str(at) for at in sorted(training.progress_samples)) or "none yet"
+        raise NotFoundError(f"training {training.id} drew no samples at step {step} (steps with samples: {drawn})")
+    keys = training.samples if step is None else training.progress_samples[step]
+    if index >= len(keys):
+        raise NotFoundError(f"training {training.id} has {len(keys)} samples{'' if step is None else f' at step {step}'}")
+    return stored_image(storage, keys[index])

@@ -1,6 +1,7 @@
 """Trainings: the upload's form fields, a training as the API shows it, pages of trainings."""
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
@@ -31,6 +32,13 @@ class TrainingForm(BaseModel):
     batch_size: int = Field(1, ge=1, le=8)
     snr_gamma: float | None = Field(5.0, gt=0, le=100, allow_inf_nan=False, description="Min-SNR-gamma loss weighting; null: off.")
     noise_offset: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="Offset noise (darker darks, brighter brights).")
+    prior_loss_weight: float = Field(
+        0.0, ge=0, le=10, allow_inf_nan=False, description="Prior preservation: weight of the loss on the base's own pictures of the class (0: off)."
+    )
+    class_images: int = Field(50, ge=1, le=200, description="Pictures of the class the base draws for prior preservation (cached).")
+    face_check: bool | None = Field(
+        None, description="Require one face per photo and crop around it; unset: when class_word names a person (person, woman, man, ...)."
+    )
     activate: bool = Field(True, description="Make the trained LoRA the user's model when it succeeds.")
     webhook_url: HttpUrl | None = Field(None, description="POSTed the training's JSON when it ends.")
 
@@ -81,7 +89,20 @@ class TrainingParameters(BaseModel):
     batch_size: int
     snr_gamma: float | None
     noise_offset: float
+    prior_loss_weight: float
+    class_images: int
+    face_check: bool | None
     activate: bool
+    sample_templates: list[str] = Field(..., description="Prompts of the sample pictures, {trigger} and {class_word} filled in when drawn.")
+    evaluator: str | None = Field(..., description="What scores the samples (named by the base's recipe), if anything.")
+    defaults_from: str = Field(..., description="Where the values the upload left out came from: the base model's recipe, or the built-in one.")
+
+
+class ProgressSamples(BaseModel):
+    """The samples a running training drew at one step: how it was learning."""
+
+    step: int
+    samples: list[str] = Field(..., description="URLs of the sample images at this step.")
 
 
 class TrainingResponse(BaseModel):
@@ -98,6 +119,11 @@ class TrainingResponse(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     samples: list[str] = Field(..., description="URLs of sample images drawn with the trained LoRA.")
+    progress_samples: list[ProgressSamples] = Field(..., description="Samples drawn while it trained (every SD_TRAINING_SAMPLE_EVERY steps).")
+    scores: dict[str, Any] | None = Field(
+        ..., description="What the base's evaluator reads in the final samples (the demo model's: whether each shows the subject where its prompt put it)."
+    )
+    warnings: list[str] = Field(..., description="About the photos: near-duplicates left out, faces too small or blurry.")
     model: UserModel | None = Field(..., description="The LoRA it produced (the user's model when activate).")
     error: str | None
     links: TrainingLinks
