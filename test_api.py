@@ -124,7 +124,7 @@ def run_job(client: httpx.Client, request: dict) -> dict:
 def run_training(client: httpx.Client, out: Path) -> None:
     """Train a tiny LoRA (5 steps, 3 made-up photos, not activated) for a smoke-test user; save a sample, delete it."""
     photos = [("images", (f"photo-{index}.png", photo_png(index), "image/png")) for index in range(3)]
-    fields = {"steps": "5", "resolution": "256", "activate": "false"}
+    fields = {"steps": "5", "resolution": "256", "activate": "false", "class_word": "shape", "prior_loss_weight": "0"}  # no person's photos
     created = check(client.post("/users/default/trainings", files=photos, data=fields), status=202).json()
     while (training := check(client.get(created["links"]["self"])).json())["status"] not in ("succeeded", "failed", "cancelled"):
         time.sleep(0.5)
@@ -137,9 +137,11 @@ def run_training(client: httpx.Client, out: Path) -> None:
 
 
 def photo_png(index: int, size: int = 256) -> bytes:
-    """A made-up photo: a coloured square on a background, different for each index."""
+    """A made-up photo: a coloured square on a background, in another place for each index (the server leaves out
+    near-duplicates)."""
     image = Image.new("RGB", (size, size), (40 * index, 120, 200))
-    image.paste((230, 60 + 50 * index, 40), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    left = (index * size // 5) % (size // 2)
+    image.paste((230, 60 + 50 * index, 40), (left, size // 4, left + size // 2, 3 * size // 4))
     return png_bytes(image)
 
 

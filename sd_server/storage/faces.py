@@ -68,10 +68,11 @@ def detect(pixels: np.ndarray, name: str, least: int) -> list[tuple[int, int, in
     return [tuple(int(value) for value in box) for box in found]  # type: ignore[misc]
 
 
-def square_around(image: Image.Image, face: Face) -> tuple[int, int, int, int]:
-    """The square crop that keeps the face near its centre: FACE_CROP_SCALE faces wide (at most the short side),
-    moved inside the photo where the face is near an edge."""
-    side = min(image.width, image.height, max(round(face.side * FACE_CROP_SCALE), 1))
+def square_around(image: Image.Image, face: Face, resolution: int) -> tuple[int, int, int, int]:
+    """The square crop that keeps the face near its centre: FACE_CROP_SCALE faces wide, or ``resolution`` pixels
+    where that is wider (nothing upsampled that need not be), at most the short side; moved inside the photo where
+    the face is near an edge."""
+    side = min(image.width, image.height, max(round(face.side * FACE_CROP_SCALE), resolution))
     centre_x, centre_y = face.centre
     left = min(max(round(centre_x - side / 2), 0), image.width - side)
     top = min(max(round(centre_y - side / 2), 0), image.height - side)

@@ -115,7 +115,7 @@ def prepare_photo(photo: Photo, resolution: int, min_side: int, look_for_faces: 
     upright = open_upright(photo.name, photo.data, fits=(resolution, resolution), min_side=min_side)
     faces = find_faces(upright) if look_for_faces else None
     if faces:
-        square = upright.crop(square_around(upright, faces[0])).resize((resolution, resolution), Image.Resampling.LANCZOS)
+        square = upright.crop(square_around(upright, faces[0], resolution)).resize((resolution, resolution), Image.Resampling.LANCZOS)
     else:
         square = ImageOps.fit(upright, (resolution, resolution), Image.Resampling.LANCZOS)
     sharpness = face_sharpness(upright, faces[0]) if faces else None

@@ -266,8 +266,9 @@ def test_a_base_without_a_recipe_trains_with_the_built_in_defaults(training_sett
     assert ended["settings"]["defaults_from"].startswith("built-in") and ended["settings"]["rank"] == 8
 
 
-def test_a_broken_recipe_is_the_operators_error_named_in_a_503_and_no_training_starts(recipe_settings, app_factory):
-    (recipe_settings.models_dir / "demo" / "training_defaults.json").write_text(json.dumps({"steps": 0}))
+@pytest.mark.parametrize("recipe", [json.dumps({"steps": 0}), "{not json", json.dumps(["steps", 10])])
+def test_a_broken_recipe_is_the_operators_error_named_in_a_503_and_no_training_starts(recipe_settings, app_factory, recipe):
+    (recipe_settings.models_dir / "demo" / "training_defaults.json").write_text(recipe)
     with TestClient(app_factory(recipe_settings)) as client:
         response = client.post("/users/alice/trainings", files=photo_files(), data=FIELDS)
         listed = client.get("/trainings").json()

@@ -173,7 +173,10 @@ async def create_training(
         trainings.check_room(user_id)  # 429 before the body is read (a repeat with a key may find its training)
     photos, archive, form = await read_upload(request)
     base = trainings.base_for(user_id)
-    base_defaults = await asyncio.to_thread(training_defaults, settings.models_dir, base)
+    try:
+        base_defaults = await asyncio.to_thread(training_defaults, settings.models_dir, base)
+    except ValueError as error:  # not JSON, or not an object
+        raise ModelLoadError(f"base '{base}': its {TRAINING_DEFAULTS_FILE} is not a valid recipe", detail=first_line(error)) from error
     training_setup = training_settings(form, base, base_defaults, settings.max_training_steps)
     webhook_url = await checked_webhook(form.webhook_url, lookups, settings.webhook_allow_private)
     upload_fingerprint = fingerprint(training_setup, [archive] if archive is not None else [photo.data for photo in photos], webhook_url)
