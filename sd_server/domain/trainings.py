@@ -169,6 +169,11 @@ class Training:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def progress_sample_keys(self) -> list[str]:
+        """The keys of every sample drawn while it ran, all steps together."""
+        return [key for keys in self.progress_samples.values() for key in keys]
+
+    @property
     def eta_s(self) -> float | None:
         """Seconds left at the recent pace, once there is one."""
         if self.seconds_per_step is None or self.status.is_terminal:

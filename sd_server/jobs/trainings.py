@@ -224,7 +224,7 @@ class Trainings:
         if not training.status.is_terminal:
             with suppress(JobFinishedError):  # it ended, or committed, meanwhile
                 self.cancel(training)
-        for key in [*training.samples, *(key for keys in training.progress_samples.values() for key in keys)]:
+        for key in [*training.samples, *training.progress_sample_keys]:
             self.storage.delete(key)
         self.store.delete(training.id)  # its folder went when it ended (``_end``)
         self.writer.forget(training.id)
@@ -342,12 +342,7 @@ class Trainings:
 
     def _draw_progress_samples(self, training: Training, run: TrainingRun) -> None:
         """Draw the samples as the adapter is now, store them under this step, and send a ``samples`` event."""
-        prompts = training.settings.sample_prompts
-        pngs = self.engine.encode(run.samples(prompts), prompts)
-        keys = [sample_key(training, index, training.step) for index in range(len(pngs))]
-        for key, png in zip(keys, pngs):
-            self.storage.put(key, png)
-        training.progress_samples[training.step] = keys
+        training.progress_samples[training.step] = self._store_samples(training, run.samples(training.settings.sample_prompts), training.step)
         self.writer.persist([training])
         self.bus.emit(training, "samples", {"step": training.step, "samples": sample_urls(training, training.step)})
 
@@ -390,15 +385,19 @@ class Trainings:
         output.staged.parent.mkdir(parents=True, exist_ok=True)
         self._outputs[training.id] = output  # from here on, ``_end`` removes what it holds unless the training succeeds
         run.export(output.staged)
-        prompts = training.settings.sample_prompts
-        pictures = run.samples(prompts)
+        pictures = run.samples(training.settings.sample_prompts)
         training.scores = self._scores(training, pictures)
-        pngs = self.engine.encode(pictures, prompts)
-        output.samples = [sample_key(training, index) for index in range(len(pngs))]
-        for key, png in zip(output.samples, pngs):
-            self.storage.put(key, png)
+        output.samples = self._store_samples(training, pictures)
         training.samples = list(output.samples)
         return output
+
+    def _store_samples(self, training: Training, pictures: list[Any], step: int | None = None) -> list[str]:
+        """Encode the sample pictures (their prompts as parameters) and store them; their keys (``sample_key``)."""
+        pngs = self.engine.encode(pictures, training.settings.sample_prompts)
+        keys = [sample_key(training, index, step) for index in range(len(pngs))]
+        for key, png in zip(keys, pngs):
+            self.storage.put(key, png)
+        return keys
 
     def _scores(self, training: Training, pictures: list[Any]) -> dict[str, Any] | None:
         """The recipe's evaluator's reading of the final samples, if it names one (None when it fails: a score is
@@ -434,7 +433,7 @@ class Trainings:
         if output is not None and status is not TrainingStatus.succeeded:
             self._discard(training, output)
         if status is TrainingStatus.cancelled:  # a failed one keeps them: they show how far it got
-            for key in (key for keys in training.progress_samples.values() for key in keys):
+            for key in training.progress_sample_keys:
                 self.storage.delete(key)
             training.progress_samples = {}
         # The photos and checkpoint, no longer needed, go first: whoever sees the training ended finds them gone.

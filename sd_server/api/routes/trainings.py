@@ -2,6 +2,7 @@
 delete trainings, and fetch their sample images."""
 
 import asyncio
+import pathlib
 import re
 from typing import Annotated
 
@@ -119,19 +120,26 @@ async def read_photo(upload: UploadFile, index: int) -> Photo:
     return Photo(name, await upload.read())
 
 
-def training_settings(form: TrainingForm, base: str, base_defaults: dict[str, object], max_steps: int) -> TrainingSettings:
-    """What the training runs with: the fields the upload gave, over the base's own recipe (its form fields checked as
-    a form is, and its sample prompts and evaluator), over the built-in defaults; 422 for more steps than
-    SD_MAX_TRAINING_STEPS."""
-    fields = {name: value for name, value in base_defaults.items() if name not in RECIPE_EXTRAS}
-    extras = {name: value for name, value in base_defaults.items() if name in RECIPE_EXTRAS}
+async def base_recipe(models_dir: pathlib.Path, base: str) -> dict[str, object]:
+    """The base's own recipe (its ``training_defaults.json``), read off the event loop and checked: its form fields as
+    a form's are, its sample prompts and evaluator; empty when it has none. 503 naming the file when it is not JSON,
+    not an object, or not a valid recipe: the operator's error, never the user's."""
     try:
+        defaults = await asyncio.to_thread(training_defaults, models_dir, base)
+        fields = {name: value for name, value in defaults.items() if name not in RECIPE_EXTRAS}
+        extras = {name: value for name, value in defaults.items() if name in RECIPE_EXTRAS}
         recipe = TrainingForm.model_validate(fields).model_dump(exclude_unset=True, exclude={"webhook_url"})
         check_recipe_extras(extras.get("sample_templates", SAMPLE_PROMPTS), extras.get("evaluator"))
-    except (ValidationError, ValueError) as error:
+    except (ValidationError, ValueError) as error:  # ValidationError is a ValueError; named for the reader
         raise ModelLoadError(f"base '{base}': its {TRAINING_DEFAULTS_FILE} is not a valid recipe", detail=first_line(error)) from error
-    chosen = {**recipe, **extras, **form.model_dump(exclude_unset=True, exclude={"webhook_url"})}
-    origin = f"{base}/{TRAINING_DEFAULTS_FILE}" if base_defaults else BUILT_IN_DEFAULTS
+    return {**recipe, **extras}
+
+
+def training_settings(form: TrainingForm, base: str, recipe: dict[str, object], max_steps: int) -> TrainingSettings:
+    """What the training runs with: the fields the upload gave, over the base's recipe (``base_recipe``), over the
+    built-in defaults; 422 for more steps than SD_MAX_TRAINING_STEPS."""
+    chosen = {**recipe, **form.model_dump(exclude_unset=True, exclude={"webhook_url"})}
+    origin = f"{base}/{TRAINING_DEFAULTS_FILE}" if recipe else BUILT_IN_DEFAULTS
     setup = TrainingSettings(**chosen, defaults_from=origin)
     if setup.steps > max_steps:
         raise InvalidFieldError(f"steps: at most {max_steps} (SD_MAX_TRAINING_STEPS)", field="steps")
@@ -173,11 +181,7 @@ async def create_training(
         trainings.check_room(user_id)  # 429 before the body is read (a repeat with a key may find its training)
     photos, archive, form = await read_upload(request)
     base = trainings.base_for(user_id)
-    try:
-        base_defaults = await asyncio.to_thread(training_defaults, settings.models_dir, base)
-    except ValueError as error:  # not JSON, or not an object
-        raise ModelLoadError(f"base '{base}': its {TRAINING_DEFAULTS_FILE} is not a valid recipe", detail=first_line(error)) from error
-    training_setup = training_settings(form, base, base_defaults, settings.max_training_steps)
+    training_setup = training_settings(form, base, await base_recipe(settings.models_dir, base), settings.max_training_steps)
     webhook_url = await checked_webhook(form.webhook_url, lookups, settings.webhook_allow_private)
     upload_fingerprint = fingerprint(training_setup, [archive] if archive is not None else [photo.data for photo in photos], webhook_url)
     if (repeat := await asyncio.to_thread(trainings.repeat_of, user_id, idempotency_key, upload_fingerprint)) is not None:
