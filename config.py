@@ -223,6 +223,28 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="The address to listen on (127.0.0.1: this machine only).")
     port: int = Field(8000, ge=1, le=65535, description="The port to listen on.")
+    c2pa: bool = Field(True, description="Sign C2PA Content Credentials into every generated image (docs/provenance.md).")
+    c2pa_cert: Path | None = Field(
+        None, description="PEM certificate chain (signer first) the credentials are signed with; unset: a development pair "
+        "made at first start under SD_DATA_DIR/c2pa (readers do not trust it). Set with SD_C2PA_KEY."
+    )
+    c2pa_key: Path | None = Field(None, description="PEM private key (unencrypted) of SD_C2PA_CERT's first certificate.")
+    c2pa_trust_anchors: Path | None = Field(
+        None, description="PEM CA certificates whose credentials POST /provenance/verify calls trusted, beside the signer's own issuers."
+    )
+    c2pa_record_generation: bool = Field(
+        False, description="Also record the model id and the SHA-256 of the generation parameters in the credentials "
+        "(off: the credentials say who made the image and how, not with which personal model)."
+    )
+    iptc_metadata: bool = Field(True, description="Write the IPTC digital source type (trainedAlgorithmicMedia) into each image's XMP.")
+    watermark: bool = Field(True, description="Embed an invisible watermark (service id, job, image) in every image 128 pixels a side or more.")
+    watermark_strength: float = Field(
+        2.0, ge=1.0, le=8.0, description="The watermark's least amplitude, in levels of 255; the embedder raises it where a "
+        "picture's texture calls for it, up to 4x (docs/provenance.md has the trade-off measured)."
+    )
+    watermark_service_id: int = Field(
+        23901, ge=0, le=65535, description="The 16-bit id the watermark carries for this service (give each deployment its own)."
+    )
 
     @cached_property
     def user_model_map(self) -> dict[str, str | dict]:

@@ -47,6 +47,13 @@ from sd_server.api.schemas.models import (
     USER_MODEL_EXAMPLES,
     UserModelResponse,
 )
+from sd_server.api.schemas.provenance import (
+    CredentialsReport,
+    MetadataReport,
+    ProvenanceSettings,
+    VerifyResponse,
+    WatermarkReport,
+)
 from sd_server.api.schemas.service import (
     AdapterStats,
     CacheClearResponse,
@@ -117,6 +124,11 @@ __all__ = [
     "WebhookSecret",
     "USER_MODEL_EXAMPLES",
     "UserModelResponse",
+    "CredentialsReport",
+    "MetadataReport",
+    "ProvenanceSettings",
+    "VerifyResponse",
+    "WatermarkReport",
     "AdapterStats",
     "CacheClearResponse",
     "CacheStats",

@@ -51,6 +51,11 @@ def run(url: str, out: Path, steps: int, size: int, api_key: str | None) -> None
         path = out / f"generate_image_seed{response.headers['X-Seed']}.png"
         path.write_bytes(response.content)
         print(f"  wrote {path} ({response.headers['X-Generation-Time']}s)")
+        verified = check(client.post("/provenance/verify", files={"image": (path.name, response.content)})).json()
+        credentials = verified["credentials"] or {}
+        print(f"  provenance: generated={verified['generated']} credentials={credentials.get('state')} watermark={bool(verified['watermark'])}")
+        if (health.get("provenance") or {}).get("c2pa") and not (verified["generated"] and credentials.get("signature_valid")):
+            sys.exit(f"the served image does not carry valid credentials, though SD_C2PA is on: {verified}")
         run_image_modes(client, request, response.content, out)
 
         job = run_job(client, {**request, "seed": 9})

@@ -65,6 +65,7 @@ from sd_server.persistence.database import create_database_engine, migrate
 from sd_server.persistence.job_store import SqlJobStore
 from sd_server.persistence.outbox import WebhookOutbox
 from sd_server.persistence.training_store import SqlTrainingStore
+from sd_server.provenance.marks import Provenance
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator, KeyStore
 from sd_server.security.limits import RateLimiter
@@ -158,6 +159,7 @@ def build_services(
     evaluators = {"demo-world": score_samples}
     trainings = Trainings(settings, engine, registry, training_store, storage, writer, bus, liveness, queue.notify, evaluators)
     metrics.watch(dispatcher.stats, engine.report)
+    provenance = Provenance(settings)
     return Services(
         settings=settings,
         engine=engine,
@@ -170,7 +172,8 @@ def build_services(
         dispatcher=dispatcher,
         jobs=jobs,
         trainings=trainings,
-        workers=Workers(settings, dispatcher, engine, registry, storage, trainings, liveness, on_device_lost),
+        workers=Workers(settings, dispatcher, engine, registry, storage, trainings, liveness, on_device_lost, provenance),
+        provenance=provenance,
         retention=Retention(settings, jobs, job_store, liveness),
         webhooks=webhooks,
         styles=StyleBook(settings, database),

@@ -223,3 +223,8 @@ class ClientDisconnectedError(ServiceError):
     """The client of a synchronous request went away, so its job was cancelled; nobody reads the answer."""
 
     status_code = 499
+
+
+class ConfigurationError(Exception):
+    """A setting the service cannot work with (a signing key that is not its certificate's, say): it does not start,
+    and the message names the setting."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -115,6 +116,41 @@ def png_bytes(seed: int = 0, size: int = 256) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks in order, as (type, data)."""
+    chunks, offset = [], 8
+    while offset < len(png):
+        length = int.from_bytes(png[offset : offset + 4], "big")
+        chunks.append((png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]))
+        offset += 12 + length
+    return chunks
+
+
+def png_of_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG made of these chunks, each with its length and a correct CRC."""
+    body = b"".join(len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big") for kind, data in chunks)
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def with_pixels_changed(png: bytes) -> bytes:
+    """The PNG with one pixel changed and every other chunk (its signed credentials too) kept: a well-formed file
+    that is no longer what was signed."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.putpixel((0, 0), tuple(255 - value for value in image.getpixel((0, 0))))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    new_data = [data for kind, data in png_chunks(buffer.getvalue()) if kind == b"IDAT"]
+    chunks = [chunk for chunk in png_chunks(png) if chunk[0] != b"IDAT"]
+    end = next(index for index, (kind, _) in enumerate(chunks) if kind == b"IEND")
+    return png_of_chunks(chunks[:end] + [(b"IDAT", data) for data in new_data] + chunks[end:])
+
+
+def with_text_changed(png: bytes, key: str, text: str) -> bytes:
+    """The PNG with its ``key`` text chunk saying ``text`` instead, everything else kept."""
+    prefix = key.encode() + b"\0"
+    return png_of_chunks([(kind, prefix + text.encode("latin-1") if kind == b"tEXt" and data.startswith(prefix) else data) for kind, data in png_chunks(png)])
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from sd_server.jobs.webhooks import WebhookSender
 from sd_server.jobs.workers import Workers
 from sd_server.observability.liveness import Liveness, Readiness
 from sd_server.observability.metrics import Metrics
+from sd_server.provenance.marks import Provenance
 from sd_server.registry import ModelRegistry
 from sd_server.security.keys import Authenticator
 from sd_server.security.limits import RateLimiter
@@ -50,3 +51,4 @@ class Services:
     rate_limiter: RateLimiter
     decoding: WorkPool  # decodes uploaded pictures and zips (SD_DECODE_THREADS)
     lookups: WorkPool  # resolves webhook hosts
+    provenance: Provenance

@@ -19,6 +19,7 @@ from sd_server.errors import ClientDisconnectedError, ConflictError, InvalidFiel
 from sd_server.jobs.admission import Share
 from sd_server.jobs.submission import Jobs
 from sd_server.observability.logging import request_id_var
+from sd_server.provenance.credentials import has_credentials
 from sd_server.security.keys import Principal
 from sd_server.security.webhook_urls import check_webhook_url
 from sd_server.storage.source_images import decode_base64, prepare_sources
@@ -62,6 +63,7 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
         return generation, {}
     size = (request.width, request.height) if {"width", "height"} & request.model_fields_set else None
     sources = prepare_sources(files.init_image, files.mask_image, size, files.invert_mask)
+    credentials = files.init_image if has_credentials(files.init_image) else None
     image_input = ImageInput(
         sources.init_sha256,
         request.strength,
@@ -69,6 +71,7 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
         request.mask_blur,
         request.inpaint_full_res,
         request.inpaint_full_res_padding,
+        init_credentials=credentials is not None,
     )
     generation = replace(generation, width=sources.width, height=sources.height, image_input=image_input)
     if generation.steps_to_run < 1:
@@ -78,7 +81,7 @@ def prepare_generation(request: GenerateRequest, user_id: str, styles: StyleBook
             field="strength",
         )
     inputs = {"init": sources.init_png, **({"mask": sources.mask_png} if sources.mask_png else {})}
-    return generation, inputs
+    return generation, inputs | ({"credentials": credentials} if credentials else {})
 
 
 def hires_of(hires: HiresRequest, generation: Generation, files: ImageFiles) -> Hires:

@@ -97,6 +97,7 @@ class ImageInput:
     mask_blur: int = 4
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
+    init_credentials: bool = False  # the init image came with C2PA credentials: kept as uploaded, an ingredient
 
     @property
     def mode(self) -> Mode:

@@ -112,7 +112,7 @@ class Job:
     deleted: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     model: UserModel = None  # type: ignore[assignment]  # the user's model at submission; left out: the checkpoint ``model_id``
-    inputs: dict[str, bytes] = field(default_factory=dict)  # "init" and "mask" PNGs of img2img/inpainting, while held
+    inputs: dict[str, bytes] = field(default_factory=dict)  # "init", "mask" (PNGs), "credentials" (as uploaded), while held
     prompt_chunks: int = 1  # 77-token chunks its longer prompt takes (jobs of one batch take as many)
     priority: Priority = Priority.interactive
     weight: float = 1.0  # its user's share of the device relative to others (the submitting key's weight)
@@ -143,12 +143,16 @@ class Job:
 
     @property
     def input_keys(self) -> dict[str, str]:
-        """The storage keys of its init image and mask (img2img and inpainting), by name."""
+        """The storage keys of its init image and mask (img2img and inpainting), and of the init image as uploaded
+        when it carried credentials, by name."""
         image_input = self.request.image_input
         if image_input is None:
             return {}
         names = ["init", "mask"] if image_input.mask_sha256 else ["init"]
-        return {name: f"{self.id}-{name}.png" for name in names}
+        keys = {name: f"{self.id}-{name}.png" for name in names}
+        if image_input.init_credentials:
+            keys["credentials"] = f"{self.id}-init-as-uploaded"
+        return keys
 
     def take_pngs(self) -> list[bytes]:
         """The encoded images, handed over once: the record keeps only keys and checksums after this."""

@@ -2,11 +2,11 @@
 
 import io
 import re
-import struct
-import zlib
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from sd_server.storage.png_text import with_text
 
 
 def a1111_parameters(
@@ -52,9 +52,6 @@ def parse_parameters(text: str) -> dict[str, str]:
     return parsed | {name.strip(): value.strip() for name, value in PARAMETER.findall(settings)}
 
 
-PNG_HEADER_BYTES = 8 + 25  # the signature, then the IHDR chunk (length, type, 13 bytes of data, CRC)
-
-
 def encode_png(image: Image.Image, parameters: str | None = None) -> bytes:
     """The image as PNG bytes, with ``parameters`` (when given) in a PNG text chunk of that name."""
     info = PngInfo()
@@ -67,10 +64,5 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> bytes:
 
 def with_parameters(png: bytes, parameters: str) -> bytes:
     """An encoded PNG with ``parameters`` added as a text chunk right after its header, without re-encoding the
-    pixels (as Pillow writes it: tEXt when the text is Latin-1, else uncompressed iTXt)."""
-    try:
-        chunk_type, data = b"tEXt", b"parameters\0" + parameters.encode("latin-1")
-    except UnicodeEncodeError:
-        chunk_type, data = b"iTXt", b"parameters\0\0\0\0\0" + parameters.encode("utf-8")
-    chunk = struct.pack(">I", len(data)) + chunk_type + data + struct.pack(">I", zlib.crc32(chunk_type + data))
-    return png[:PNG_HEADER_BYTES] + chunk + png[PNG_HEADER_BYTES:]
+    pixels."""
+    return with_text(png, "parameters", parameters)

@@ -22,6 +22,7 @@ from sd_server.jobs.batching import batch_items, batch_key
 from sd_server.jobs.dispatch import Dispatcher
 from sd_server.jobs.trainings import Trainings
 from sd_server.observability.liveness import Liveness, PartState, Readiness
+from sd_server.provenance.marks import ImageFacts, Provenance
 from sd_server.registry import ModelRegistry
 from sd_server.storage.images import ImageStorage, image_name
 
@@ -43,9 +44,10 @@ class Workers:
         trainings: Trainings,
         liveness: Liveness,
         on_device_lost: Callable[[], None],
+        provenance: Provenance,
     ) -> None:
         self.dispatcher, self.engine, self.liveness = dispatcher, engine, liveness
-        self.encoder = Encoder(settings, dispatcher, engine, storage, liveness)
+        self.encoder = Encoder(settings, dispatcher, engine, storage, liveness, provenance)
         self.devices = [  # several when the engine runs batches elsewhere (Ray replicas); only the first trains
             threading.Thread(
                 target=DeviceWorker(
@@ -249,10 +251,14 @@ class DeviceWorker:
 
 
 class Encoder:
-    """Encodes and stores each job's images on threads of its own, so the device runs the next batch meanwhile."""
+    """Encodes, marks (provenance) and stores each job's images on threads of its own, so the device runs the next
+    batch meanwhile."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher, engine: Engine, storage: ImageStorage, liveness: Liveness) -> None:
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, engine: Engine, storage: ImageStorage, liveness: Liveness, provenance: Provenance
+    ) -> None:
         self.settings, self.dispatcher, self.engine, self.storage, self.liveness = settings, dispatcher, engine, storage, liveness
+        self.provenance = provenance
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sd-encode")
 
     def submit(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
@@ -274,10 +280,13 @@ class Encoder:
             self.dispatcher.fail([job], failure)
 
     def finish(self, job: Job, images: list[Any], scheduler: str, seconds: float) -> None:
-        """Encode and store the images, then mark the job succeeded: never succeeded without its images, and no
+        """Encode, mark and store the images, then mark the job succeeded: never succeeded without its images, and no
         image left behind by a job that ended otherwise meanwhile."""
         job.scheduler_used = scheduler
-        pngs = self.engine.encode(images, [png_parameters(job, scheduler, index) for index in range(len(images))])
+        texts = [png_parameters(job, scheduler, index) for index in range(len(images))]
+        facts = [image_facts(job, index, text) for index, text in enumerate(texts)]
+        marked = [self.provenance.watermark(image, fact) for image, fact in zip(images, facts)]
+        pngs = [self.provenance.seal(png, fact) for png, fact in zip(self.engine.encode(marked, texts), facts)]
         self.liveness.set("encoder", PartState.ok)  # before the job is announced, so its client sees it
         store = self.settings.save_images or not job.synchronous
         stored = []
@@ -305,6 +314,13 @@ class Encoder:
         """Delete stored images that no job will point at."""
         for key in keys:
             self.storage.delete(key)
+
+
+def image_facts(job: Job, index: int, parameters: str) -> ImageFacts:
+    """What the provenance marks of the job's image ``index`` say."""
+    image_input = job.request.image_input
+    inpainting = image_input is not None and image_input.mask_sha256 is not None
+    return ImageFacts(job.id, index, job.model_id, parameters, inpainting, job.inputs.get("credentials"))
 
 
 def png_parameters(job: Job, scheduler: str, index: int) -> str:

@@ -229,12 +229,22 @@ function resultCard(job, image) {
     $("num_images").value = 1;
   });
   const toImg2img = button("Send to img2img", () => loadInit(image.url));
+  const provenance = document.createElement("dl");
+  provenance.className = "facts provenance";
+  const check = button("Check provenance", async () => {
+    try {
+      const picture = await (await api(image.url)).blob();
+      showVerification(provenance, await verifyImage(picture, `seed-${image.seed}.png`));
+    } catch (error) {
+      provenance.textContent = `could not check: ${error.message}`;
+    }
+  });
   const details = document.createElement("details");
   details.innerHTML = "<summary>Parameters</summary>";
   const parameters = document.createElement("pre");
   parameters.textContent = JSON.stringify(job.result.parameters, null, 2);
   details.append(parameters);
-  caption.append(`seed ${image.seed} `, download, " ", useSeed, " ", toImg2img, details);
+  caption.append(generatedBadge(), ` seed ${image.seed} `, download, " ", useSeed, " ", toImg2img, " ", check, provenance, details);
   card.append(picture, caption);
   return card;
 }
@@ -362,12 +372,69 @@ function historyCard(job) {
   const caption = document.createElement("figcaption");
   caption.textContent = `${job.status} · ${new Date(job.created_at).toLocaleString()}`;
   if (job.result) {
+    caption.prepend(generatedBadge(), " ");
     caption.append(" ", button("Send to img2img", () => loadInit(job.result.image_url)));
     caption.title = job.result.parameters.prompt;
   }
   card.append(caption);
   return card;
 }
+
+// --- provenance ---------------------------------------------------------------------------------------------
+
+function generatedBadge() {
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  badge.textContent = "AI-generated";
+  badge.title = "Marked as generated: signed Content Credentials, IPTC metadata and an invisible watermark";
+  return badge;
+}
+
+async function verifyImage(blob, name) {
+  const form = new FormData();
+  form.append("image", blob, name);
+  return api("/provenance/verify", { method: "POST", body: form });
+}
+
+function verificationFacts(report) {
+  // One line a mark, in words: what the picture carries and whether its signature holds.
+  const credentials = report.credentials;
+  const watermark = report.watermark;
+  const metadata = report.metadata;
+  return [
+    ["Generated", report.generated ? "yes: marked as made by an AI model" : "no mark says so"],
+    ["Content Credentials", !credentials ? "none"
+      : credentials.signature_valid ? `signature valid${credentials.trusted ? ", trusted" : " (signer not trusted here)"}: ${credentials.signer}, ${credentials.generator || "unknown tool"}`
+      : `signature broken (${credentials.failures.join(", ")})`],
+    ["Metadata", metadata && metadata.digital_source_type ? metadata.digital_source_type.split("/").pop() : "none"],
+    ["Watermark", watermark
+      ? `service ${watermark.service_id}${watermark.this_service ? " (this service)" : ""}, job ${watermark.job_id_prefix}…, image ${watermark.image_index}`
+      : `none found (confidence ${report.watermark_confidence})`],
+  ];
+}
+
+function showVerification(list, report) {
+  list.innerHTML = "";
+  for (const [term, text] of verificationFacts(report)) {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = term;
+    dd.textContent = text;
+    list.append(dt, dd);
+  }
+}
+
+$("verify-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("verify-error").textContent = "";
+  $("verify-result").innerHTML = "";
+  const file = $("verify-file").files[0];
+  try {
+    showVerification($("verify-result"), await verifyImage(file, file.name));
+  } catch (error) {
+    $("verify-error").textContent = error.message;
+  }
+});
 
 // --- my model, trainings ---------------------------------------------------------------------------------
 

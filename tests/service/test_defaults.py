@@ -43,7 +43,7 @@ def test_the_public_health_tells_only_the_status_and_the_version(settings, app_f
         as_admin = client.get("/health", headers=bearer(ADMIN_KEY)).json()
 
     assert set(public) == set(as_user) == {"status", "version"}
-    assert {"device", "loaded_models", "queue", "cache", "parts"} <= set(as_admin)
+    assert {"device", "loaded_models", "queue", "cache", "parts", "provenance"} <= set(as_admin)
     assert set(as_admin["parts"]) >= {"device", "loader", "encoder", "webhooks", "database"}
 
 

@@ -116,3 +116,15 @@ def test_the_previews_benchmark_prints_images_per_second_with_and_without_previe
 
     row = json.loads(output.splitlines()[0])
     assert row["batch"] == 1 and row["images_per_s_with"] > 0 and row["with_over_without"] > 0
+
+
+def test_the_provenance_benchmark_prints_the_cost_of_the_marks_and_the_watermarks_survival(tmp_path):
+    figures_file = tmp_path / "provenance.json"
+    output = run_benchmark("benchmarks/bench_provenance.py", "--images", "2", "--steps", "2", "--json", str(figures_file))
+
+    figures = json.loads(figures_file.read_text())
+    assert "| all marks / drawing |" in output and "| watermark read after 50% resize, then JPEG 75 |" in output
+    assert figures["signatures_valid"] == 2 and figures["false_alarms_on_unmarked"] == 0
+    assert set(figures["detected"]) == {"as served", "JPEG 75", "50% resize", "10% crop", "screenshot PNG", "50% resize, then JPEG 75"}
+    assert figures["mark_ms"]["all marks"] > 0 and 0 < figures["mark_share_of_draw"] < 1
+    assert {"6 photographs at 512px", "6 photographs at 256px"} <= set(figures["other_pictures"])

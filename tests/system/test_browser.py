@@ -3,14 +3,16 @@ progress bar reach 100 %, see the image, find it in the history after a reload; 
 cookie. /docs renders offline. Skipped, saying why, where no Chromium and driver can be found. Screenshots go to
 test_output/browser/ (CI keeps test_output/)."""
 
+import io
 import re
 import shutil
 
 import httpx
 import pytest
+from PIL import Image
 
 from config import Settings
-from helpers import DEADLINE_S, PROJECT_DIR
+from helpers import DEADLINE_S, PROJECT_DIR, png_bytes
 from sd_server.demo.personalisation import subject_photos
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
@@ -242,3 +244,40 @@ def test_a_user_trains_their_model_from_photos_in_the_web_app_and_sees_its_sampl
     wait(browser, image_loaded(browser, "#model-samples img.sample"), "the trained model's samples on its page")
     assert "loras/" not in browser.find_element(By.ID, "view-model").text  # no internal path
     screenshot(browser, "trained")
+
+
+
+def test_a_generated_image_shows_its_badge_and_its_provenance_and_any_picture_can_be_verified(browser, settings, live_server_factory, tmp_path):
+    settings.models_dir = PROJECT_DIR / "models"  # the demo model draws pictures (random weights draw noise, no place for a mark)
+    live_server = live_server_factory(settings)
+    browser.get(f"{live_server}/ui/")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "prompt")), "the generate form")
+    fill(browser, {"prompt": "a red circle on a white background", "steps": "10", "width": "256", "height": "256", "seed": "5"})
+    browser.find_element(By.ID, "generate-button").click()
+    wait(browser, image_loaded(browser, "img.result"), "the generated image")
+    assert "AI-generated" in browser.find_element(By.CSS_SELECTOR, "#results figcaption").text
+
+    browser.find_element(By.XPATH, "//button[text()='Check provenance']").click()
+    wait(browser, lambda driver: "signature valid, trusted" in driver.find_element(By.CSS_SELECTOR, "#results .provenance").text, "the credentials checked")
+    assert "(this service)" in browser.find_element(By.CSS_SELECTOR, "#results .provenance").text  # the watermark read back
+    screenshot(browser, "provenance-checked")
+    served = tmp_path / "served.jpg"
+    served_png = httpx.get(browser.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src")).content
+    Image.open(io.BytesIO(served_png)).convert("RGB").save(served, quality=75)  # as shared: a JPEG, no metadata left
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(png_bytes(seed=4, size=128))
+
+    browser.get(f"{live_server}/ui/#verify")
+    wait(browser, expected_conditions.visibility_of_element_located((By.ID, "verify-file")), "the verify form")
+    verdicts = {}
+    for picture in (served, plain):
+        browser.find_element(By.ID, "verify-file").send_keys(str(picture))
+        browser.find_element(By.ID, "verify-button").click()
+        wait(browser, lambda driver: "Watermark" in driver.find_element(By.ID, "verify-result").text, f"{picture.name} verified")
+        verdicts[picture.name] = browser.find_element(By.ID, "verify-result").text
+        browser.find_element(By.ID, "verify-file").clear()
+    assert "yes: marked as made by an AI model" in verdicts["served.jpg"] and "(this service)" in verdicts["served.jpg"]
+    assert "no mark says so" in verdicts["plain.png"] and "none found" in verdicts["plain.png"]
+
+    browser.get(f"{live_server}/ui/#history")
+    wait(browser, lambda driver: "AI-generated" in driver.find_element(By.ID, "history").text, "the badge on the image in the history")

@@ -32,7 +32,7 @@ generation_router = APIRouter(tags=["generation"])
 GENERATION_ERRORS = error_responses(
     ForbiddenError, UnknownUserError, ConflictError, GenerationFailedError, DeviceOutOfMemoryError, JobTimeoutError
 )
-IMAGE_INPUT_PATHS = re.compile(r"/generate(/image)?|/jobs|/sdapi/v1/(txt2img|img2img|png-info|extra-single-image)")  # bodies up to SD_MAX_IMAGE_BODY_BYTES
+IMAGE_INPUT_PATHS = re.compile(r"/generate(/image)?|/jobs|/provenance/verify|/sdapi/v1/(txt2img|img2img|png-info|extra-single-image)")  # bodies up to SD_MAX_IMAGE_BODY_BYTES
 IMAGE_FILES = ("init_image", "mask_image")
 VALIDATION_ERROR = {
     "description": "Validation Error",

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from schemas import CacheStats, HealthResponse, PartStatus, QueueStats, RootResponse
+from schemas import CacheStats, HealthResponse, PartStatus, ProvenanceSettings, QueueStats, RootResponse
 from sd_server import VERSION
 from sd_server.api.dependencies import MaybeUser, ServicesDep, metrics_access
 from sd_server.api.errors import error_responses
@@ -19,7 +19,7 @@ service_router = APIRouter(tags=["service"])
 )
 async def health(services: ServicesDep, principal: MaybeUser, response: Response) -> HealthResponse:
     """Answers at once, also while a generation runs: ok, degraded or not ok (503), and the version; an admin key
-    (or open mode) also gets the device, models, queue, cache and each part's state."""
+    (or open mode) also gets the device, models, queue, cache, each part's state and the provenance marks that are on."""
     parts = services.liveness.report()
     states = {part["state"] for part in parts.values()}
     status = "not ok" if "dead" in states else "degraded" if "failing" in states else "ok"
@@ -37,6 +37,7 @@ async def health(services: ServicesDep, principal: MaybeUser, response: Response
         queue=QueueStats(**services.dispatcher.stats()),
         cache=CacheStats(**report["cache"]),
         parts={name: PartStatus(**part) for name, part in parts.items()},
+        provenance=ProvenanceSettings.model_validate(services.provenance.report()),
     )
 
 
@@ -84,6 +85,7 @@ async def root() -> RootResponse:
             "users": "GET, PUT, DELETE /users/{user_id}/model; POST /users/{user_id}/lora",
             "trainings": "POST /users/{user_id}/trainings, GET /trainings, GET /trainings/{training_id} (events, samples, cancel)",
             "styles": "GET /styles, GET, PUT, DELETE /styles/{name}",
+            "provenance": "POST /provenance/verify (credentials, metadata and watermark of any image)",
             "a1111": "POST /sdapi/v1/txt2img, POST /sdapi/v1/img2img, GET /sdapi/v1/progress, ... (AUTOMATIC1111's API)",
             "session": "POST, GET, DELETE /session (browsers: a key for a session cookie)",
             "web_app": "GET /ui/",

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from sd_server.api.schemas.provenance import ProvenanceSettings
 from sd_server.domain.models import UserModel
 
 
@@ -101,6 +102,7 @@ class HealthResponse(BaseModel):
     queue: QueueStats | None = None
     cache: CacheStats | None = None
     parts: dict[str, PartStatus] | None = Field(None, description="device, loader, encoder, webhooks, retention, database.")
+    provenance: ProvenanceSettings | None = Field(None, description="The marks every generated image carries (docs/provenance.md).")
 
 
 class CacheClearResponse(BaseModel):
