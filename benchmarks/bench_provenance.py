@@ -85,7 +85,7 @@ def photograph_rows(strength: float) -> dict[str, dict[str, float]]:
         hits = dict.fromkeys(TRANSFORMS, 0)
         for name in PHOTOGRAPHS:
             picture = Image.fromarray(getattr(data, name)()).convert("RGB").resize((side, side))
-            payload = watermark.WatermarkPayload(1, "0badcafe", 3)
+            payload = watermark.WatermarkPayload(1, "0badcafe03")
             marked = watermark.embed(picture, payload, strength)
             for transform, change in TRANSFORMS.items():
                 hits[transform] += watermark.read(change(marked)).payload == payload
@@ -160,7 +160,7 @@ def main() -> None:
             served = Image.open(io.BytesIO(marked)).convert("RGB")
             error = float(np.mean((np.asarray(served, dtype=np.float64) - np.asarray(image, dtype=np.float64)) ** 2))
             psnr.append(10 * np.log10(255**2 / max(error, 1e-9)))
-            expected = watermark.WatermarkPayload(provenance.settings.watermark_service_id, facts.job_id[:8], facts.index)
+            expected = watermark.WatermarkPayload(provenance.settings.watermark_service_id, facts.fingerprint)
             for name, transform in TRANSFORMS.items():
                 started = time.perf_counter()
                 survived[name] += watermark.read(transform(served)).payload == expected

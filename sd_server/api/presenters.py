@@ -22,6 +22,8 @@ from schemas import (
 from sd_server.domain.jobs import Job, StoredImage
 from sd_server.domain.trainings import Training
 from sd_server.jobs.trainings import progress, sample_urls
+from sd_server.jobs.workers import png_parameters
+from sd_server.provenance.marks import fingerprint
 from sd_server.storage.images import ImageStorage
 
 
@@ -68,13 +70,18 @@ def outcome(job: Job) -> dict[str, Any]:
     }
 
 
+def watermark_fingerprints(job: Job) -> list[str]:
+    """The fingerprint each of a finished job's images carries in its watermark (whether or not it is on)."""
+    return [fingerprint(png_parameters(job, job.scheduler_used or "", index)) for index in range(len(job.images))]
+
+
 def job_result(job: Job, storage: ImageStorage) -> JobResult | None:
     """A succeeded job's result, with image URLs (presigned with S3) instead of base64; None before that."""
     if job.scheduler_used is None or not job.images:
         return None
     images = [
-        JobImage(url=storage.url(image.key) if image.key else None, seed=image.seed, image_path=image_path(image, storage))
-        for image in job.images
+        JobImage(url=storage.url(image.key) if image.key else None, seed=image.seed, image_path=image_path(image, storage), watermark_fingerprint=mark)
+        for image, mark in zip(job.images, watermark_fingerprints(job))
     ]
     return JobResult(image_url=images[0].url, images=images, image_path=images[0].image_path, **outcome(job))
 
@@ -102,8 +109,8 @@ def job_response(job: Job, position: int | None, storage: ImageStorage) -> JobRe
 def generate_response(job: Job, storage: ImageStorage) -> GenerateResponse:
     """A finished synchronous job as POST /generate answers it: its images as base64 PNGs (handed over once)."""
     images = [
-        GeneratedImage(image_base64=base64.b64encode(png).decode("ascii"), seed=image.seed, image_path=image_path(image, storage))
-        for png, image in zip(job.take_pngs(), job.images)
+        GeneratedImage(image_base64=base64.b64encode(png).decode("ascii"), seed=image.seed, image_path=image_path(image, storage), watermark_fingerprint=mark)
+        for png, image, mark in zip(job.take_pngs(), job.images, watermark_fingerprints(job))
     ]
     return GenerateResponse(image_base64=images[0].image_base64, images=images, image_path=images[0].image_path, **outcome(job))
 

@@ -318,9 +318,7 @@ class Encoder:
 
 def image_facts(job: Job, index: int, parameters: str) -> ImageFacts:
     """What the provenance marks of the job's image ``index`` say."""
-    image_input = job.request.image_input
-    inpainting = image_input is not None and image_input.mask_sha256 is not None
-    return ImageFacts(job.id, index, job.model_id, parameters, inpainting, job.inputs.get("credentials"))
+    return ImageFacts(job.id, index, job.model_id, parameters, job.inputs.get("mask"), job.inputs.get("credentials"))
 
 
 def png_parameters(job: Job, scheduler: str, index: int) -> str:

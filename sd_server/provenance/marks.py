@@ -40,15 +40,26 @@ AI_SOURCE_TYPES = {TRAINED_ALGORITHMIC_MEDIA, COMPOSITE_WITH_TRAINED_ALGORITHMIC
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What the marks of one generated image say: its job and place in it, the model, the A1111 parameters, whether
-    it is an inpainting (a composite of the user's picture), and the input image as uploaded when it had credentials."""
+    """What the marks of one generated image say: its job and place in it, the model, the A1111 parameters, an
+    inpainting's mask (a PNG, white: repainted; the picture is a composite of the user's), and the input image as
+    uploaded when it had credentials."""
 
     job_id: str
     index: int
     model_id: str
     parameters: str
-    inpainting: bool = False
+    repaint_mask: bytes | None = None
     input_credentials: bytes | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        """True for an inpainting: only its mask was generated."""
+        return self.repaint_mask is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """The picture's fingerprint, as its watermark carries it."""
+        return fingerprint(self.parameters)
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,7 @@ class WatermarkFound:
 
     service_id: int
     this_service: bool
-    job_id_prefix: str
-    image_index: int
+    fingerprint: str
     confidence: float
 
 
@@ -137,8 +147,9 @@ class Provenance:
         picture = Image.open(io.BytesIO(image)).convert("RGB") if isinstance(image, bytes) else image
         if min(picture.size) < MIN_WATERMARK_SIDE:
             return image
-        payload = WatermarkPayload(self.settings.watermark_service_id, facts.job_id[:8], facts.index)
-        marked = watermark.embed(picture, payload, self.settings.watermark_strength)
+        payload = WatermarkPayload(self.settings.watermark_service_id, facts.fingerprint)
+        region = Image.open(io.BytesIO(facts.repaint_mask)).resize(picture.size) if facts.repaint_mask else None
+        marked = watermark.embed(picture, payload, self.settings.watermark_strength, region)
         return encode_png(marked) if isinstance(image, bytes) else marked
 
     def seal(self, png: bytes, facts: ImageFacts) -> bytes:
@@ -181,7 +192,13 @@ class Provenance:
             return None
         payload = reading.payload
         this_service = payload.service_id == self.settings.watermark_service_id
-        return WatermarkFound(payload.service_id, this_service, payload.job_prefix, payload.index, round(reading.confidence, 2))
+        return WatermarkFound(payload.service_id, this_service, payload.fingerprint, round(reading.confidence, 2))
+
+
+def fingerprint(parameters: str) -> str:
+    """A picture's fingerprint: the first 40 bits of the SHA-256 of its A1111 parameters text (prompt, seed, model,
+    size...), in hex; the same request and seed give the same one (and the same pixels)."""
+    return hashlib.sha256(parameters.encode()).hexdigest()[:10]
 
 
 def source_type(facts: ImageFacts) -> str:

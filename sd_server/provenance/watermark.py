@@ -20,8 +20,8 @@ from PIL import Image
 
 GRID = 64  # cells a side; a cell is 4 pixels of a 256-pixel picture, 8 of a 512-pixel one
 WORKING_SIDE = 256  # the reader stretches every picture to this side before it reads the grid
-SERVICE_BITS, JOB_BITS, INDEX_BITS, CHECK_BITS = 16, 32, 8, 24
-PAYLOAD_BITS = SERVICE_BITS + JOB_BITS + INDEX_BITS
+SERVICE_BITS, FINGERPRINT_BITS, CHECK_BITS = 16, 40, 24
+PAYLOAD_BITS = SERVICE_BITS + FINGERPRINT_BITS
 CODE_BITS = PAYLOAD_BITS + CHECK_BITS
 LAYOUT_SEED = 0x5D_A7E5  # fixed, not secret: every copy of the service must read every other copy's marks
 OUTLIER_SPREAD = 3.0  # cells further than this many median deviations from their neighbours are edges, not mark
@@ -56,18 +56,15 @@ CHANNELS = (CHROMA, LUMA)  # the embedder's preference, and the reader's order
 
 @dataclass(frozen=True)
 class WatermarkPayload:
-    """What the mark carries: the service that made the picture, the first 8 hex digits of its job's id, and which
-    of the job's pictures it is."""
+    """What the mark carries: the service that made the picture, and the picture's fingerprint (10 hex digits: the
+    first 40 bits of the SHA-256 of its generation parameters, so the same request and seed make the same pixels)."""
 
     service_id: int
-    job_prefix: str
-    index: int
+    fingerprint: str
 
     def code(self) -> np.ndarray:
         """The 80 bits written into the picture: the payload, then its CRC-24."""
-        value = (self.service_id % (1 << SERVICE_BITS)) << (JOB_BITS + INDEX_BITS)
-        value |= int(self.job_prefix, 16) << INDEX_BITS
-        value |= self.index % (1 << INDEX_BITS)
+        value = (self.service_id % (1 << SERVICE_BITS)) << FINGERPRINT_BITS | int(self.fingerprint, 16) % (1 << FINGERPRINT_BITS)
         payload = value.to_bytes(PAYLOAD_BITS // 8, "big")
         return np.unpackbits(np.frombuffer(payload + crc24(payload), dtype=np.uint8))
 
@@ -79,11 +76,7 @@ class WatermarkPayload:
         if crc24(payload) != check:
             return None
         value = int.from_bytes(payload, "big")
-        return cls(
-            service_id=value >> (JOB_BITS + INDEX_BITS),
-            job_prefix=f"{(value >> INDEX_BITS) % (1 << JOB_BITS):08x}",
-            index=value % (1 << INDEX_BITS),
-        )
+        return cls(service_id=value >> FINGERPRINT_BITS, fingerprint=f"{value % (1 << FINGERPRINT_BITS):010x}")
 
 
 @dataclass(frozen=True)
@@ -111,15 +104,17 @@ def layout() -> tuple[np.ndarray, np.ndarray]:
     return signs, bit_of_cell
 
 
-def embed(image: Image.Image, payload: WatermarkPayload, strength: float) -> Image.Image:
+def embed(image: Image.Image, payload: WatermarkPayload, strength: float, region: Image.Image | None = None) -> Image.Image:
     """``image`` with the mark of ``payload``: in its chroma when every bit reads clearly there within the limits,
     also after a halving and a JPEG; else in its luminance, unless the chroma read clearly and the luminance does
-    not (a small picture with much texture)."""
+    not (a small picture with much texture). With ``region`` (grayscale, the image's size) only its white pixels
+    change, in proportion (an inpainting's mask: what the user's picture kept stays exactly as it was)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    chroma, chroma_clear = embed_in(CHROMA, pixels, payload, strength)
+    weights = np.asarray(region.convert("L"), dtype=np.float32) / 255 if region is not None else np.ones(pixels.shape[:2], np.float32)
+    chroma, chroma_clear = embed_in(CHROMA, pixels, payload, strength, weights)
     if chroma_clear and survives_sharing(chroma, payload):
         return Image.fromarray(chroma)
-    luma, luma_clear = embed_in(LUMA, pixels, payload, strength)
+    luma, luma_clear = embed_in(LUMA, pixels, payload, strength, weights)
     return Image.fromarray(chroma if chroma_clear and not luma_clear else luma)
 
 
@@ -133,24 +128,27 @@ def survives_sharing(marked: np.ndarray, payload: WatermarkPayload) -> bool:
     return read_placed(stretched(plane, (WORKING_SIDE, WORKING_SIDE)), 0, 0, CHROMA).payload == payload
 
 
-def embed_in(channel: Channel, pixels: np.ndarray, payload: WatermarkPayload, strength: float) -> tuple[np.ndarray, bool]:
-    """The pixels with the mark in ``channel``, ``strength`` levels (of 255) where that reads clearly, more (up to
-    MAX_BOOST times) for the bits the picture's texture drowns, as the reader measures them (on a working-size copy,
-    so a large picture costs no more rounds); and whether every bit reached TARGET_LEVEL."""
+def embed_in(channel: Channel, pixels: np.ndarray, payload: WatermarkPayload, strength: float, weights: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The pixels with the mark in ``channel`` (times ``weights``, 0 to 1 a pixel), ``strength`` levels (of 255)
+    where that reads clearly, more (up to MAX_BOOST times) for the bits the picture's texture drowns, as the reader
+    measures them (on a working-size copy, so a large picture costs no more rounds); and whether every bit reached
+    TARGET_LEVEL."""
     signs, bit_of_cell = layout()
     polarity: np.ndarray = payload.code().astype(np.float32) * 2 - 1
     working = stretched(pixels, (WORKING_SIDE, WORKING_SIDE))
+    working_weights = stretched(weights, (WORKING_SIDE, WORKING_SIDE))
     masking = texture_masking(channel.of(working))
     amplitudes: np.ndarray = np.full(CODE_BITS, strength, dtype=np.float32)
     for _ in range(EMBED_ROUNDS):
         cells = signs * masking * (amplitudes * polarity)[bit_of_cell]
-        marked = np.clip(working + stretched(cells, (WORKING_SIDE, WORKING_SIDE), smooth=True)[..., None] * channel.direction, 0, 255)
+        pattern = stretched(cells, (WORKING_SIDE, WORKING_SIDE), smooth=True) * working_weights
+        marked = np.clip(working + pattern[..., None] * channel.direction, 0, 255)
         sums, _ = bit_sums(*cell_detail(channel.of(np.rint(marked)), 0, 0))
         short = polarity * sums / cells_per_bit() < TARGET_LEVEL
         if not short.any():
             break
         amplitudes = np.where(short, np.minimum(amplitudes * BOOST_STEP, strength * MAX_BOOST), amplitudes)
-    pattern = stretched(cells, (pixels.shape[1], pixels.shape[0]), smooth=True)
+    pattern = stretched(cells, (pixels.shape[1], pixels.shape[0]), smooth=True) * weights
     return np.clip(np.rint(pixels + pattern[..., None] * channel.direction), 0, 255).astype(np.uint8), not short.any()
 
 

@@ -408,7 +408,7 @@ function verificationFacts(report) {
       : `signature broken (${credentials.failures.join(", ")})`],
     ["Metadata", metadata && metadata.digital_source_type ? metadata.digital_source_type.split("/").pop() : "none"],
     ["Watermark", watermark
-      ? `service ${watermark.service_id}${watermark.this_service ? " (this service)" : ""}, job ${watermark.job_id_prefix}…, image ${watermark.image_index}`
+      ? `service ${watermark.service_id}${watermark.this_service ? " (this service)" : ""}, picture ${watermark.fingerprint}`
       : `none found (confidence ${report.watermark_confidence})`],
   ];
 }

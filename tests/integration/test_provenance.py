@@ -6,12 +6,13 @@ import io
 from collections.abc import Callable, Iterator
 
 import c2pa
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from config import Settings
-from helpers import PROJECT_DIR, wait_for, with_pixels_changed
+from helpers import PROJECT_DIR, pixels, wait_for, with_pixels_changed
 from sd_server.app import create_app
 from sd_server.provenance.metadata import TRAINED_ALGORITHMIC_MEDIA
 
@@ -31,11 +32,11 @@ def demo_client(tmp_path_factory) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def served(demo_client) -> tuple[str, list[bytes]]:
-    """A job of two demo pictures: its id, and the PNGs as served."""
+def served(demo_client) -> tuple[list[str], list[bytes]]:
+    """A job of two demo pictures: the fingerprints the job shows for them, and the PNGs as served."""
     job_id = demo_client.post("/jobs", json={"prompt": "a green triangle on a black background", "seed": 4, "num_images": 2, **DEMO}).json()["job_id"]
-    job = wait_for(demo_client, job_id, "succeeded")
-    return job_id, [demo_client.get(image["url"]).content for image in job["result"]["images"]]
+    images = wait_for(demo_client, job_id, "succeeded")["result"]["images"]
+    return [image["watermark_fingerprint"] for image in images], [demo_client.get(image["url"]).content for image in images]
 
 
 def reencoded(png: bytes, change: Callable[[Image.Image], Image.Image], format: str, **options) -> bytes:
@@ -70,28 +71,38 @@ def test_the_served_pictures_credentials_validate_with_c2pas_own_reader(served):
         assert actions[0]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
 
 
-def test_the_watermark_names_the_service_the_job_and_the_picture(demo_client, served):
-    job_id, pngs = served
+def test_the_watermark_names_the_service_and_the_picture_as_its_job_shows_it(demo_client, served):
+    fingerprints, pngs = served
 
     marks = [verify(demo_client, png)["watermark"] for png in pngs]
 
-    assert [(mark["this_service"], mark["job_id_prefix"], mark["image_index"]) for mark in marks] == [(True, job_id[:8], 0), (True, job_id[:8], 1)]
+    assert [(mark["this_service"], mark["fingerprint"]) for mark in marks] == [(True, fingerprints[0]), (True, fingerprints[1])]
+    assert fingerprints[0] != fingerprints[1]  # each picture its own (its seed differs)
+
+
+def test_the_same_request_and_seed_make_the_same_marked_pixels(demo_client, served):
+    fingerprints, pngs = served
+    again = demo_client.post("/generate", json={"prompt": "a green triangle on a black background", "seed": 4, "num_images": 2, **DEMO}).json()["images"]
+
+    assert [image["watermark_fingerprint"] for image in again] == fingerprints
+    for image, png in zip(again, pngs):
+        assert np.array_equal(pixels(image["image_base64"]), np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
 
 
 @pytest.mark.parametrize("sharing", SHARING)
 def test_the_watermark_survives_what_sharing_does_and_alone_says_the_picture_is_generated(demo_client, served, sharing):
-    job_id, pngs = served
+    fingerprints, pngs = served
 
     report = verify(demo_client, SHARING[sharing](pngs[0]))
 
     assert report["credentials"] is None and report["metadata"] is None  # re-encoded: the metadata is gone
-    assert report["generated"] is True and report["watermark"]["job_id_prefix"] == job_id[:8], report
+    assert report["generated"] is True and report["watermark"]["fingerprint"] == fingerprints[0], report
 
 
 def test_a_tampered_picture_fails_its_signature_but_keeps_its_watermark(demo_client, served):
-    job_id, pngs = served
+    fingerprints, pngs = served
 
     report = verify(demo_client, with_pixels_changed(pngs[0]))
 
     assert report["credentials"]["signature_valid"] is False and report["credentials"]["state"] == "Invalid"
-    assert report["watermark"]["job_id_prefix"] == job_id[:8]
+    assert report["watermark"]["fingerprint"] == fingerprints[0]

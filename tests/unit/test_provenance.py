@@ -18,7 +18,7 @@ from sd_server.provenance.credentials import load_identity, make_development_pai
 from sd_server.provenance.metadata import TRAINED_ALGORITHMIC_MEDIA, read_xmp, xmp_packet
 from sd_server.provenance.watermark import WatermarkPayload
 
-PAYLOAD = WatermarkPayload(service_id=23901, job_prefix="3f2a9c1e", index=2)
+PAYLOAD = WatermarkPayload(service_id=23901, fingerprint="3f2a9c1e07")
 STRENGTH = 2.0
 
 
@@ -50,7 +50,7 @@ TRANSFORMS = {
 }
 
 
-def test_the_code_carries_the_service_the_job_and_the_index_and_any_flipped_bit_is_caught():
+def test_the_code_carries_the_service_and_the_fingerprint_and_any_flipped_bit_is_caught():
     code = PAYLOAD.code()
 
     assert len(code) == watermark.CODE_BITS and WatermarkPayload.from_code(code) == PAYLOAD
@@ -93,6 +93,18 @@ def test_the_mark_is_faint_and_hides_in_a_photographs_colour():
         psnr[name] = 10 * np.log10(255**2 / error)
     assert min(psnr.values()) > 35, psnr
     assert watermark.read(watermark.embed(photograph, PAYLOAD, STRENGTH)).channel == "Cb"  # flat demo colours: "Y"
+
+
+def test_only_the_region_given_changes_and_the_mark_is_read_from_it():
+    picture = pictures(1, seed=5)[0]
+    region = Image.new("L", picture.size, 0)
+    region.paste(255, (0, 0, picture.width // 2, picture.height))  # the left half repainted
+
+    marked = watermark.embed(picture, PAYLOAD, STRENGTH, region)
+
+    kept = np.asarray(region) == 0
+    assert np.array_equal(np.asarray(marked)[kept], np.asarray(picture)[kept])
+    assert watermark.read(jpeg(marked)).payload == PAYLOAD
 
 
 def test_the_xmp_packet_names_the_source_type_and_the_tool_in_either_form():

@@ -158,6 +158,9 @@ class GeneratedImage(BaseModel):
     image_base64: str = Field(..., description="The PNG, base64-encoded.")
     seed: int = Field(..., description="Send this seed with num_images=1 to get this image alone.")
     image_path: str | None = Field(None, description="Where the PNG was saved on the server (null if saving is off).")
+    watermark_fingerprint: str | None = Field(
+        None, description="The fingerprint this image's watermark carries (what POST /provenance/verify reads back)."
+    )
 
 
 class GenerateResponse(BaseModel):

@@ -68,6 +68,9 @@ class JobImage(BaseModel):
     url: str | None = Field(..., description="GET this for the PNG (null when the image was not stored).")
     seed: int
     image_path: str | None
+    watermark_fingerprint: str | None = Field(
+        None, description="The fingerprint this image's watermark carries (what POST /provenance/verify reads back)."
+    )
 
 
 class JobResult(BaseModel):

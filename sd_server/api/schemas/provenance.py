@@ -38,12 +38,14 @@ class MetadataReport(BaseModel):
 
 
 class WatermarkReport(BaseModel):
-    """The invisible watermark read from the pixels: which service made the picture, in which job."""
+    """The invisible watermark read from the pixels: which service made the picture, and its fingerprint."""
 
     service_id: int = Field(..., examples=[23901])
     this_service: bool = Field(..., description="The id is this service's SD_WATERMARK_SERVICE_ID.")
-    job_id_prefix: str = Field(..., description="The first 8 hex digits of the job's id.", examples=["3f2a9c1e"])
-    image_index: int = Field(..., description="Which of the job's pictures (0 first).")
+    fingerprint: str = Field(
+        ..., description="The picture's fingerprint: the first 40 bits of the SHA-256 of its generation parameters; "
+        "a job's images show theirs as `watermark_fingerprint`.", examples=["3f2a9c1e07"]
+    )
     confidence: float = Field(..., description="How clearly the mark stood out (unmarked pictures read about 0.8; 1.5 is needed).")
 
 
