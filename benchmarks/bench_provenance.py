@@ -33,7 +33,7 @@ from sd_server.demo.personalisation import drift_prompts  # noqa: E402
 from sd_server.engine.png import encode_png  # noqa: E402
 from sd_server.provenance import watermark  # noqa: E402
 from sd_server.provenance.credentials import read_credentials  # noqa: E402
-from sd_server.provenance.marks import ImageFacts, Provenance  # noqa: E402
+from sd_server.provenance.marks import ImageFacts, Provenance, fingerprint  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def main() -> None:
             png = encode_png(image, prompt)
             draw.append(time.perf_counter() - started)
             originals.append(image)
-            facts = ImageFacts(uuid.uuid4().hex, index % 4, "demo", prompt)
+            facts = ImageFacts(uuid.uuid4().hex, index % 4, "demo", prompt, fingerprint(prompt))
             started = time.perf_counter()
             watermarked = provenance.watermark(image, facts)
             mark["watermark"].append(time.perf_counter() - started)

@@ -22,8 +22,7 @@ from schemas import (
 from sd_server.domain.jobs import Job, StoredImage
 from sd_server.domain.trainings import Training
 from sd_server.jobs.trainings import progress, sample_urls
-from sd_server.jobs.workers import png_parameters
-from sd_server.provenance.marks import fingerprint
+from sd_server.jobs.workers import watermark_fingerprint
 from sd_server.storage.images import ImageStorage
 
 
@@ -72,7 +71,7 @@ def outcome(job: Job) -> dict[str, Any]:
 
 def watermark_fingerprints(job: Job) -> list[str]:
     """The fingerprint each of a finished job's images carries in its watermark (whether or not it is on)."""
-    return [fingerprint(png_parameters(job, job.scheduler_used or "", index)) for index in range(len(job.images))]
+    return [watermark_fingerprint(job, job.scheduler_used or "", index) for index in range(len(job.images))]
 
 
 def job_result(job: Job, storage: ImageStorage) -> JobResult | None:

@@ -22,7 +22,7 @@ from sd_server.jobs.batching import batch_items, batch_key
 from sd_server.jobs.dispatch import Dispatcher
 from sd_server.jobs.trainings import Trainings
 from sd_server.observability.liveness import Liveness, PartState, Readiness
-from sd_server.provenance.marks import ImageFacts, Provenance
+from sd_server.provenance.marks import ImageFacts, Provenance, fingerprint
 from sd_server.registry import ModelRegistry
 from sd_server.storage.images import ImageStorage, image_name
 
@@ -318,11 +318,19 @@ class Encoder:
 
 def image_facts(job: Job, index: int, parameters: str) -> ImageFacts:
     """What the provenance marks of the job's image ``index`` say."""
-    return ImageFacts(job.id, index, job.model_id, parameters, job.inputs.get("mask"), job.inputs.get("credentials"))
+    fingerprint = watermark_fingerprint(job, job.scheduler_used or "", index)
+    return ImageFacts(job.id, index, job.model_id, parameters, fingerprint, job.inputs.get("mask"), job.inputs.get("credentials"))
 
 
-def png_parameters(job: Job, scheduler: str, index: int) -> str:
-    """The A1111 ``parameters`` text of the job's image ``index`` (seed + index)."""
+def watermark_fingerprint(job: Job, scheduler: str, index: int) -> str:
+    """The fingerprint the watermark of the job's image ``index`` carries: of its parameters without the model's name
+    (the same weights under two names, a LoRA uploaded and the same file named, draw the same pixels)."""
+    return fingerprint(png_parameters(job, scheduler, index, model_id=""))
+
+
+def png_parameters(job: Job, scheduler: str, index: int, model_id: str | None = None) -> str:
+    """The A1111 ``parameters`` text of the job's image ``index`` (seed + index), naming ``model_id`` (None: the
+    job's model)."""
     request = job.request
     return a1111_parameters(
         request.prompt,
@@ -333,7 +341,7 @@ def png_parameters(job: Job, scheduler: str, index: int) -> str:
         job.seed + index,
         request.width,
         request.height,
-        job.model_id,
+        job.model_id if model_id is None else model_id,
         image_parameters(request),
     )
 

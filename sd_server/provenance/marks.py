@@ -40,7 +40,8 @@ AI_SOURCE_TYPES = {TRAINED_ALGORITHMIC_MEDIA, COMPOSITE_WITH_TRAINED_ALGORITHMIC
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What the marks of one generated image say: its job and place in it, the model, the A1111 parameters, an
+    """What the marks of one generated image say: its job and place in it, the model, the A1111 parameters, the
+    fingerprint its watermark carries, an
     inpainting's mask (a PNG, white: repainted; the picture is a composite of the user's), and the input image as
     uploaded when it had credentials."""
 
@@ -48,6 +49,7 @@ class ImageFacts:
     index: int
     model_id: str
     parameters: str
+    fingerprint: str
     repaint_mask: bytes | None = None
     input_credentials: bytes | None = None
 
@@ -55,11 +57,6 @@ class ImageFacts:
     def inpainting(self) -> bool:
         """True for an inpainting: only its mask was generated."""
         return self.repaint_mask is not None
-
-    @property
-    def fingerprint(self) -> str:
-        """The picture's fingerprint, as its watermark carries it."""
-        return fingerprint(self.parameters)
 
 
 @dataclass(frozen=True)
@@ -196,8 +193,8 @@ class Provenance:
 
 
 def fingerprint(parameters: str) -> str:
-    """A picture's fingerprint: the first 40 bits of the SHA-256 of its A1111 parameters text (prompt, seed, model,
-    size...), in hex; the same request and seed give the same one (and the same pixels)."""
+    """A picture's fingerprint: the first 40 bits of the SHA-256 of its A1111 parameters text (prompt, seed, size...),
+    in hex; the same request and seed give the same one (and the same pixels)."""
     return hashlib.sha256(parameters.encode()).hexdigest()[:10]
 
 
