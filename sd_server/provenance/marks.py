@@ -3,7 +3,6 @@ image for all three."""
 
 import hashlib
 import io
-import logging
 from dataclasses import dataclass
 
 from PIL import Image
@@ -32,7 +31,6 @@ from sd_server.storage.photos import open_upright, opened
 from sd_server.storage.png_text import with_text
 from sd_server.storage.source_images import png_bytes as encode_png
 
-logger = logging.getLogger(__name__)
 GENERATOR = "sd-server"
 MIN_WATERMARK_SIDE = 128  # two pixels a grid cell: smaller pictures carry the credentials and metadata only
 AI_SOURCE_TYPES = {TRAINED_ALGORITHMIC_MEDIA, COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA}
@@ -41,9 +39,8 @@ AI_SOURCE_TYPES = {TRAINED_ALGORITHMIC_MEDIA, COMPOSITE_WITH_TRAINED_ALGORITHMIC
 @dataclass(frozen=True)
 class ImageFacts:
     """What the marks of one generated image say: its job and place in it, the model, the A1111 parameters, the
-    fingerprint its watermark carries, an
-    inpainting's mask (a PNG, white: repainted; the picture is a composite of the user's), and the input image as
-    uploaded when it had credentials."""
+    fingerprint its watermark carries, an inpainting's mask (a PNG, white: repainted; the picture is a composite of
+    the user's), and the input image as uploaded when it had credentials."""
 
     job_id: str
     index: int
