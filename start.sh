@@ -4,6 +4,8 @@
 #   ./start.sh --demo   serve the bundled demo model (models/demo: a tiny model trained here that draws shapes)
 #   ./start.sh --ray    batches run on Ray Serve replicas (SD_ENGINE=ray; installs requirements-ray.txt on first use);
 #                       with --demo, on the demo model. SD_RAY_ADDRESS joins a running cluster, else a local Ray starts
+#   ./start.sh --docker build the image (docker/build.sh) and run it on port SD_PORT (8000), its models and data in
+#                       the volumes sd-models and sd-data; it serves the demo model unless SD_DEFAULT_MODEL says otherwise
 #   ./start.sh --test   run the test suite (installing Chromium and newman for the browser and Postman tests
 #                       where it can); further arguments go to pytest
 # Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
@@ -27,11 +29,19 @@ install_requirements() {  # $1: a requirements file; skipped when the same files
   touch "$stamp"
 }
 
-install_test_tools() {  # a real browser and Postman's runner for the system tests; without them those tests skip, saying why
-  if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+apt_install() {  # Debian packages, where this is root on a Debian-like system; refreshes the package lists once if needed
+  command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || return 1
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; }; } >/dev/null 2>&1
+}
+
+install_test_tools() {  # a real browser, Postman's runner and a Docker engine for the system tests; without them those tests skip, saying why
+  if ! command -v chromedriver >/dev/null; then
     echo "installing Debian's chromium and chromium-driver (browser tests) ..."
-    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 \
-      || echo "could not install chromium: the browser tests will be skipped"
+    apt_install chromium chromium-driver || echo "could not install chromium: the browser tests will be skipped"
+  fi
+  if ! command -v dockerd >/dev/null; then
+    echo "installing Debian's docker.io, docker-compose and debootstrap (the container tests) ..."
+    apt_install docker.io docker-compose debootstrap || echo "could not install docker.io: the container tests will be skipped"
   fi
   if [ ! -x .tools/node_modules/.bin/newman ] && command -v npm >/dev/null; then
     echo "installing newman into .tools (the Postman collection test) ..."
@@ -47,13 +57,23 @@ case "${1:-}" in
     install_test_tools
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  --docker)
+    shift
+    [ $# -eq 0 ] || { echo "usage: ./start.sh --docker (settings as SD_ variables in .env or the environment)" >&2 && exit 2; }
+    image=${SERVER_IMAGE:-sd-server:latest}
+    SERVER_IMAGE=$image docker/build.sh
+    settings=()
+    [ -f .env ] && settings+=(--env-file .env)
+    [ -n "${SD_DEFAULT_MODEL:-}" ] && settings+=(-e SD_DEFAULT_MODEL)
+    exec docker run --rm -p "${SD_PORT:-8000}:8000" -v sd-models:/models -v sd-data:/data --stop-timeout 90 "${settings[@]}" "$image"
+    ;;
   ""|--demo|--ray)
     demo=false ray=false
     for argument in "$@"; do
       case "$argument" in
         --demo) demo=true ;;
         --ray) ray=true ;;
-        *) echo "usage: ./start.sh [--demo] [--ray] | --test [pytest arguments]" >&2 && exit 2 ;;
+        *) echo "usage: ./start.sh [--demo] [--ray] | --docker | --test [pytest arguments]" >&2 && exit 2 ;;
       esac
     done
     install_requirements requirements.txt
@@ -71,7 +91,7 @@ case "${1:-}" in
     exec "$VENV/bin/python" main.py
     ;;
   *)
-    echo "usage: ./start.sh [--demo] [--ray] | --test [pytest arguments]" >&2
+    echo "usage: ./start.sh [--demo] [--ray] | --docker | --test [pytest arguments]" >&2
     exit 2
     ;;
 esac
