@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the service's image: docker/build.sh [docker build arguments, e.g. --build-arg WITH_RAY=true].
 # Tags $SERVER_IMAGE (default sd-server:latest). Before building, it
-#   - copies the host's pip inputs into docker/build-extras (the CA bundle PIP_CERT names, the wheels in the folders of
-#     PIP_FIND_LINKS), so that a build behind a TLS-inspecting proxy or without a torch index works as pip does here;
+#   - copies the host's pip inputs into docker/build-extras (the CA bundle of PIP_CERT or pip.conf's cert, the wheels in
+#     the folders of PIP_FIND_LINKS or find-links), so that a build behind a TLS-inspecting proxy or without a torch
+#     index works as pip does here;
 #   - makes debian:bookworm-slim from Debian's mirror with debootstrap when no registry can be reached to pull it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,11 +16,18 @@ for argument in "$@"; do
   case "$argument" in BASE_IMAGE=*) BASE_IMAGE=${argument#BASE_IMAGE=} ;; esac
 done
 
+pip_setting() {  # $1: pip's environment variable, $2: its pip.conf key; the value the host's pip uses, or nothing
+  local value=${!1:-}
+  [ -n "$value" ] || value=$(python3 -m pip config list 2>/dev/null | sed -n "s/^$2='\(.*\)'\$/\1/p" | tail -1)
+  echo "$value"
+}
+
 fill_build_extras() {
   mkdir -p "$EXTRAS/wheels"
-  if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then cp "$PIP_CERT" "$EXTRAS/ca-certificates.crt"; fi
-  local folder wheel
-  for folder in ${PIP_FIND_LINKS:-}; do
+  local cert folder wheel
+  cert=$(pip_setting PIP_CERT global.cert)
+  if [ -n "$cert" ] && [ -f "$cert" ]; then cp "$cert" "$EXTRAS/ca-certificates.crt"; fi
+  for folder in $(pip_setting PIP_FIND_LINKS global.find-links); do
     for wheel in "${folder#file://}"/*.whl; do
       [ -f "$wheel" ] && [ ! -f "$EXTRAS/wheels/$(basename "$wheel")" ] || continue
       ln "$wheel" "$EXTRAS/wheels/" 2>/dev/null || cp "$wheel" "$EXTRAS/wheels/"
