@@ -10,7 +10,8 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
-ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=180 \
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=180 \
     PIP_FIND_LINKS=/build-extras/wheels PIP_CERT=/build-extras/ca-certificates.crt
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
@@ -29,7 +30,7 @@ ARG WITH_RAY=false
 RUN if [ "$WITH_RAY" = true ]; then /opt/venv/bin/pip install -q -r /requirements/requirements-ray.txt; fi
 
 FROM ${BASE_IMAGE} AS service
-ENV DEBIAN_FRONTEND=noninteractive
+ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends python3 tini ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --no-log-init --create-home --home-dir /home/sd sd \

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import time
@@ -19,16 +18,10 @@ import uuid
 from pathlib import Path
 
 import httpx
+from load_generator import free_port
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 REQUEST = {"prompt": "a red circle on a blue background", "num_inference_steps": 20, "width": 256, "height": 256}
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def docker(*arguments: str) -> str:

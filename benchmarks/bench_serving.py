@@ -20,7 +20,6 @@ measured minutes apart is noisy, so each round's ratios are taken, then their me
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCHMARKS))
 
 import load_generator  # noqa: E402
-from load_generator import percentile  # noqa: E402, F401  (other benchmarks import it from here)
+from load_generator import free_port, percentile  # noqa: E402, F401  (other benchmarks import percentile from here)
 
 from config import Settings  # noqa: E402
 from model_service import ModelService  # noqa: E402
@@ -49,13 +48,6 @@ DEMO_MODEL_DIR = ROOT / "models" / "demo"
 def request_body(index: int, arguments: argparse.Namespace) -> dict:
     """Request ``index`` of the run: same shape for all, so they can be batched; its own prompt and seed."""
     return load_generator.request_body(index, arguments.steps, arguments.size)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(

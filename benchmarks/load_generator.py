@@ -12,10 +12,18 @@ import asyncio
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 
 import httpx
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

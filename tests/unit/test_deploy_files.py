@@ -71,3 +71,14 @@ def test_the_kuberay_manifest_mounts_the_volumes_where_the_image_keeps_its_state
     for pod in pods:
         assert {mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]} == volumes
         assert pod["securityContext"]["fsGroup"] == 10001
+
+
+def test_every_api_container_gets_longer_to_stop_than_the_service_waits_for_its_running_batch():
+    shutdown_s = Settings.model_fields["shutdown_timeout_s"].default
+    compose = yaml.safe_load((PROJECT_DIR / "compose.yaml").read_text())
+    manifest = yaml.safe_load((PROJECT_DIR / "docs" / "kuberay-rayservice.yaml").read_text())
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+
+    for name in ("api", "ray-head"):
+        assert int(compose["services"][name]["stop_grace_period"].removesuffix("s")) > shutdown_s
+    assert head["terminationGracePeriodSeconds"] > shutdown_s
