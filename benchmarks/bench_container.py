@@ -4,7 +4,7 @@ as JSON: the build's seconds, the image's size, seconds from `docker run` to /he
 then the median image's seconds (POST /generate), the container's memory, and how long `docker stop` took. Examples:
 
     .venv/bin/python benchmarks/bench_container.py --no-cache --json benchmarks/results/container-cpu.json
-    .venv/bin/python benchmarks/bench_container.py --requests 1        # smoke size (a cached build)
+    .venv/bin/python benchmarks/bench_container.py --requests 1 --skip-build --image sd-server:latest   # smoke size
 """
 
 import argparse
@@ -98,17 +98,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default="sd-server:bench")
     parser.add_argument("--no-cache", action="store_true", help="build from nothing but the base image")
+    parser.add_argument("--skip-build", action="store_true", help="time the image --image names as it is (build_s: null)")
     parser.add_argument("--requests", type=int, default=10, help="images timed after the first")
     parser.add_argument("--port", type=int, default=0, help="the host's port for the container (0: a free one)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     arguments = parser.parse_args()
-    build_s = build(arguments.image, arguments.no_cache)
+    build_s = None if arguments.skip_build else round(build(arguments.image, arguments.no_cache), 1)
     size = json.loads(docker("image", "inspect", arguments.image))[0]["Size"]
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "docker": docker("version", "--format", "{{.Server.Version}}").strip(),
         "request": REQUEST,
-        "build_s": round(build_s, 1),
+        "build_s": build_s,
         "build_from_scratch": arguments.no_cache,
         "image_mb": round(size / 1e6),
         **serve(arguments.image, arguments.requests, arguments.port or free_port()),
