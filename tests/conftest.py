@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fails fast instead of hanging
 
 from config import Settings  # noqa: E402
-from helpers import DEADLINE_S, free_port, poll  # noqa: E402
+from helpers import DEADLINE_S, POSTGRES_URL, free_port, poll  # noqa: E402
 from sd_server.app import create_app  # noqa: E402
 
 TIERS = ("unit", "service", "integration", "system")
@@ -48,7 +48,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-POSTGRES_URL = os.environ.get("SD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def empty_postgres_database() -> str:

@@ -25,6 +25,7 @@ from PIL import Image
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEADLINE_S = 300  # generous: a wait that ends early costs nothing, one that ends late fails on a busy machine
+POSTGRES_URL = os.environ.get("SD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")  # a throwaway database
 TERMINAL = ("succeeded", "failed", "cancelled")
 SLOW = {"width": 512, "height": 512, "num_inference_steps": 60}  # seconds on 2 CPU cores: long enough to act on it
 

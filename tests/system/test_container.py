@@ -20,12 +20,11 @@ import pytest
 import sqlalchemy
 import yaml
 
-from helpers import DEADLINE_S, PROJECT_DIR, free_port, poll, wait_for, wait_until_healthy
+from helpers import DEADLINE_S, POSTGRES_URL, PROJECT_DIR, free_port, poll, wait_for, wait_until_healthy
 
 IMAGE = "sd-server:test"
 BUILD_DEADLINE_S = 1800  # a cold build downloads and installs every requirement: minutes
 LARGEST_IMAGE_BYTES = 2_500_000_000  # a CUDA torch slipping into the CPU image weighs several GB more
-POSTGRES_ADMIN_URL = os.environ.get("SD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SMALL = {"num_inference_steps": 2, "width": 128, "height": 128}
 
 
@@ -226,13 +225,13 @@ def test_start_sh_docker_builds_and_serves_the_demo_model_until_stopped(service_
 def host_postgres_database() -> Iterator[str]:
     """A fresh database on the host's PostgreSQL (the one the other tests use), dropped after; skips without one."""
     name = f"sd_container_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     except sqlalchemy.exc.OperationalError as error:
-        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL} (set SD_TEST_POSTGRES_URL): {error.orig}")
-    url = sqlalchemy.engine.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set SD_TEST_POSTGRES_URL): {error.orig}")
+    url = sqlalchemy.engine.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
