@@ -7,7 +7,8 @@
 #   ./start.sh --docker build the image (docker/build.sh) and run it on port SD_PORT (8000), its models and data in
 #                       the volumes sd-models and sd-data; it serves the demo model unless SD_DEFAULT_MODEL says otherwise
 #   ./start.sh --test   run the test suite (installing Chromium and newman for the browser and Postman tests
-#                       where it can); further arguments go to pytest
+#                       where it can): the unit and service tiers on a Python that cannot import torch or Ray, then the
+#                       integration and system tiers; further arguments go to pytest (paths, -m or -k: one run of them)
 # Environment: PYTHON (default python3), SD_VENV (default .venv), SD_TORCH_INDEX_URL (install torch
 # from this index first, e.g. https://download.pytorch.org/whl/cu128 or .../whl/cpu).
 set -euo pipefail
@@ -55,7 +56,13 @@ case "${1:-}" in
     shift
     install_requirements requirements-dev.txt
     install_test_tools
-    exec "$VENV/bin/python" -m pytest "$@"
+    for argument in "$@"; do  # a selection of tests: one pytest run of exactly that
+      case "$argument" in -m|-k|-m*|-k*|--lf|--ff|--sw|[!-]*) exec "$VENV/bin/python" -m pytest "$@" ;; esac
+    done
+    status=0
+    PYTHONPATH="$PWD/tests/torch_free${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest "$@" tests/unit tests/service || status=$?
+    "$VENV/bin/python" -m pytest "$@" tests/integration tests/system || status=$?
+    exit "$status"
     ;;
   --docker)
     shift

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sd_server.demo.personalisation import drift_prompts, generalisation, subject_photos  # noqa: E402
+from sd_server.demo.personalisation import Draw, drift_prompts, generalisation, subject_photos  # noqa: E402
 from sd_server.domain.trainings import TrainingSettings  # noqa: E402
 from sd_server.engine.lora_training import start_training  # noqa: E402
 from sd_server.storage.model_files import TRAINING_DEFAULTS_FILE, training_defaults  # noqa: E402
@@ -31,14 +32,14 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 MODEL = "demo"
 
 
-def drawer(pipeline: StableDiffusionPipeline, size: int):
-    """(prompt, seed) -> a 20-step picture of ``size`` pixels a side."""
+def drawer(pipeline: StableDiffusionPipeline, size: int) -> Draw:
+    """(prompt, seed) pairs -> 20-step pictures of ``size`` pixels a side, one pipeline call each."""
 
-    def draw(text: str, seed: int):
+    def draw(text: str, seed: int) -> Image.Image:
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipeline(text, num_inference_steps=20, width=size, height=size, generator=generator).images[0]
 
-    return draw
+    return lambda requests: [draw(text, seed) for text, seed in requests]
 
 
 def settings_from(arguments: argparse.Namespace) -> TrainingSettings:

@@ -2,6 +2,7 @@
 imports torch at import time: the unit and service tiers run without it (on the fake engine of tests/fakes.py)."""
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 import uvicorn
+from fastapi.dependencies import models as fastapi_dependencies
 from fastapi.testclient import TestClient
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub; a hub id fails fast instead of hanging
@@ -21,6 +23,12 @@ TIERS = ("unit", "service", "integration", "system")
 TIER_TIMEOUTS_S = {"unit": 60, "service": 120, "integration": 600, "system": 900}
 
 
+def pytest_report_header() -> str:
+    """Whether this Python can import torch: `./start.sh --test` runs the unit and service tiers where it cannot."""
+    blocked = any(type(finder).__name__ == "BlockTorch" for finder in sys.meta_path)
+    return "torch: blocked (tests/torch_free)" if blocked else "torch: importable"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test with its tier (the folder it is in) and that tier's timeout."""
     for item in items:
@@ -28,6 +36,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, tier))
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS_S[tier]))
+
+
+@pytest.fixture(autouse=True)
+def finished_apps_are_let_go() -> Iterator[None]:
+    """Clear FastAPI's caches of callables after each test. They keep the last 4,096 route and dependency functions,
+    and an app's are closures that hold the whole app: without this the process keeps about a hundred finished apps
+    (millions of objects), and every full garbage collection of the rest of the suite scans them."""
+    yield
+    for cached in vars(fastapi_dependencies).values():
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
 
 
 @pytest.fixture(scope="session")

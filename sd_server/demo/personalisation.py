@@ -18,7 +18,7 @@ from sd_server.domain.trainings import TrainingSettings
 SUBJECT = Scene("triangle", "yellow", "white", position="center")  # the photos' subject: centred, on white
 SMALL_AREA, LARGE_AREA = 0.045, 0.105  # a triangle's area share: small ones stay under, large ones over
 NEW_BACKGROUNDS = tuple(name for name in BACKGROUNDS if name != SUBJECT.background)
-Draw = Callable[[str, int], Image.Image]  # (prompt, seed) -> picture
+Draw = Callable[[list[tuple[str, int]]], list[Image.Image]]  # (prompt, seed) pairs -> their pictures, in order
 
 
 @dataclass(frozen=True)
@@ -97,20 +97,23 @@ class Generalisation:
 def recontextualisation(
     draw_trained: Draw, trigger: str, class_word: str, seeds: Iterable[int], subject: Scene = SUBJECT
 ) -> dict[str, float]:
-    """Per new context (its prompt), the share of ``seeds`` whose picture shows the subject there."""
+    """Per new context (its prompt), the share of ``seeds`` whose picture shows the subject there (every picture
+    asked of ``draw_trained`` at once, so that a drawer may batch them)."""
     seeds = list(seeds)
+    contexts = {" ".join(c.template.replace("{trigger}", trigger).replace("{class_word}", class_word).split()): c for c in new_contexts()}
+    pictures = draw_trained([(text, seed) for text in contexts for seed in seeds])
     shares = {}
-    for context in new_contexts():
-        text = " ".join(context.template.replace("{trigger}", trigger).replace("{class_word}", class_word).split())
-        hits = sum(context.shows_subject(read(draw_trained(text, seed)), subject) for seed in seeds)
-        shares[text] = hits / len(seeds)
+    for index, (text, context) in enumerate(contexts.items()):
+        its_pictures = pictures[index * len(seeds) : (index + 1) * len(seeds)]
+        shares[text] = sum(context.shows_subject(read(picture), subject) for picture in its_pictures) / len(seeds)
     return shares
 
 
 def unchanged_share(draw_before: Draw, draw_after: Draw, prompts: list[str]) -> float:
     """Share of ``prompts`` (the i-th drawn with seed i) read the same before and after the training."""
-    same = sum(essentials(read(draw_before(text, seed))) == essentials(read(draw_after(text, seed))) for seed, text in enumerate(prompts))
-    return same / len(prompts)
+    requests = [(text, seed) for seed, text in enumerate(prompts)]
+    pairs = zip(draw_before(requests), draw_after(requests), strict=True)
+    return sum(essentials(read(before)) == essentials(read(after)) for before, after in pairs) / len(prompts)
 
 
 def generalisation(

@@ -7,7 +7,8 @@ import math
 import random
 import shutil
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 from config import Settings
 from helpers import PROJECT_DIR, WebhookReceiver, parse_sse, pixels, poll
 from sd_server.app import create_app
-from sd_server.demo.personalisation import SUBJECT, drift_prompts, recontextualisation, unchanged_share
+from sd_server.demo.personalisation import SUBJECT, Draw, drift_prompts, recontextualisation, unchanged_share
 from sd_server.demo.world import draw as draw_scene
 from sd_server.demo.world import read
 from sd_server.domain.trainings import TrainingSettings
@@ -109,9 +110,19 @@ def start_training(client: TestClient, user_id: str = "alice", **fields) -> dict
     return response.json()
 
 
-def drawer(client: TestClient, user_id: str) -> Callable[[str, int], Image.Image]:
-    """(prompt, seed) -> the picture the API draws for ``user_id``, as the evaluator reads pictures."""
-    return lambda prompt, seed: Image.fromarray(draw(client, user_id, seed, prompt).astype(np.uint8))
+def drawer(client: TestClient, user_id: str) -> Draw:
+    """(prompt, seed) pairs -> the pictures the API draws for ``user_id``, as the evaluator reads pictures; asked for
+    together, as concurrent clients do, so that the queue batches them."""
+
+    def draw_one(request: tuple[str, int]) -> Image.Image:
+        prompt, seed = request
+        return Image.fromarray(draw(client, user_id, seed, prompt).astype(np.uint8))
+
+    def draw_all(requests: list[tuple[str, int]]) -> list[Image.Image]:
+        with ThreadPoolExecutor(max_workers=8) as clients:
+            return list(clients.map(draw_one, requests))
+
+    return draw_all
 
 
 @pytest.mark.timeout(1500)  # ~150 pictures and a training: the heaviest test, by design
@@ -119,7 +130,7 @@ def test_a_training_with_the_models_recipe_learns_the_subject_in_new_contexts_an
     # DreamBooth's two questions, asked of the served model: the subject where its photos never showed it (other
     # backgrounds, other sizes), and prompts without the trigger drawn as the untrained base draws them (carol's).
     seeds = range(10)
-    before = [shows_the_subject(draw(demo_client, "alice", seed)) for seed in seeds]
+    before = [shows_the_subject(np.asarray(picture)) for picture in drawer(demo_client, "alice")([(SUBJECT_PROMPT, seed) for seed in seeds])]
     carol_before = [draw(demo_client, "carol", seed) for seed in seeds[:3]]
 
     training = wait_for_training(demo_client, start_training(demo_client, class_word="triangle")["training_id"])
@@ -129,7 +140,7 @@ def test_a_training_with_the_models_recipe_learns_the_subject_in_new_contexts_an
     assert training["progress"]["step"] == training["progress"]["total"] == 150
     assert training["model"]["kind"] == "lora" and training["model"]["base"] == "demo"
     assert demo_client.get("/users/alice/model").json()["model"] == training["model"]  # activated
-    after = [shows_the_subject(draw(demo_client, "alice", seed)) for seed in seeds]
+    after = [shows_the_subject(np.asarray(picture)) for picture in drawer(demo_client, "alice")([(SUBJECT_PROMPT, seed) for seed in seeds])]
     assert sum(before) <= 1, f"the model drew the subject before it was trained: {before}"
     assert sum(after) >= 9, f"the subject in only {sum(after)} of 10 pictures after the training"
     in_context = recontextualisation(drawer(demo_client, "alice"), "sks", "triangle", seeds)
