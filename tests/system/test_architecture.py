@@ -22,9 +22,7 @@ def test_the_import_layer_contracts_hold():
 
 def test_the_typed_packages_pass_mypy_strict_and_every_engine_matches_the_engine_protocol():
     mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
-    result = subprocess.run(
-        [mypy], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=DEADLINE_S
-    )  # pyproject.toml
+    result = subprocess.run([mypy], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=DEADLINE_S)  # pyproject.toml
 
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     assert "Success: no issues found" in result.stdout
