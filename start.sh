@@ -57,7 +57,7 @@ case "${1:-}" in
     install_requirements requirements-dev.txt
     install_test_tools
     for argument in "$@"; do  # a selection of tests: one pytest run of exactly that
-      case "$argument" in -m|-k|-m*|-k*|--lf|--ff|--sw|[!-]*) exec "$VENV/bin/python" -m pytest "$@" ;; esac
+      case "$argument" in -m*|-k*|--lf|--ff|--sw|[!-]*) exec "$VENV/bin/python" -m pytest "$@" ;; esac
     done
     status=0
     PYTHONPATH="$PWD/tests/torch_free${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest "$@" tests/unit tests/service || status=$?

@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from config import Settings
-from helpers import DEADLINE_S, PROJECT_DIR, WebhookReceiver, parse_sse, pixels, poll
+from helpers import DEADLINE_S, PROJECT_DIR, TERMINAL, WebhookReceiver, parse_sse, pixels, poll
 from sd_server.app import create_app
 from sd_server.demo.personalisation import SUBJECT, Draw, drift_prompts, recontextualisation, unchanged_share
 from sd_server.demo.world import draw as draw_scene
@@ -98,7 +98,7 @@ def draw(client: TestClient, user_id: str, seed: int, prompt: str = SUBJECT_PROM
     return pixels(response.json()["image_base64"])
 
 
-def wait_for_training(client: TestClient, training_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = DEADLINE_S) -> dict:
+def wait_for_training(client: TestClient, training_id: str, statuses=TERMINAL, timeout: float = DEADLINE_S) -> dict:
     """Poll the training until it is in one of ``statuses`` (failing after ``timeout`` seconds, with what it last saw)."""
     return poll(lambda: client.get(f"/trainings/{training_id}").json(), lambda training: training["status"] in statuses, f"training {training_id} reaching {statuses}", timeout, interval=0.2)
 
@@ -130,7 +130,8 @@ def test_a_training_with_the_models_recipe_learns_the_subject_in_new_contexts_an
     # DreamBooth's two questions, asked of the served model: the subject where its photos never showed it (other
     # backgrounds, other sizes), and prompts without the trigger drawn as the untrained base draws them (carol's).
     seeds = range(10)
-    before = [shows_the_subject(np.asarray(picture)) for picture in drawer(demo_client, "alice")([(SUBJECT_PROMPT, seed) for seed in seeds])]
+    draw_alice, subject_requests = drawer(demo_client, "alice"), [(SUBJECT_PROMPT, seed) for seed in seeds]
+    before = [shows_the_subject(np.asarray(picture)) for picture in draw_alice(subject_requests)]
     carol_before = [draw(demo_client, "carol", seed) for seed in seeds[:3]]
 
     # 150 steps and their samples: 105 s on an idle 2-core machine, over 300 s beside a CPU burner
@@ -141,11 +142,11 @@ def test_a_training_with_the_models_recipe_learns_the_subject_in_new_contexts_an
     assert training["progress"]["step"] == training["progress"]["total"] == 150
     assert training["model"]["kind"] == "lora" and training["model"]["base"] == "demo"
     assert demo_client.get("/users/alice/model").json()["model"] == training["model"]  # activated
-    after = [shows_the_subject(np.asarray(picture)) for picture in drawer(demo_client, "alice")([(SUBJECT_PROMPT, seed) for seed in seeds])]
+    after = [shows_the_subject(np.asarray(picture)) for picture in draw_alice(subject_requests)]
     assert sum(before) <= 1, f"the model drew the subject before it was trained: {before}"
     assert sum(after) >= 9, f"the subject in only {sum(after)} of 10 pictures after the training"
-    in_context = recontextualisation(drawer(demo_client, "alice"), "sks", "triangle", seeds)
-    unchanged = unchanged_share(drawer(demo_client, "carol"), drawer(demo_client, "alice"), drift_prompts(40))
+    in_context = recontextualisation(draw_alice, "sks", "triangle", seeds)
+    unchanged = unchanged_share(drawer(demo_client, "carol"), draw_alice, drift_prompts(40))
     assert sum(in_context.values()) / len(in_context) >= 0.8, in_context
     assert unchanged >= 0.95, f"only {unchanged:.0%} of the prompts without the trigger drew as the base draws them"
     for seed, picture in zip(seeds[:3], carol_before):
