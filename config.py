@@ -3,9 +3,9 @@
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sd_server.domain.models import DEFAULT_USER
@@ -66,6 +66,31 @@ class Settings(BaseSettings):
     enable_xformers: bool = Field(True, description="Use xformers attention on CUDA when it is installed.")
     attention_slicing: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: on for MPS only (PyTorch SDPA already bounds attention memory on CUDA and CPU)."
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="UNet and VAE weights in channels_last memory format; auto: on CUDA (its convolutions run faster so), off elsewhere."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet: compiled for each batch size of SD_COMPILE_BATCH_SIZES at each size of "
+        "SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to the next compiled size), the kernels kept "
+        "in SD_COMPILE_CACHE_DIR for the next start. Batches with LoRA adapters run uncompiled.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode: reduce-overhead adds CUDA graphs; the max-autotune modes search kernels (longer compiles)."
+    )
+    compile_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="Images per compiled UNet call, as a JSON list; a batch runs at the smallest that holds it. Unset: "
+        "1, 2, 4, ... up to the most images in a batch (SD_MAX_BATCH_SIZE).",
+    )
+    compile_sizes: list[Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")]] = Field(
+        [],
+        description='Image sizes (WIDTHxHEIGHT, as a JSON list: ["512x512", "768x512"]) compiled before a model takes '
+        "jobs, besides its native size; another size compiles on its first request.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="Where compiled kernels are kept between starts (it sets TORCHINDUCTOR_CACHE_DIR); unset: .compile-cache in SD_MODELS_DIR."
     )
     safety_checker: bool = Field(False, description="Run the model's NSFW safety checker when it ships one.")
     max_batch_size: int | None = Field(

@@ -115,7 +115,13 @@ class FakeEngine:
 
     def report(self) -> EngineReport:
         return EngineReport(
-            device="cpu", dtype="float32", loaded_models=self.loaded_models(), cache=empty_cache_report(), device_memory_bytes=0
+            device="cpu",
+            dtype="float32",
+            loaded_models=self.loaded_models(),
+            cache=empty_cache_report(),
+            device_memory_bytes=0,
+            device_memory_peak_bytes=0,
+            compile={"enabled": False},
         )
 
     def loaded_models(self) -> list[str]:

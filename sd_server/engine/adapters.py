@@ -103,7 +103,7 @@ class AdapterCache:
         ModelLoadError when one of them was unloaded since the batch began. Call with the checkpoint's lock held."""
         if missing := {sample.name for sample in samples} - {None} - checkpoint.adapters.keys():
             raise ModelLoadError(f"{len(missing)} LoRA(s) of this batch were unloaded meanwhile; submit the job again")
-        return adapters_applied(checkpoint.pipeline, samples, any_loaded=bool(checkpoint.adapters))
+        return adapters_applied(checkpoint.pipeline, samples)
 
     def unload(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""

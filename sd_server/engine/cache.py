@@ -21,6 +21,7 @@ from sd_server.engine.devices import (
     GIB,
     cache_budgets,
     configure_attention,
+    configure_memory_format,
     free_memory,
     module_bytes,
     module_device,
@@ -194,6 +195,7 @@ class CheckpointCache:
             raise self._load_error(source, location, error) from error
         pipeline.set_progress_bar_config(disable=True)
         configure_attention(pipeline, self.device, self.settings)
+        configure_memory_format(pipeline, self.device, self.settings)
         checkpoint = self._register(source, pipeline, fingerprints)
         seconds = time.perf_counter() - started
         self.counters[Tier.cpu].misses += 1

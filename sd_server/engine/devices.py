@@ -96,6 +96,18 @@ def allocated_bytes(device: str) -> int:
     return torch.cuda.memory_allocated() if device == "cuda" else 0
 
 
+def peak_allocated_bytes(device: str) -> int:
+    """The most device memory tensors have held since start (0 off CUDA)."""
+    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+
+def configure_memory_format(pipeline: StableDiffusionPipeline, device: str, settings: Settings) -> None:
+    """UNet and VAE weights in channels_last (SD_CHANNELS_LAST; auto: on CUDA, where its convolutions run faster)."""
+    if settings.channels_last == "on" or (settings.channels_last == "auto" and device == "cuda"):
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+
+
 def configure_attention(pipeline: StableDiffusionPipeline, device: str, settings: Settings) -> None:
     """xformers on CUDA when installed and enabled (else PyTorch SDPA); attention slicing per setting."""
     if device == "cuda" and settings.enable_xformers:

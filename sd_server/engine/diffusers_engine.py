@@ -2,6 +2,7 @@
 job queue's device and loader threads call it."""
 
 from collections.abc import Callable, Set
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
+from sd_server.engine.compiled import UnetCompiler
 from sd_server.engine.hires import Passes, decode_latents, in_latent_space, upscale_latents, upscale_pictures
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, ImageSource, StepCallback, Stop
 from sd_server.engine.lora_training import LoraTrainer, start_training
@@ -60,6 +62,10 @@ class DiffusersEngine:
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
         self.cache = CheckpointCache(settings, self.device, self.dtype)
         self.adapters = AdapterCache(settings, self.cache)
+        self.compiler = UnetCompiler(settings, settings.max_batch_size or self.default_max_batch_size)
+        # Compiled CPU kernels are guarded on the thread count, which on a CPU device only the device thread has at
+        # full: there the UNet compiles on the device thread, before its model's first batch; elsewhere on the loader.
+        self.compiles_on_device_thread = self.device == "cpu"
         self.prompt_counter = PromptCounter(settings.models_dir)
 
     # --- queries, from any thread --------------------------------------------------------------------
@@ -70,8 +76,12 @@ class DiffusersEngine:
             return list(self.cache.checkpoints)
 
     def is_ready(self, model: UserModel) -> bool:
-        """True when a batch for ``model`` can start now: its checkpoint is on the device (a LoRA loads in ms)."""
-        return self.cache.is_ready(model.base)
+        """True when a batch for ``model`` can start now: its checkpoint is on the device (a LoRA loads in ms), and
+        with SD_COMPILE its UNet is compiled."""
+        checkpoint = self.cache.get(model.base)
+        if checkpoint is None or not checkpoint.ready:
+            return False
+        return self.compiles_on_device_thread or self.compiler.is_warm(checkpoint.pipeline)
 
     def prompt_chunks(self, base: str, texts: list[str]) -> int:
         """How many 75-token chunks the longest of ``texts`` takes with ``base``'s tokenizer."""
@@ -96,6 +106,8 @@ class DiffusersEngine:
             loaded_models=self.loaded_models(),
             cache=self.cache_report(),
             device_memory_bytes=devices.allocated_bytes(self.device),
+            device_memory_peak_bytes=devices.peak_allocated_bytes(self.device),
+            compile=self.compiler.report(),
         )
 
     # --- loading (loader thread; request threads for uploads and removals) ------------------------------
@@ -103,15 +115,17 @@ class DiffusersEngine:
     @threads.side_work
     def prepare(self, model: UserModel, keep: Set[str] = frozenset()) -> bool:
         """Bring ``model``'s checkpoint onto the device (from host RAM, else from disk), moving least recently used
-        checkpoints not in ``keep`` and not running down a tier; then load its LoRA (or read the file) ahead.
-        False: no room now."""
+        checkpoints not in ``keep`` and not running down a tier; then load its LoRA (or read the file) ahead, and with
+        SD_COMPILE compile its UNet. False: no room now."""
         with self.cache.residency:
             checkpoint = self.cache.bring_to_device(model.base, keep)
             if checkpoint is None:
                 return False
             if isinstance(model, LoraModel):
                 self.adapters.load_ahead(checkpoint, model)
-            return True
+        if not self.compiles_on_device_thread and not self.compiler.is_warm(checkpoint.pipeline):
+            self._warm(model.base)
+        return True
 
     @threads.side_work
     def unload(self, source: str | None = None) -> list[str]:
@@ -151,7 +165,8 @@ class DiffusersEngine:
         try:
             adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
             samples = [adapters[item.model] for item in items for _ in range(item.num_images)]
-            with checkpoint.lock, self.adapters.applied(checkpoint, samples):
+            with checkpoint.lock, self.adapters.applied(checkpoint, samples), self._unet_for(checkpoint, samples):
+                self.compiler.warm(checkpoint.pipeline)  # compiled already, unless it compiles on this thread
                 return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:
             return None
@@ -180,6 +195,25 @@ class DiffusersEngine:
             if not self.prepare(CheckpointModel(source=base)):
                 break
         raise ModelLoadError(f"no room on the device for model '{base}' while others run; raise SD_CACHE_DEVICE_GB")
+
+    def _warm(self, base: str) -> None:
+        """Compile ``base``'s UNet, pinned so that it stays on the device meanwhile (its jobs wait: it is not ready)."""
+        checkpoint = self.cache.pin(base)
+        if checkpoint is None:
+            return  # moved off the device meanwhile: the next prepare compiles it
+        try:
+            with checkpoint.lock:
+                self.compiler.warm(checkpoint.pipeline)
+        finally:
+            self.cache.unpin(checkpoint)
+
+    def _unet_for(self, checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> AbstractContextManager[None]:
+        """The block in which the batch's UNet calls run compiled (SD_COMPILE), or uncompiled when a sample has an
+        adapter: the per-image LoRA hooks change every batch, and each change would recompile."""
+        unet = self.compiler.compiled(checkpoint.pipeline)
+        if unet is None:
+            return nullcontext()
+        return unet.eager_on_this_thread(any(sample.name is not None for sample in samples))
 
     def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
         """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""

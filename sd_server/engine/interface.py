@@ -71,6 +71,8 @@ class EngineReport(TypedDict):
     loaded_models: list[str]
     cache: dict[str, Any]
     device_memory_bytes: int
+    device_memory_peak_bytes: int
+    compile: dict[str, Any]
 
 
 class Stop(IntEnum):

@@ -136,12 +136,13 @@ def per_sample_adapters(pipeline: StableDiffusionPipeline, samples: list[SampleA
 
 
 @contextmanager
-def adapters_applied(pipeline: StableDiffusionPipeline, samples: list[SampleAdapter], any_loaded: bool = True) -> Iterator[None]:
-    """Within the block, image i of a pipeline call runs with ``samples[i]``'s adapter: LoRA off when no image has one
-    (``any_loaded``: the pipeline holds adapters to turn off), ``set_adapters`` when every image shares one, else
-    each image its own (``per_sample_adapters``). Call with the checkpoint's lock held."""
+def adapters_applied(pipeline: StableDiffusionPipeline, samples: list[SampleAdapter]) -> Iterator[None]:
+    """Within the block, image i of a pipeline call runs with ``samples[i]``'s adapter: LoRA layers off when no image
+    has one (also once their adapters are gone, and on a UNet another checkpoint shares: a layer left on would apply
+    whichever adapter ran last, and a compiled UNet would recompile), ``set_adapters`` when every image shares one,
+    else each image its own (``per_sample_adapters``). Call with the checkpoint's lock held."""
     if all(sample.name is None for sample in samples):
-        if any_loaded:
+        if next(lora_layers(pipeline), None) is not None:
             pipeline.disable_lora()
         yield
     elif len(set(samples)) == 1:

@@ -310,7 +310,17 @@ def merged_report(reports: list[EngineReport], dtype: str = "auto") -> EngineRep
         loaded_models=list(dict.fromkeys(model for report in reports for model in report["loaded_models"])),
         cache=cache,
         device_memory_bytes=sum(report["device_memory_bytes"] for report in reports),
+        device_memory_peak_bytes=max((report["device_memory_peak_bytes"] for report in reports), default=0),
+        compile=merged_compile([report["compile"] for report in reports]),
     )
+
+
+def merged_compile(parts: list[dict]) -> dict:
+    """Several replicas' SD_COMPILE figures: their settings (the same everywhere), the compile counts and seconds summed."""
+    if not parts:
+        return {"enabled": False}
+    summed = ("compiles", "compile_seconds", "compiles_on_requests")
+    return {**parts[0], **{name: sum(part[name] for part in parts) for name in summed}}
 
 
 def merged_counts(parts: list[dict], listed: str) -> dict:

@@ -7,10 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
-
 from config import Settings
 from sd_server.errors import StorageError
 
@@ -96,30 +92,35 @@ class S3Storage:
     """Objects in an S3-compatible bucket; clients fetch them through presigned URLs."""
 
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, region: str | None, url_expiry_s: int) -> None:
+        # boto3 is imported here, not with the module: a deployment without S3 never loads it (a sizeable import).
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
         self.bucket, self.prefix, self.url_expiry_s = bucket, prefix, url_expiry_s
-        self._client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=BotoConfig(retries={"max_attempts": 3})
-        )
+        self._client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(retries={"max_attempts": 3}))
+        self._failures: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        self._answered = ClientError  # the store answered with an error (a missing object, say)
 
     def put(self, key: str, data: bytes) -> None:
         """Upload the PNG."""
         try:
             self._client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType="image/png")
-        except (BotoCoreError, ClientError) as error:
+        except self._failures as error:
             raise StorageError(f"could not upload {key} to s3://{self.bucket}/{self.prefix} (SD_S3_*): {error}") from error
 
     def get(self, key: str) -> bytes:
         """The object's bytes."""
         try:
             return self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
-        except (BotoCoreError, ClientError) as error:
+        except self._failures as error:
             raise StorageError(f"could not read {key} from s3://{self.bucket}/{self.prefix} (SD_S3_*): {error}") from error
 
     def delete(self, key: str) -> None:
         """Delete the object (no error if it is gone)."""
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
-        except (BotoCoreError, ClientError) as error:
+        except self._failures as error:
             raise StorageError(f"could not delete {key} from s3://{self.bucket} (SD_S3_*): {error}") from error
 
     def exists(self, key: str) -> bool:
@@ -127,7 +128,7 @@ class S3Storage:
         try:
             self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
             return True
-        except ClientError:
+        except self._answered:
             return False
 
     def url(self, key: str) -> str:

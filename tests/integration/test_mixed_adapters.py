@@ -2,6 +2,8 @@
 with its own adapter and scale, and each image equals the same request made alone."""
 
 import io
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,15 @@ def job_pixels(client: TestClient, job: dict) -> np.ndarray:
     """The pixels of a finished job's first image."""
     assert job["status"] == "succeeded", job
     return np.asarray(Image.open(io.BytesIO(client.get(job["result"]["image_url"]).content)).convert("RGB"))
+
+
+def test_a_checkpoint_that_shares_its_unet_never_draws_with_the_other_checkpoints_adapter(models_dir, tmp_path):
+    shutil.copytree(models_dir / "demo", models_dir / "demo-twin", dirs_exist_ok=True)  # the same files: one UNet in memory
+    engine = ModelService(Settings(_env_file=None, default_model="demo", models_dir=models_dir, data_dir=tmp_path))
+    twin = replace(KEY, base="demo-twin")
+    alone = engine.run_batch(twin, [BatchItem(CheckpointModel(source="demo-twin"), "a photo", None, 3, 1)], lambda *a, **k: None, lambda: False)
+    alice = LoraModel(base="demo", source="loras/alice.safetensors")
+    engine.run_batch(KEY, [BatchItem(alice, "a photo", None, 3, 1)], lambda *a, **k: None, lambda: False)  # alice's LoRA on
+    after = engine.run_batch(twin, [BatchItem(CheckpointModel(source="demo-twin"), "a photo", None, 3, 1)], lambda *a, **k: None, lambda: False)
+    assert engine.cache_report()["shared_components"] >= 1
+    assert np.array_equal(np.asarray(alone.images[0][0]), np.asarray(after.images[0][0])), "the twin drew with alice's LoRA"

@@ -128,3 +128,25 @@ def test_the_provenance_benchmark_prints_the_cost_of_the_marks_and_the_watermark
     assert set(figures["detected"]) == {"as served", "JPEG 75", "50% resize", "10% crop", "screenshot PNG", "50% resize, then JPEG 75"}
     assert figures["mark_ms"]["all marks"] > 0 and 0 < figures["mark_share_of_draw"] < 1
     assert {"6 photographs at 512px", "6 photographs at 256px"} <= set(figures["other_pictures"])
+
+
+def test_the_gpu_benchmark_script_runs_raw_and_served_with_compile_off_and_on_at_smoke_size(tmp_path):
+    figures_file = tmp_path / "gpu.json"
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu/run.sh", "--smoke", "--json", str(figures_file)],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=4 * DEADLINE_S,  # four parts, two of them compile
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    figures = json.loads(figures_file.read_text())
+    assert figures["errors"] == {} and figures["skipped"] == []
+    for mode in ("eager", "compiled"):
+        raw, served = figures["raw"][mode], figures["served"][mode]
+        assert raw["batch_1"]["it_per_s"] > 0 and raw["batch_2"]["images_per_s"] > 0
+        assert served["batch_1"]["it_per_s"] > 0 and served["first_request_s"] > 0 and served["start_to_ready_s"] > 0
+        for row in ("batch_2", "one_lora", "distinct_loras"):
+            assert served[row]["failed_requests"] == 0 and served[row]["images_per_s"] > 0, (mode, row, served[row])
+        assert set(figures["ratios"][mode]) == {"served_over_raw_batch_1", "served_over_raw_batch_2", "distinct_over_one_lora"}
+    compiled = figures["served"]["compiled"]["compile"]
+    assert compiled["enabled"] and compiled["compiles"] >= 2 and compiled["compiles_on_requests"] == 0, compiled
+    assert figures["raw"]["compiled"]["compile_s"] > 0 and figures["served"]["eager"]["compile"]["enabled"] is False

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from schemas import CacheStats, HealthResponse, PartStatus, ProvenanceSettings, QueueStats, RootResponse
+from schemas import CacheStats, CompileStats, HealthResponse, PartStatus, ProvenanceSettings, QueueStats, RootResponse
 from sd_server import VERSION
 from sd_server.api.dependencies import MaybeUser, ServicesDep, metrics_access
 from sd_server.api.errors import error_responses
@@ -36,6 +36,8 @@ async def health(services: ServicesDep, principal: MaybeUser, response: Response
         loaded_models=report["loaded_models"],
         queue=QueueStats(**services.dispatcher.stats()),
         cache=CacheStats(**report["cache"]),
+        device_memory_peak_bytes=report["device_memory_peak_bytes"],
+        compile=CompileStats(**report["compile"]),
         parts={name: PartStatus(**part) for name, part in parts.items()},
         provenance=ProvenanceSettings.model_validate(services.provenance.report()),
     )

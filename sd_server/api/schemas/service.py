@@ -90,6 +90,20 @@ class PartStatus(BaseModel):
     since: float = Field(..., description="Unix time of the last change of state.")
 
 
+class CompileStats(BaseModel):
+    """SD_COMPILE: whether the UNet runs compiled, how, and the compiles since start."""
+
+    enabled: bool
+    mode: str | None = Field(None, examples=["default"])
+    batch_sizes: list[int] | None = Field(None, description="Images per compiled call; a batch is padded up to the next.")
+    cache_dir: str | None = Field(None, description="Where compiled kernels are kept between starts.")
+    compiles: int = Field(0, description="Graphs compiled since start, warm-ups included.")
+    compile_seconds: float = Field(0.0, description="Seconds spent compiling since start, warm-ups included.")
+    compiles_on_requests: int = Field(
+        0, description="Compiles a request waited for: an image size not in SD_COMPILE_SIZES, a long prompt, or a recompile."
+    )
+
+
 class HealthResponse(BaseModel):
     """Liveness: ok, degraded (a part is failing and goes on) or not ok (a part is dead: 503), and the version.
     With an admin key (or when no key is required) also what the service runs on and each part's state."""
@@ -101,6 +115,8 @@ class HealthResponse(BaseModel):
     loaded_models: list[str] | None = Field(None, description="Checkpoints in memory (either tier), least recently used first.")
     queue: QueueStats | None = None
     cache: CacheStats | None = None
+    device_memory_peak_bytes: int | None = Field(None, description="The most device memory tensors held since start (0 off CUDA).")
+    compile: CompileStats | None = None
     parts: dict[str, PartStatus] | None = Field(None, description="device, loader, encoder, webhooks, retention, database.")
     provenance: ProvenanceSettings | None = Field(None, description="The marks every generated image carries (docs/provenance.md).")
 

@@ -1,0 +1,220 @@
+"""SD_COMPILE: each UNet's forward compiled by torch.compile for a few batch sizes (calls are padded up to the next
+one) and any prompt length, warmed at each configured image size before its model takes jobs, its kernels cached on
+disk for the next start. Batches with LoRA adapters run the UNet uncompiled: their per-image hooks change from batch to batch."""
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def default_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch_size``, then ``max_batch_size``: a batch pads to at most twice its images."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, max_batch_size})
+
+
+def padded_size(samples: int, sizes: list[int]) -> int | None:
+    """The smallest of ``sizes`` that holds ``samples``; None past the largest."""
+    return next((size for size in sizes if size >= samples), None)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """(width, height) of a ``WIDTHxHEIGHT`` setting."""
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
+# The layers LoRAs target: diffusers' and this service's trainings (the attention projections), and kohya-style files
+# (the transformer blocks' projections and feed-forward layers too).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+LAYOUT_ADAPTER = "compile_layout"
+
+
+def wrap_lora_layers(unet: UNet2DConditionModel) -> None:
+    """Wrap the layers LoRAs target in peft's LoRA layers, empty and switched off, before compiling. A LoRA loaded
+    later then changes no layer's type (the way diffusers' LoRA hotswap keeps compiled graphs valid), and the base's
+    batches, which run with adapters switched off, keep their graphs."""
+    unet.add_adapter(LoraConfig(r=1, target_modules=LORA_TARGETS), adapter_name=LAYOUT_ADAPTER)
+    unet.delete_adapters(LAYOUT_ADAPTER)
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
+
+
+def graphs_compiled() -> int:
+    """Graphs TorchDynamo has compiled in this process so far (every recompile adds one)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def pad_batch(value: Any, samples: int, size: int) -> Any:
+    """A tensor whose first dimension is the batch, grown to ``size`` rows by repeating its last one; else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == samples < size:
+        return torch.cat([value, value[-1:].expand(size - samples, *value.shape[1:])])
+    return value
+
+
+@dataclass
+class CompileCounters:
+    """The compiles of every compiled UNet of the process: in all, their seconds, and how many a request waited for
+    (a size not warmed, or a recompile)."""
+
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    compiles_on_requests: int = 0
+
+
+class CompiledUnet:
+    """A UNet's forward in place of its own (``unet.forward``): compiled calls at the padded batch sizes, the eager
+    forward for batches with adapters and for batches past the largest size."""
+
+    def __init__(self, unet: UNet2DConditionModel, sample_sizes: list[int], mode: str, counters: CompileCounters) -> None:
+        self.eager = unet.forward
+        self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
+        self.sample_sizes = sample_sizes  # UNet samples per call: classifier-free guidance runs each image twice
+        self.warm_sizes: set[tuple[int, int]] = set()  # latent (height, width) warmed at every batch size
+        self.uncompiled = threading.local()  # set on the device thread while a batch with adapters runs
+        self.counters = counters
+        unet.forward = self  # nn.Module.__call__ finds the instance attribute before the class's forward
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The UNet's output for ``sample``: compiled at its padded batch size when it can be."""
+        samples = sample.shape[0]
+        size = padded_size(samples, self.sample_sizes)
+        if getattr(self.uncompiled, "on", False) or size is None or args:
+            return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        # One contiguous float32 row of timesteps for every scheduler (int64 or float, scalar or per sample), as the
+        # warm-up compiled: a compiled graph is guarded on its inputs' dtypes, shapes and strides.
+        timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
+        timesteps = timesteps.reshape(1).repeat(size) if timesteps.dim() == 0 else pad_batch(timesteps, samples, size)
+        inputs = [pad_batch(sample, samples, size), timesteps, pad_batch(encoder_hidden_states, samples, size)]
+        # The same keywords as the warm-up too: the pipelines pass several as None, and guards tell None from absent.
+        extra = {name: pad_batch(value, samples, size) for name, value in kwargs.items() if value is not None and name != "return_dict"}
+        output = self._timed(*inputs, **extra, warming=False)[0][:samples]
+        return UNet2DConditionOutput(sample=output) if kwargs.get("return_dict", True) else (output,)
+
+    def warm(self, latent_height: int, latent_width: int, context: torch.Tensor) -> None:
+        """Compile every batch size for latents of this size (``context``: one sample's text embedding)."""
+        if (latent_height, latent_width) in self.warm_sizes:
+            return
+        unet = self.eager.__self__  # type: ignore[attr-defined]
+        for size in self.sample_sizes:
+            sample = torch.randn(size, unet.config.in_channels, latent_height, latent_width, device=unet.device, dtype=unet.dtype)
+            timesteps = torch.full((size,), 999.0, device=unet.device)
+            self._timed(sample, timesteps, context.repeat(size, 1, 1), warming=True)
+        self.warm_sizes.add((latent_height, latent_width))
+
+    @contextmanager
+    def eager_on_this_thread(self, eager: bool) -> Iterator[None]:
+        """Within the block, this thread's calls run uncompiled when ``eager``."""
+        self.uncompiled.on = eager
+        try:
+            yield
+        finally:
+            self.uncompiled.on = False
+
+    def _timed(self, *args: Any, warming: bool, **kwargs: Any) -> Any:
+        """The compiled call (a tuple), counting and timing the compiles it made."""
+        before, started = graphs_compiled(), time.perf_counter()
+        # Prompts of any length (77 tokens a chunk, long prompts take more) share one graph: the token count is symbolic.
+        torch._dynamo.maybe_mark_dynamic(args[2], 1)  # a hint: a model whose graph cannot take it recompiles instead of failing
+        with torch.no_grad():  # as the pipelines run: grad mode is part of what a compiled graph is guarded on
+            output = self.compiled(*args, **kwargs, return_dict=False)
+        if (compiled := graphs_compiled() - before) > 0:
+            seconds = time.perf_counter() - started
+            self.counters.compiles += compiled
+            self.counters.compile_seconds += seconds
+            self.counters.compiles_on_requests += 0 if warming else compiled
+            if not warming:
+                logger.warning("a request waited %.1f s for the UNet to compile (batch %d, latents %s)", seconds, args[0].shape[0], tuple(args[0].shape[2:]))
+        return output
+
+
+class UnetCompiler:
+    """The engine's SD_COMPILE: compiles each checkpoint's UNet once (identical UNets are one module), warms it, and
+    reports compile counts and seconds."""
+
+    def __init__(self, settings: Settings, max_batch_size: int) -> None:
+        self.enabled = settings.compile
+        self.mode = settings.compile_mode
+        self.batch_sizes = sorted(set(settings.compile_batch_sizes or default_batch_sizes(max_batch_size)))
+        self.image_sizes = [parse_size(size) for size in settings.compile_sizes]
+        self.cache_dir = settings.compile_cache_dir or settings.models_dir / ".compile-cache"
+        self.counters = CompileCounters()
+        if self.enabled:
+            self._use_cache_dir(self.cache_dir)
+
+    def compiled(self, pipeline: StableDiffusionPipeline) -> CompiledUnet | None:
+        """The pipeline's compiled UNet, compiled now if it is not yet; None when SD_COMPILE is off."""
+        if not self.enabled:
+            return None
+        unet = pipeline.unet
+        if not isinstance(unet.forward, CompiledUnet):
+            wrap_lora_layers(unet)
+            # Classifier-free guidance doubles the samples; a batch without it pads up to the same sizes.
+            CompiledUnet(unet, [2 * size for size in self.batch_sizes], self.mode, self.counters)
+        return unet.forward
+
+    def is_warm(self, pipeline: StableDiffusionPipeline) -> bool:
+        """True when SD_COMPILE is off, or the pipeline's UNet is compiled at every configured size."""
+        if not self.enabled:
+            return True
+        unet = pipeline.unet
+        return isinstance(unet.forward, CompiledUnet) and set(self.latent_sizes(pipeline)) <= unet.forward.warm_sizes
+
+    def warm(self, pipeline: StableDiffusionPipeline) -> None:
+        """Compile the pipeline's UNet at every batch size and configured image size (minutes the first time; seconds
+        from the disk cache). Call with the checkpoint's lock held."""
+        unet = self.compiled(pipeline)
+        if unet is None or self.is_warm(pipeline):
+            return
+        with torch.no_grad():  # a context that requires grad would make the warm-up graphs ones no request matches
+            context = pipeline.encode_prompt("", pipeline.unet.device, 1, False)[0]
+        for latent_height, latent_width in self.latent_sizes(pipeline):
+            started = time.perf_counter()
+            unet.warm(latent_height, latent_width, context)
+            logger.info("UNet compiled for %dx%d latents in %.1f s", latent_width, latent_height, time.perf_counter() - started)
+
+    def latent_sizes(self, pipeline: StableDiffusionPipeline) -> list[tuple[int, int]]:
+        """(height, width) of the latents of the model's native size and of SD_COMPILE_SIZES."""
+        factor = pipeline.vae_scale_factor
+        native = pipeline.unet.config.sample_size
+        sizes = [(native, native), *((height // factor, width // factor) for width, height in self.image_sizes)]
+        return list(dict.fromkeys(sizes))
+
+    def report(self) -> dict:
+        """Whether SD_COMPILE is on, its mode and batch sizes, and the compiles so far: in all, their seconds, and how
+        many a request waited for."""
+        counters = asdict(self.counters)
+        counters["compile_seconds"] = round(counters["compile_seconds"], 3)
+        return {
+            "enabled": self.enabled,
+            "mode": self.mode,
+            "batch_sizes": self.batch_sizes,
+            "cache_dir": str(self.cache_dir) if self.enabled else None,
+            **counters,
+        }
+
+    @staticmethod
+    def _use_cache_dir(directory: Path) -> None:
+        """Keep Inductor's kernels (Triton's among them) in ``directory``. Importing torch's libraries already sets
+        TORCHINDUCTOR_CACHE_DIR to a default, so the setting overrides it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())

@@ -1,0 +1,190 @@
+"""SD_COMPILE and the memory format: the compiled UNet draws what the eager one draws, is compiled for every batch
+size before its model is ready, never compiles again for a batch that fits a compiled size, leaves LoRA batches to the
+eager UNet, and takes its kernels from the disk cache on the next start."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import Settings
+from helpers import PROJECT_DIR
+from model_service import ModelService
+from sd_server.domain.generation import SchedulerName
+from sd_server.domain.models import CheckpointModel, LoraModel
+from sd_server.engine.compiled import default_batch_sizes, pad_batch, padded_size, parse_size
+from sd_server.engine.interface import BatchItem, BatchKey
+
+DEMO = CheckpointModel(source="demo")
+COMPILED_TOLERANCE = 3  # the compiled kernels sum in another order: a level or two of 255 after a few steps
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One kernel cache for the module's engines, as one server's restarts share SD_MODELS_DIR/.compile-cache."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+def engine(models_dir: Path, data_dir: Path, **settings) -> ModelService:
+    """An engine on the test models, at most two images a batch."""
+    return ModelService(Settings(_env_file=None, default_model="demo", models_dir=models_dir, data_dir=data_dir, max_batch_size=2, **settings))
+
+
+@pytest.fixture(scope="module")
+def compiled(models_dir: Path, compile_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
+    """An engine with SD_COMPILE on, demo prepared and compiled once for the module (on a CPU device the UNet compiles
+    on the device thread, before the model's first batch)."""
+    service = engine(models_dir, tmp_path_factory.mktemp("data"), compile=True, compile_cache_dir=compile_cache)
+    assert service.prepare(DEMO)
+    draw(service, key_at_native_size(service), [DEMO], [0])
+    return service
+
+
+@pytest.fixture(scope="module")
+def eager(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
+    """The same engine without SD_COMPILE."""
+    return engine(models_dir, tmp_path_factory.mktemp("data"))
+
+
+def key_at_native_size(service: ModelService) -> BatchKey:
+    """Two steps with CFG at demo's native size, the size SD_COMPILE warms without SD_COMPILE_SIZES (demo prepared)."""
+    pipeline = service.cache.get("demo").pipeline
+    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    return BatchKey("demo", side, side, 2, 7.5, None)
+
+
+@pytest.fixture(scope="module")
+def native_key(compiled: ModelService) -> BatchKey:
+    """Two steps with CFG at demo's native size."""
+    return key_at_native_size(compiled)
+
+
+def draw(service: ModelService, key: BatchKey, models: list, seeds: list[int]) -> list[np.ndarray]:
+    """The pixels of one pipeline call with one image per (model, seed)."""
+    items = [BatchItem(model, f"a photo {seed}", None, seed, 1) for model, seed in zip(models, seeds)]
+    output = service.run_batch(key, items, lambda step, total, previews=None: None, lambda: False)
+    return [np.asarray(images[0].convert("RGB"), dtype=np.int16) for images in output.images]
+
+
+def test_batches_are_padded_to_powers_of_two_up_to_the_largest_batch():
+    assert default_batch_sizes(8) == [1, 2, 4, 8]
+    assert default_batch_sizes(6) == [1, 2, 4, 6]
+    assert default_batch_sizes(1) == [1]
+    assert [padded_size(samples, [2, 4, 8]) for samples in (1, 2, 3, 8, 9)] == [2, 2, 4, 8, None]
+    assert parse_size("768x512") == (768, 512)
+
+
+def test_padding_repeats_the_last_sample_and_leaves_other_values_alone():
+    batch = torch.arange(6.0).reshape(3, 2)
+    padded = pad_batch(batch, 3, 4)
+    assert padded.shape == (4, 2) and padded.is_contiguous()
+    assert torch.equal(padded[:3], batch) and torch.equal(padded[3], batch[2])
+    assert pad_batch(torch.tensor(5.0), 3, 4).shape == ()  # a scalar has no batch
+    assert pad_batch(None, 3, 4) is None
+
+
+def test_the_unet_is_compiled_for_every_batch_size_before_its_model_is_ready(compiled):
+    report = compiled.report()["compile"]
+    assert report["enabled"] and report["batch_sizes"] == [1, 2]
+    assert report["compiles"] == 2, f"one graph per batch size at the native size: {report}"
+    assert report["compile_seconds"] > 0 and report["compiles_on_requests"] == 0
+    assert compiled.is_ready(DEMO)
+
+
+def test_compiled_images_equal_the_uncompiled_ones(compiled, eager, native_key):
+    for seeds in ([11], [12, 13]):
+        for fast, slow in zip(draw(compiled, native_key, [DEMO] * len(seeds), seeds), draw(eager, native_key, [DEMO] * len(seeds), seeds)):
+            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
+
+
+def test_a_batch_that_fits_a_compiled_size_compiles_nothing(compiled, native_key):
+    before = compiled.report()["compile"]["compiles"]
+    draw(compiled, native_key, [DEMO], [1])
+    draw(compiled, native_key, [DEMO, DEMO], [2, 3])
+    draw(compiled, BatchKey("demo", native_key.width, native_key.height, 2, 1.0, None), [DEMO], [4])  # no CFG: 1 sample
+    draw(compiled, BatchKey("demo", native_key.width, native_key.height, 3, 7.5, SchedulerName.euler), [DEMO], [5])  # float timesteps
+    long_prompt = replace(native_key, prompt_chunks=3)  # three chunks of tokens: one graph takes any prompt length
+    draw(compiled, long_prompt, [DEMO], [6])
+    report = compiled.report()["compile"]
+    assert report["compiles"] == before and report["compiles_on_requests"] == 0, report
+
+
+def test_lora_batches_run_uncompiled_and_loading_a_lora_recompiles_nothing(compiled, eager, native_key):
+    alice, bob = (LoraModel(base="demo", source=f"loras/{name}.safetensors") for name in ("alice", "bob"))
+    before = compiled.report()["compile"]["compiles"]
+    for batch in ([alice, DEMO], [alice], [bob, alice]):
+        seeds = list(range(7, 7 + len(batch)))
+        for fast, slow in zip(draw(compiled, native_key, batch, seeds), draw(eager, native_key, batch, seeds)):
+            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
+        for fast, slow in zip(draw(compiled, native_key, [DEMO], [9]), draw(eager, native_key, [DEMO], [9])):  # the base after
+            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
+    draw(compiled, native_key, [alice], [10])  # one adapter for the whole batch: LoRA layers on
+    assert compiled.unload_adapter(alice) and compiled.unload_adapter(bob)
+    draw(compiled, native_key, [DEMO], [11])  # the base once no adapter is left: LoRA layers off, as compiled
+    assert compiled.report()["compile"]["compiles"] == before, compiled.report()["compile"]
+
+
+def test_an_image_size_not_warmed_compiles_on_its_first_request_and_says_so(compiled, native_key):
+    before = compiled.report()["compile"]
+    smaller = BatchKey("demo", native_key.width // 2, native_key.height // 2, 2, 7.5, None)
+    draw(compiled, smaller, [DEMO], [1])
+    draw(compiled, smaller, [DEMO], [2])
+    after = compiled.report()["compile"]
+    assert after["compiles_on_requests"] == before["compiles_on_requests"] + 1, after
+    assert after["compiles"] == before["compiles"] + 1
+
+
+RESTART = """
+import json, sys
+from pathlib import Path
+import torch
+from config import Settings
+from model_service import ModelService
+from sd_server.domain.models import CheckpointModel
+from sd_server.engine.interface import BatchItem, BatchKey
+
+models_dir, data_dir, cache_dir = map(Path, sys.argv[1:4])
+service = ModelService(Settings(_env_file=None, default_model="demo", models_dir=models_dir, data_dir=data_dir,
+                                max_batch_size=2, compile=True, compile_cache_dir=cache_dir))
+service.prepare(CheckpointModel(source="demo"))
+pipeline = service.cache.get("demo").pipeline
+side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+key = BatchKey("demo", side, side, 1, 7.5, None)
+service.run_batch(key, [BatchItem(CheckpointModel(source="demo"), "a photo", None, 0, 1)], lambda *a, **k: None, lambda: False)
+counters = torch._dynamo.utils.counters
+hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+print(json.dumps({"hits": hits, **service.report()["compile"]}))
+"""
+
+
+def start_compiled_server(models_dir: Path, data_dir: Path, cache_dir: Path) -> dict:
+    """A fresh process's engine with SD_COMPILE, its first batch run; its compile report and cache hits."""
+    process = subprocess.run(
+        [sys.executable, "-c", RESTART, str(models_dir), str(data_dir), str(cache_dir)],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def test_a_restarted_engine_takes_its_kernels_from_the_disk_cache(models_dir, tmp_path):
+    cache_dir = tmp_path / "compile-cache"
+    first = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
+    assert any(cache_dir.rglob("*.so")) or any(cache_dir.rglob("*.py")), "no kernels were kept on disk"
+    restarted = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
+    assert first["compiles"] == restarted["compiles"] == 2
+    assert restarted["hits"] >= 2, f"each batch size's graph came from the disk cache: {restarted}"
+
+
+def test_channels_last_weights_draw_the_same_images(models_dir, eager, native_key, tmp_path):
+    channels_last = engine(models_dir, tmp_path, channels_last="on")
+    channels_last.prepare(DEMO)
+    unet = channels_last.cache.get("demo").pipeline.unet
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for fast, slow in zip(draw(channels_last, native_key, [DEMO], [9]), draw(eager, native_key, [DEMO], [9])):
+        assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
