@@ -52,7 +52,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="the demo model, 2 steps, batches 1 and 2, 2 LoRA users")
     parser.add_argument("--model", help="a pipeline folder; default: SD1.5's shapes with random weights (the demo model with --smoke)")
     parser.add_argument("--size", type=int, help="image side; default 512 (256 with --smoke)")
-    parser.add_argument("--steps-single", type=int, help="steps of the batch-1 rows; default 50 (2 with --smoke)")
+    parser.add_argument("--steps-single", type=int, help="steps of the single-image rows; default 50 (2 with --smoke)")
     parser.add_argument("--steps", type=int, help="steps of the batch rows; default 30 (2 with --smoke)")
     parser.add_argument("--batches", help="comma-separated batch sizes; default 8,16,32 (2 with --smoke)")
     parser.add_argument("--lora-users", type=int, help="distinct LoRAs in the LoRA rows, and their batch; default 16 (2 with --smoke)")
@@ -153,7 +153,7 @@ def raw_part(arguments: argparse.Namespace) -> dict:
 
     seconds(1, 2)  # first call: kernels chosen, memory pools grown
     single = statistics.median(seconds(1, arguments.steps_single) for _ in range(arguments.repeats))
-    figures["batch_1"] = {"steps": arguments.steps_single, "seconds": round(single, 3), "it_per_s": round(arguments.steps_single / single, 2)}
+    figures["single"] = {"steps": arguments.steps_single, "seconds": round(single, 3), "it_per_s": round(arguments.steps_single / single, 2)}
     for batch in arguments.batch_sizes:
         seconds(batch, 2)
         elapsed = statistics.median(seconds(batch, arguments.steps) for _ in range(arguments.repeats))
@@ -212,7 +212,7 @@ def start_server(models_dir: Path, data_dir: Path, arguments: argparse.Namespace
         "SD_DEFAULT_MODEL": "bench", "SD_MODELS_DIR": str(models_dir), "SD_USER_MODELS": json.dumps(user_models(arguments)),
         "SD_HOST": "127.0.0.1", "SD_PORT": str(port), "SD_DATA_DIR": str(data_dir), "SD_DATABASE_URL": "",
         "SD_OUTPUT_DIR": str(data_dir / "output"), "SD_AUTH": "off", "SD_RATE_LIMIT": "", "SD_READ_RATE_LIMIT": "",
-        "SD_SAVE_IMAGES": "false", "SD_MAX_BATCH_SIZE": str(max(arguments.batch_sizes)), "SD_MAX_QUEUE": "256",
+        "SD_SAVE_IMAGES": "false", "SD_MAX_BATCH_SIZE": str(max(*arguments.batch_sizes, arguments.lora_users)), "SD_MAX_QUEUE": "256",
         "SD_MAX_ACTIVE_JOBS_PER_USER": "256", "SD_PREVIEW_EVERY": "0", "HF_HUB_OFFLINE": "1", "TORCH_LOGS": "recompiles", **extra,
     }  # fmt: skip
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def served_part(arguments: argparse.Namespace, models_dir: Path, data_dir: Path,
                 client.post("/generate/image", json=body(index, arguments.steps_single, arguments.size)).raise_for_status()
                 single.append(time.perf_counter() - started)
             seconds = statistics.median(single)
-            figures["batch_1"] = {"steps": arguments.steps_single, "seconds": round(seconds, 3), "it_per_s": round(arguments.steps_single / seconds, 2)}
+            figures["single"] = {"steps": arguments.steps_single, "seconds": round(seconds, 3), "it_per_s": round(arguments.steps_single / seconds, 2)}
         for batch in arguments.batch_sizes:
             figures[f"batch_{batch}"] = load(url, batch, arguments, lambda index: body(index, arguments.steps, arguments.size))
         lora_batch = arguments.lora_users  # a batch of distinct LoRAs: one request of each user at a time
@@ -284,14 +284,15 @@ def load(url: str, batch: int, arguments: argparse.Namespace, make_body) -> dict
 
 
 def ratios(report: dict, arguments: argparse.Namespace) -> dict:
-    """Served/raw at batch 1 and at each batch size, and distinct LoRAs/one LoRA, per compile setting measured."""
+    """Served/raw for the single image and at each batch size, and distinct LoRAs/one LoRA, per compile setting measured
+    (the ``single`` row: one image at ``--steps-single``; the ``batch_N`` rows: N clients at ``--steps``)."""
     result = {}
     for mode in ("eager", "compiled"):
         raw, served = report["raw"].get(mode), report["served"].get(mode)
         if not raw or not served:
             continue
         result[mode] = {
-            "served_over_raw_batch_1": round(raw["batch_1"]["seconds"] / served["batch_1"]["seconds"], 3),
+            "served_over_raw_single": round(raw["single"]["seconds"] / served["single"]["seconds"], 3),
             **{f"served_over_raw_batch_{b}": round(served[f"batch_{b}"]["images_per_s"] / raw[f"batch_{b}"]["images_per_s"], 3) for b in arguments.batch_sizes},
             "distinct_over_one_lora": round(served["distinct_loras"]["images_per_s"] / served["one_lora"]["images_per_s"], 3),
         }

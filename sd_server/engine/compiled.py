@@ -160,6 +160,11 @@ class UnetCompiler:
         self.counters = CompileCounters()
         if self.enabled:
             self._use_cache_dir(self.cache_dir)
+            # Every UNet's graphs are the one forward function's: past TorchDynamo's default of 8 for it (4 batch sizes
+            # at 2 image sizes), later shapes would run uncompiled without a word.
+            graphs = len(self.batch_sizes) * (len(self.image_sizes) + 1)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * graphs)
+            torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * graphs)
 
     def compiled(self, pipeline: StableDiffusionPipeline) -> CompiledUnet | None:
         """The pipeline's compiled UNet, compiled now if it is not yet; None when SD_COMPILE is off."""

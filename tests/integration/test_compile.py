@@ -5,6 +5,7 @@ eager UNet, and takes its kernels from the disk cache on the next start."""
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,11 +18,18 @@ from helpers import PROJECT_DIR
 from model_service import ModelService
 from sd_server.domain.generation import SchedulerName
 from sd_server.domain.models import CheckpointModel, LoraModel
-from sd_server.engine.compiled import default_batch_sizes, pad_batch, padded_size, parse_size
+from sd_server.engine.compiled import UnetCompiler, default_batch_sizes, pad_batch, padded_size, parse_size
 from sd_server.engine.interface import BatchItem, BatchKey
 
 DEMO = CheckpointModel(source="demo")
 COMPILED_TOLERANCE = 3  # the compiled kernels sum in another order: a level or two of 255 after a few steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_graphs_are_let_go() -> Iterator[None]:
+    """After the module, TorchDynamo forgets its graphs (and the traced stand-ins of parameters they keep)."""
+    yield
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +85,13 @@ def test_batches_are_padded_to_powers_of_two_up_to_the_largest_batch():
     assert default_batch_sizes(1) == [1]
     assert [padded_size(samples, [2, 4, 8]) for samples in (1, 2, 3, 8, 9)] == [2, 2, 4, 8, None]
     assert parse_size("768x512") == (768, 512)
+
+
+def test_torchdynamo_may_keep_a_graph_for_every_batch_size_at_every_image_size(models_dir, tmp_path):
+    settings = Settings(_env_file=None, models_dir=models_dir, compile=True, compile_sizes=["512x512", "768x512", "512x768"], compile_cache_dir=tmp_path)
+    compiler = UnetCompiler(settings, max_batch_size=8)
+    assert compiler.batch_sizes == [1, 2, 4, 8]
+    assert torch._dynamo.config.recompile_limit >= 4 * 4, "16 graphs of one forward function, past the default of 8"
 
 
 def test_padding_repeats_the_last_sample_and_leaves_other_values_alone():

@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from fastapi.testclient import TestClient
 from PIL import Image
+from torch._subclasses.fake_tensor import is_fake
 
 from helpers import DEADLINE_S, pixels, wait_for
 from model_service import ModelService
@@ -437,7 +438,7 @@ def parameter_storages() -> dict[int, int]:
     gc.collect()
     storages = {}
     for item in gc.get_objects():
-        if isinstance(item, torch.nn.Parameter):
+        if isinstance(item, torch.nn.Parameter) and not is_fake(item):  # TorchDynamo's traced stand-ins hold no memory
             storage = item.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return storages
