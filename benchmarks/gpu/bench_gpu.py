@@ -111,17 +111,10 @@ def compile_settings(arguments: argparse.Namespace, cache_dir: Path) -> dict[str
     }
 
 
-def synchronize() -> None:
-    """Wait for the device's queued work (CUDA only)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def raw_part(arguments: argparse.Namespace) -> dict:
     """The bare pipeline in this process: load, (compile), batch 1, each batch size; its figures."""
     import torch
+    from bench_lora_batching import synchronize
     from diffusers import StableDiffusionPipeline
 
     from config import Settings
@@ -145,10 +138,10 @@ def raw_part(arguments: argparse.Namespace) -> dict:
     def seconds(batch: int, steps: int) -> float:
         prompts = [PROMPT.format(index=index) for index in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(index) for index in range(batch)]
-        synchronize()
+        synchronize(device)
         begun = time.perf_counter()
         pipeline(prompts, num_inference_steps=steps, width=arguments.size, height=arguments.size, generator=generators)
-        synchronize()
+        synchronize(device)
         return time.perf_counter() - begun
 
     seconds(1, 2)  # first call: kernels chosen, memory pools grown

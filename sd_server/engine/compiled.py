@@ -19,6 +19,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from config import Settings
+from sd_server.engine.mixed_adapters import adapters_applied
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +193,17 @@ class UnetCompiler:
             return
         with torch.no_grad():  # a context that requires grad would make the warm-up graphs ones no request matches
             context = pipeline.encode_prompt("", pipeline.unet.device, 1, False)[0]
-        for latent_height, latent_width in self.latent_sizes(pipeline):
-            started = time.perf_counter()
-            unet.warm(latent_height, latent_width, context)
-            logger.info("UNet compiled for %dx%d latents in %.1f s", latent_width, latent_height, time.perf_counter() - started)
+        # As the base model's batches run: LoRA layers off (a LoRA batch may have left them on).
+        with adapters_applied(pipeline, []):
+            for latent_height, latent_width in self.latent_sizes(pipeline):
+                self._warm_size(unet, latent_height, latent_width, context)
+
+    @staticmethod
+    def _warm_size(unet: CompiledUnet, latent_height: int, latent_width: int, context: torch.Tensor) -> None:
+        """Compile every batch size at one latent size, and log how long it took."""
+        started = time.perf_counter()
+        unet.warm(latent_height, latent_width, context)
+        logger.info("UNet compiled for %dx%d latents in %.1f s", latent_width, latent_height, time.perf_counter() - started)
 
     def latent_sizes(self, pipeline: StableDiffusionPipeline) -> list[tuple[int, int]]:
         """(height, width) of the latents of the model's native size and of SD_COMPILE_SIZES."""

@@ -165,9 +165,10 @@ class DiffusersEngine:
         try:
             adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
             samples = [adapters[item.model] for item in items for _ in range(item.num_images)]
-            with checkpoint.lock, self.adapters.applied(checkpoint, samples), self._unet_for(checkpoint, samples):
+            with checkpoint.lock:
                 self.compiler.warm(checkpoint.pipeline)  # compiled already, unless it compiles on this thread
-                return self._generate(checkpoint, key, items, on_step, should_stop)
+                with self.adapters.applied(checkpoint, samples), self._unet_for(checkpoint, samples):
+                    return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:
             return None
         finally:
