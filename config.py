@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         False,
         description="torch.compile the UNet: compiled for each batch size of SD_COMPILE_BATCH_SIZES at each size of "
         "SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to the next compiled size), the kernels kept "
-        "in SD_COMPILE_CACHE_DIR for the next start. Batches with LoRA adapters run uncompiled.",
+        "in SD_COMPILE_CACHE_DIR for the next start. LoRA batches run compiled from LoRA slots (SD_COMPILE_LORA_RANK).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode: reduce-overhead adds CUDA graphs; the max-autotune modes search kernels (longer compiles)."
@@ -88,6 +88,14 @@ class Settings(BaseSettings):
         [],
         description='Image sizes (WIDTHxHEIGHT, as a JSON list: ["512x512", "768x512"]) compiled before a model takes '
         "jobs, besides its native size; another size compiles on its first request.",
+    )
+    compile_lora_rank: int = Field(
+        16,
+        ge=0,
+        description="Rank of the compiled UNet's LoRA slots: every LoRA up to this rank runs compiled, one adapter or "
+        "many in a batch, with no recompile (adapters padded to it; the slots hold one adapter per image of the largest "
+        "batch). A LoRA of a larger rank, or on layers past the attention and transformer projections, runs its batches "
+        "uncompiled. 0: every LoRA batch runs uncompiled.",
     )
     compile_cache_dir: Path | None = Field(
         None, description="Where compiled kernels are kept between starts (it sets TORCHINDUCTOR_CACHE_DIR); unset: .compile-cache in SD_MODELS_DIR."

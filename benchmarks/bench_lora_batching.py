@@ -4,9 +4,12 @@
   off vs on (SD_BATCH_ACROSS_ADAPTERS), against the real server on the demo model, with the mean batch size;
 - unet: the cost of the mixing itself, one UNet call (both halves of classifier-free guidance) on a batch of B images
   with B distinct adapters, one adapter for all, or none; on the demo model or a full-size SD1.5 with random weights.
+  With ``--slot-ranks``, also B distinct adapters from SD_COMPILE's LoRA slots of each rank (run uncompiled here: the
+  cost of padding every adapter to the slots' rank, on every layer LoRAs may target).
 
     .venv/bin/python benchmarks/bench_lora_batching.py --rounds 3                        # both parts, demo model
     .venv/bin/python benchmarks/bench_lora_batching.py --part unet --sd15 --batch-sizes 4 --repeats 1   # SD1.5, CPU
+    .venv/bin/python benchmarks/bench_lora_batching.py --part unet --sd15 --size 256 --batch-sizes 2 --rank 8 --slot-ranks 8,16,32,64
     python benchmarks/bench_lora_batching.py --part unet --sd15 --batch-sizes 1,4,8,16 --repeats 20     # on a GPU
 """
 
@@ -27,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sd_server.demo.random_pipeline import save_random_lora  # noqa: E402
+from sd_server.engine.compiled import wrap_lora_layers  # noqa: E402
+from sd_server.engine.compiled_lora import LoraSlots  # noqa: E402
 from sd_server.engine.mixed_adapters import SampleAdapter, adapters_applied  # noqa: E402
 
 DEMO_MODEL_DIR = ROOT / "models" / "demo"
@@ -105,6 +110,8 @@ def load_pipeline(arguments: argparse.Namespace, folder: Path) -> tuple[StableDi
         pipeline = build_sd15_random_pipeline()
     else:
         pipeline = StableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR)
+    if arguments.slot_ranks:
+        wrap_lora_layers(pipeline.unet)  # as SD_COMPILE does: the slots then cover every layer LoRAs may target
     names = []
     for index in range(max(arguments.batch_sizes)):
         path = save_random_lora(folder / f"lora-{index}.safetensors", seed=index, rank=arguments.rank, unet=pipeline.unet, spread=0.05)
@@ -135,16 +142,31 @@ def unet_inputs(unet, batch: int, arguments) -> tuple[torch.Tensor, torch.Tensor
 @torch.no_grad()
 def unet_call_seconds(pipeline: StableDiffusionPipeline, batch: int, mode: str, names: list[str], arguments) -> float:
     """Median seconds of one UNet call on 2 x ``batch`` latents (classifier-free guidance) in ``mode``."""
-    latents, text, timestep = unet_inputs(pipeline.unet, batch, arguments)
-    times = []
     with adapters_applied(pipeline, samples_for(mode, names[:batch])):
-        for index in range(arguments.warm_ups + arguments.repeats):
-            synchronize(arguments.device)
-            started = time.perf_counter()
-            pipeline.unet(latents, timestep, encoder_hidden_states=text)
-            synchronize(arguments.device)
-            if index >= arguments.warm_ups:
-                times.append(time.perf_counter() - started)
+        return median_call_seconds(pipeline.unet, batch, arguments)
+
+
+@torch.no_grad()
+def slot_call_seconds(pipeline: StableDiffusionPipeline, batch: int, rank: int, names: list[str], arguments) -> float:
+    """Median seconds of one UNet call with ``batch`` distinct adapters from LoRA slots of ``rank``."""
+    slots = LoraSlots(pipeline.unet, batch, rank, 2 * batch)
+    samples = samples_for("distinct adapters", names[:batch])
+    with adapters_applied(pipeline, samples, slotted=pipeline.unet), slots.applied(samples):
+        slots.select(2 * batch, 2 * batch)
+        return median_call_seconds(pipeline.unet, batch, arguments)
+
+
+def median_call_seconds(unet, batch: int, arguments) -> float:
+    """Median seconds of one call of ``unet`` on 2 x ``batch`` latents, after the warm-up calls."""
+    latents, text, timestep = unet_inputs(unet, batch, arguments)
+    times = []
+    for index in range(arguments.warm_ups + arguments.repeats):
+        synchronize(arguments.device)
+        started = time.perf_counter()
+        unet(latents, timestep, encoder_hidden_states=text)
+        synchronize(arguments.device)
+        if index >= arguments.warm_ups:
+            times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 
 
@@ -180,6 +202,8 @@ def unet_table(arguments: argparse.Namespace) -> list[dict]:
             {"batch": batch, **{mode: unet_call_seconds(pipeline, batch, mode, names, arguments) for mode in modes}}
             for batch in arguments.batch_sizes
         ]
+        for row in rows:
+            row["slots"] = {rank: slot_call_seconds(pipeline, row["batch"], rank, names, arguments) for rank in arguments.slot_ranks}
         error = mixing_error(pipeline, names[: min(4, len(names))], arguments)
     model = "SD1.5 (random weights)" if arguments.sd15 else "demo"
     device = torch.cuda.get_device_name() if arguments.device == "cuda" else arguments.device
@@ -192,6 +216,13 @@ def unet_table(arguments: argparse.Namespace) -> list[dict]:
         print(f"| {row['batch']} | {row['none']:.4f} | {row['one adapter']:.4f} | {row['distinct adapters']:.4f} | "
               f"{row['distinct adapters'] / row['one adapter']:.2f} | {row['batch'] * alone / row['distinct adapters']:.2f}x |")  # fmt: skip
     print(f"Largest difference of a mixed call's output from the same image alone: {error:.2e} of the output's range")
+    if arguments.slot_ranks:
+        print("\nB distinct adapters from SD_COMPILE's LoRA slots (uncompiled), against the per-image hooks")
+        print("| B | " + " | ".join(f"slots rank {rank} s" for rank in arguments.slot_ranks) + " |")
+        print("|---|" + "---|" * len(arguments.slot_ranks))
+        for row in rows:
+            cells = " | ".join(f"{row['slots'][rank]:.4f} ({row['slots'][rank] / row['distinct adapters']:.2f}x)" for rank in arguments.slot_ranks)
+            print(f"| {row['batch']} | {cells} |")
     return rows
 
 
@@ -209,6 +240,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank; default: 4 (demo), 16 (--sd15)")
     parser.add_argument("--sd15", action="store_true", help="unet part: full-size SD1.5 with random weights")
     parser.add_argument("--batch-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 8, 16])
+    parser.add_argument("--slot-ranks", type=lambda text: [int(n) for n in text.split(",")], default=[], help="unet part: LoRA slots of these ranks too")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warm-ups", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

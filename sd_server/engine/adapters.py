@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from config import Settings
 from sd_server.domain.models import LoraModel
 from sd_server.engine.cache import Adapter, CachedCheckpoint, CheckpointCache, Counters
+from sd_server.engine.compiled import CompiledUnet
 from sd_server.engine.devices import tensor_bytes
 from sd_server.engine.mixed_adapters import SampleAdapter, adapters_applied
 from sd_server.errors import InvalidAdapterError, ModelLoadError, first_line
@@ -98,12 +99,15 @@ class AdapterCache:
         return name
 
     @staticmethod
-    def applied(checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> AbstractContextManager[None]:
-        """The block in which each image of a pipeline call runs with its sample's adapter (``adapters_applied``);
-        ModelLoadError when one of them was unloaded since the batch began. Call with the checkpoint's lock held."""
+    def applied(
+        checkpoint: CachedCheckpoint, samples: list[SampleAdapter], unet: CompiledUnet | None = None
+    ) -> AbstractContextManager[None]:
+        """The block in which each image of a pipeline call runs with its sample's adapter (``adapters_applied``, or
+        the compiled ``unet``'s way); ModelLoadError when one of them was unloaded since the batch began. Call with the
+        checkpoint's lock held."""
         if missing := {sample.name for sample in samples} - {None} - checkpoint.adapters.keys():
             raise ModelLoadError(f"{len(missing)} LoRA(s) of this batch were unloaded meanwhile; submit the job again")
-        return adapters_applied(checkpoint.pipeline, samples)
+        return adapters_applied(checkpoint.pipeline, samples) if unet is None else unet.running(checkpoint.pipeline, samples)
 
     def unload(self, model: LoraModel) -> bool:
         """Take ``model``'s LoRA off its base (after the running batch); True when it was loaded."""

@@ -143,6 +143,13 @@ class CheckpointCache:
             checkpoint.fresh = False
             return checkpoint
 
+    def recount(self, checkpoint: CachedCheckpoint) -> None:
+        """Count the bytes of ``checkpoint``'s components again (compiling a UNet adds its LoRA slots' buffers)."""
+        with self.lock:
+            for fingerprint in set(checkpoint.components.values()):
+                component = self._components[fingerprint]
+                component.nbytes = module_bytes(component.module)
+
     def unpin(self, checkpoint: CachedCheckpoint) -> None:
         """The batch that pinned ``checkpoint`` is done with it."""
         with self.lock:

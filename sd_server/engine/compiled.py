@@ -1,6 +1,7 @@
 """SD_COMPILE: each UNet's forward compiled by torch.compile for a few batch sizes (calls are padded up to the next
 one) and any prompt length, warmed at each configured image size before its model takes jobs, its kernels cached on
-disk for the next start. Batches with LoRA adapters run the UNet uncompiled: their per-image hooks change from batch to batch."""
+disk for the next start. LoRA batches run compiled too, from the UNet's LoRA slots (``compiled_lora``): a second
+variant of each graph, warmed with the first."""
 
 import logging
 import os
@@ -19,7 +20,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from config import Settings
-from sd_server.engine.mixed_adapters import adapters_applied
+from sd_server.engine.compiled_lora import LoraSlots
+from sd_server.engine.mixed_adapters import SampleAdapter, adapters_applied
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +77,28 @@ def pad_batch(value: Any, samples: int, size: int) -> Any:
 @dataclass
 class CompileCounters:
     """The compiles of every compiled UNet of the process: in all, their seconds, and how many a request waited for
-    (a size not warmed, or a recompile)."""
+    (a size not warmed, or a recompile); and the LoRA batches that ran uncompiled (adapters that do not fit the slots)."""
 
     compiles: int = 0
     compile_seconds: float = 0.0
     compiles_on_requests: int = 0
+    lora_batches_uncompiled: int = 0
 
 
 class CompiledUnet:
-    """A UNet's forward in place of its own (``unet.forward``): compiled calls at the padded batch sizes, the eager
-    forward for batches with adapters and for batches past the largest size."""
+    """A UNet's forward in place of its own (``unet.forward``): compiled calls at the padded batch sizes (LoRA batches
+    from its LoRA slots), the eager forward for adapters the slots cannot hold and for batches past the largest size."""
 
-    def __init__(self, unet: UNet2DConditionModel, sample_sizes: list[int], mode: str, counters: CompileCounters) -> None:
-        self.eager = unet.forward
-        self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
+    def __init__(
+        self, unet: UNet2DConditionModel, sample_sizes: list[int], mode: str, counters: CompileCounters, lora_rank: int
+    ) -> None:
+        self.unet, self.eager = unet, unet.forward
         self.sample_sizes = sample_sizes  # UNet samples per call: classifier-free guidance runs each image twice
+        # Slots for as many adapters as a batch has images; none with SD_COMPILE_LORA_RANK=0.
+        self.slots = LoraSlots(unet, sample_sizes[-1] // 2, lora_rank, sample_sizes[-1]) if lora_rank else None
+        self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
         self.warm_sizes: set[tuple[int, int]] = set()  # latent (height, width) warmed at every batch size
-        self.uncompiled = threading.local()  # set on the device thread while a batch with adapters runs
+        self.uncompiled = threading.local()  # set on the device thread while a batch the slots cannot hold runs
         self.counters = counters
         unet.forward = self  # nn.Module.__call__ finds the instance attribute before the class's forward
 
@@ -101,6 +108,8 @@ class CompiledUnet:
         size = padded_size(samples, self.sample_sizes)
         if getattr(self.uncompiled, "on", False) or size is None or args:
             return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        if self.slots is not None and self.slots.active:
+            self.slots.select(samples, size)
         # One contiguous float32 row of timesteps for every scheduler (int64 or float, scalar or per sample), as the
         # warm-up compiled: a compiled graph is guarded on its inputs' dtypes, shapes and strides.
         timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)
@@ -115,12 +124,31 @@ class CompiledUnet:
         """Compile every batch size for latents of this size (``context``: one sample's text embedding)."""
         if (latent_height, latent_width) in self.warm_sizes:
             return
-        unet = self.eager.__self__  # type: ignore[attr-defined]
+        unet = self.unet
         for size in self.sample_sizes:
             sample = torch.randn(size, unet.config.in_channels, latent_height, latent_width, device=unet.device, dtype=unet.dtype)
             timesteps = torch.full((size,), 999.0, device=unet.device)
             self._timed(sample, timesteps, context.repeat(size, 1, 1), warming=True)
+            if self.slots is not None:
+                with self.slots.warming():
+                    self._timed(sample, timesteps, context.repeat(size, 1, 1), warming=True)
         self.warm_sizes.add((latent_height, latent_width))
+
+    @contextmanager
+    def running(self, pipeline: StableDiffusionPipeline, samples: list[SampleAdapter]) -> Iterator[None]:
+        """Within the block, image i of the pipeline's calls runs with ``samples[i]``'s adapter: compiled for the base
+        model's images and for adapters the LoRA slots hold, uncompiled for others. Call with the checkpoint's lock held."""
+        names = {sample.name for sample in samples} - {None}
+        if not names:
+            with adapters_applied(pipeline, samples):
+                yield
+        elif self.slots is not None and padded_size(2 * len(samples), self.sample_sizes) and self.slots.hold(names):
+            with adapters_applied(pipeline, samples, slotted=self.unet), self.slots.applied(samples):
+                yield
+        else:
+            self.counters.lora_batches_uncompiled += 1
+            with adapters_applied(pipeline, samples), self.eager_on_this_thread(True):
+                yield
 
     @contextmanager
     def eager_on_this_thread(self, eager: bool) -> Iterator[None]:
@@ -155,6 +183,7 @@ class UnetCompiler:
     def __init__(self, settings: Settings, max_batch_size: int) -> None:
         self.enabled = settings.compile
         self.mode = settings.compile_mode
+        self.lora_rank = settings.compile_lora_rank
         self.batch_sizes = sorted(set(settings.compile_batch_sizes or default_batch_sizes(max_batch_size)))
         self.image_sizes = [parse_size(size) for size in settings.compile_sizes]
         self.cache_dir = settings.compile_cache_dir or settings.models_dir / ".compile-cache"
@@ -162,8 +191,9 @@ class UnetCompiler:
         if self.enabled:
             self._use_cache_dir(self.cache_dir)
             # Every UNet's graphs are the one forward function's: past TorchDynamo's default of 8 for it (4 batch sizes
-            # at 2 image sizes), later shapes would run uncompiled without a word.
-            graphs = len(self.batch_sizes) * (len(self.image_sizes) + 1)
+            # at 2 image sizes, or 2 image sizes with the LoRA slots' variant), later shapes would run uncompiled without
+            # a word.
+            graphs = len(self.batch_sizes) * (len(self.image_sizes) + 1) * (2 if self.lora_rank else 1)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * graphs)
             torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * graphs)
 
@@ -175,7 +205,7 @@ class UnetCompiler:
         if not isinstance(unet.forward, CompiledUnet):
             wrap_lora_layers(unet)
             # Classifier-free guidance doubles the samples; a batch without it pads up to the same sizes.
-            CompiledUnet(unet, [2 * size for size in self.batch_sizes], self.mode, self.counters)
+            CompiledUnet(unet, [2 * size for size in self.batch_sizes], self.mode, self.counters, self.lora_rank)
         return unet.forward
 
     def is_warm(self, pipeline: StableDiffusionPipeline) -> bool:
@@ -185,18 +215,19 @@ class UnetCompiler:
         unet = pipeline.unet
         return isinstance(unet.forward, CompiledUnet) and set(self.latent_sizes(pipeline)) <= unet.forward.warm_sizes
 
-    def warm(self, pipeline: StableDiffusionPipeline) -> None:
+    def warm(self, pipeline: StableDiffusionPipeline) -> bool:
         """Compile the pipeline's UNet at every batch size and configured image size (minutes the first time; seconds
-        from the disk cache). Call with the checkpoint's lock held."""
+        from the disk cache); True when it did. Call with the checkpoint's lock held."""
         unet = self.compiled(pipeline)
         if unet is None or self.is_warm(pipeline):
-            return
+            return False
         with torch.no_grad():  # a context that requires grad would make the warm-up graphs ones no request matches
             context = pipeline.encode_prompt("", pipeline.unet.device, 1, False)[0]
         # As the base model's batches run: LoRA layers off (a LoRA batch may have left them on).
         with adapters_applied(pipeline, []):
             for latent_height, latent_width in self.latent_sizes(pipeline):
                 self._warm_size(unet, latent_height, latent_width, context)
+        return True
 
     @staticmethod
     def _warm_size(unet: CompiledUnet, latent_height: int, latent_width: int, context: torch.Tensor) -> None:
@@ -221,6 +252,7 @@ class UnetCompiler:
             "enabled": self.enabled,
             "mode": self.mode,
             "batch_sizes": self.batch_sizes,
+            "lora_rank": self.lora_rank,
             "cache_dir": str(self.cache_dir) if self.enabled else None,
             **counters,
         }

@@ -2,7 +2,6 @@
 job queue's device and loader threads call it."""
 
 from collections.abc import Callable, Set
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,8 +165,8 @@ class DiffusersEngine:
             adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
             samples = [adapters[item.model] for item in items for _ in range(item.num_images)]
             with checkpoint.lock:
-                self.compiler.warm(checkpoint.pipeline)  # compiled already, unless it compiles on this thread
-                with self.adapters.applied(checkpoint, samples), self._unet_for(checkpoint, samples):
+                self._compile(checkpoint)  # compiled already, unless it compiles on this thread
+                with self.adapters.applied(checkpoint, samples, self.compiler.compiled(checkpoint.pipeline)):
                     return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:
             return None
@@ -204,17 +203,15 @@ class DiffusersEngine:
             return  # moved off the device meanwhile: the next prepare compiles it
         try:
             with checkpoint.lock:
-                self.compiler.warm(checkpoint.pipeline)
+                self._compile(checkpoint)
         finally:
             self.cache.unpin(checkpoint)
 
-    def _unet_for(self, checkpoint: CachedCheckpoint, samples: list[SampleAdapter]) -> AbstractContextManager[None]:
-        """The block in which the batch's UNet calls run compiled (SD_COMPILE), or uncompiled when a sample has an
-        adapter: the per-image LoRA hooks change every batch, and each change would recompile."""
-        unet = self.compiler.compiled(checkpoint.pipeline)
-        if unet is None:
-            return nullcontext()
-        return unet.eager_on_this_thread(any(sample.name is not None for sample in samples))
+    def _compile(self, checkpoint: CachedCheckpoint) -> None:
+        """SD_COMPILE: compile and warm the checkpoint's UNet if it is not yet, and count the memory its LoRA slots
+        added. Call with the checkpoint's lock held."""
+        if self.compiler.warm(checkpoint.pipeline):
+            self.cache.recount(checkpoint)
 
     def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
         """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""

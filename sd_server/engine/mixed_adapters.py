@@ -18,10 +18,11 @@ class SampleAdapter:
     scale: float = 1.0
 
 
-def lora_layers(pipeline: StableDiffusionPipeline) -> Iterator[LoraLayer]:
-    """Every LoRA layer of the pipeline's modules (UNet, and the text encoder if an adapter reached it)."""
+def lora_layers(pipeline: StableDiffusionPipeline, outside: torch.nn.Module | None = None) -> Iterator[LoraLayer]:
+    """Every LoRA layer of the pipeline's modules (UNet, and the text encoder if an adapter reached it) but those of
+    ``outside``."""
     for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
+        if isinstance(component, torch.nn.Module) and component is not outside:
             yield from (module for module in component.modules() if isinstance(module, LoraLayer))
 
 
@@ -116,16 +117,19 @@ def is_segmentable(layer: LoraLayer, names: list[str]) -> bool:
 
 
 @contextmanager
-def per_sample_adapters(pipeline: StableDiffusionPipeline, samples: list[SampleAdapter]) -> Iterator[None]:
+def per_sample_adapters(
+    pipeline: StableDiffusionPipeline, samples: list[SampleAdapter], outside: torch.nn.Module | None = None
+) -> Iterator[None]:
     """Within the block, image i of a pipeline call runs with ``samples[i]``'s adapter and scale: the LoRA layers
-    compute their base weights only, and a hook adds each sample's update. Call with the checkpoint's lock held."""
+    compute their base weights only, and a hook adds each sample's update (none in ``outside``'s layers, whose adapters
+    something else applies). Call with the checkpoint's lock held."""
     names = sorted({sample.name for sample in samples if sample.name is not None})
     rows = [0 if sample.name is None else names.index(sample.name) + 1 for sample in samples]
     scales = [0.0 if sample.name is None else sample.scale for sample in samples]
     pipeline.disable_lora()
     handles = []
     try:
-        for layer in lora_layers(pipeline):
+        for layer in lora_layers(pipeline, outside):
             if any(name in layer.lora_A for name in names):
                 kind = SegmentedLinearLora if is_segmentable(layer, names) else GroupedLora
                 handles.append(layer.register_forward_hook(kind(layer, names, rows, scales), with_kwargs=True))
@@ -136,15 +140,21 @@ def per_sample_adapters(pipeline: StableDiffusionPipeline, samples: list[SampleA
 
 
 @contextmanager
-def adapters_applied(pipeline: StableDiffusionPipeline, samples: list[SampleAdapter]) -> Iterator[None]:
+def adapters_applied(
+    pipeline: StableDiffusionPipeline, samples: list[SampleAdapter], slotted: torch.nn.Module | None = None
+) -> Iterator[None]:
     """Within the block, image i of a pipeline call runs with ``samples[i]``'s adapter: LoRA layers off when no image
     has one (also once their adapters are gone, and on a UNet another checkpoint shares: a layer left on would apply
     whichever adapter ran last, and a compiled UNet would recompile), ``set_adapters`` when every image shares one,
-    else each image its own (``per_sample_adapters``). Call with the checkpoint's lock held."""
+    else each image its own (``per_sample_adapters``). The LoRA layers of ``slotted`` (a compiled UNet whose LoRA slots
+    apply its adapters) stay off. Call with the checkpoint's lock held."""
     if all(sample.name is None for sample in samples):
         if next(lora_layers(pipeline), None) is not None:
             pipeline.disable_lora()
         yield
+    elif slotted is not None:
+        with per_sample_adapters(pipeline, samples, outside=slotted):
+            yield
     elif len(set(samples)) == 1:
         pipeline.enable_lora()
         pipeline.set_adapters([samples[0].name], [samples[0].scale])

@@ -319,7 +319,7 @@ def merged_compile(parts: list[dict]) -> dict:
     """Several replicas' SD_COMPILE figures: their settings (the same everywhere), the compile counts and seconds summed."""
     if not parts:
         return {"enabled": False}
-    summed = ("compiles", "compile_seconds", "compiles_on_requests")
+    summed = ("compiles", "compile_seconds", "compiles_on_requests", "lora_batches_uncompiled")
     return {**parts[0], **{name: sum(part[name] for part in parts) for name in summed}}
 
 

@@ -1,5 +1,6 @@
 """SD_COMPILE and the memory format: the compiled UNet draws what the eager one draws, is compiled for every batch
-size before its model is ready, never compiles again for a batch that fits a compiled size, leaves LoRA batches to the
+size before its model is ready, never compiles again for a batch that fits a compiled size, runs LoRA batches (one
+adapter or several, any scale) from its LoRA slots without recompiling, leaves adapters the slots cannot hold to the
 eager UNet, and takes its kernels from the disk cache on the next start."""
 
 import json
@@ -16,9 +17,17 @@ import torch
 from config import Settings
 from helpers import PROJECT_DIR
 from model_service import ModelService
+from sd_server.demo.random_pipeline import save_random_lora
 from sd_server.domain.generation import SchedulerName
 from sd_server.domain.models import CheckpointModel, LoraModel
-from sd_server.engine.compiled import UnetCompiler, default_batch_sizes, pad_batch, padded_size, parse_size
+from sd_server.engine.compiled import (
+    LORA_TARGETS,
+    UnetCompiler,
+    default_batch_sizes,
+    pad_batch,
+    padded_size,
+    parse_size,
+)
 from sd_server.engine.interface import BatchItem, BatchKey
 
 DEMO = CheckpointModel(source="demo")
@@ -44,19 +53,38 @@ def engine(models_dir: Path, data_dir: Path, **settings) -> ModelService:
 
 
 @pytest.fixture(scope="module")
-def compiled(models_dir: Path, compile_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
+def lora_models_dir(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo, and LoRAs of the strength trained ones have: `loras/carol` (rank 4), `loras/dave` (rank 8, the text
+    encoder too), `loras/erin` (rank 4, every layer kohya files reach: the 1x1 convolutions proj_in and proj_out, the
+    feed-forward layers) and `loras/wide` (rank 32, past the slots' default 16). The suite's alice and bob are so strong that
+    the UNet turns rounding differences into visible ones, and compiled kernels round differently."""
+    folder = tmp_path_factory.mktemp("compile-models")
+    (folder / "demo").symlink_to(models_dir / "demo")
+    shapes = {"carol": {}, "dave": {"rank": 8, "text_encoder": True}, "erin": {"targets": tuple(LORA_TARGETS)}, "wide": {"rank": 32}}
+    for seed, (name, shape) in enumerate(shapes.items()):
+        save_random_lora(folder / "loras" / f"{name}.safetensors", seed=seed, spread=0.2, **shape)
+    return folder
+
+
+def lora(name: str, scale: float = 1.0) -> LoraModel:
+    """The LoRA ``name`` of ``lora_models_dir`` on demo."""
+    return LoraModel(base="demo", source=f"loras/{name}.safetensors", scale=scale)
+
+
+@pytest.fixture(scope="module")
+def compiled(lora_models_dir: Path, compile_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
     """An engine with SD_COMPILE on, demo prepared and compiled once for the module (on a CPU device the UNet compiles
     on the device thread, before the model's first batch)."""
-    service = engine(models_dir, tmp_path_factory.mktemp("data"), compile=True, compile_cache_dir=compile_cache)
+    service = engine(lora_models_dir, tmp_path_factory.mktemp("data"), compile=True, compile_cache_dir=compile_cache)
     assert service.prepare(DEMO)
     draw(service, key_at_native_size(service), [DEMO], [0])
     return service
 
 
 @pytest.fixture(scope="module")
-def eager(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
+def eager(lora_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelService:
     """The same engine without SD_COMPILE."""
-    return engine(models_dir, tmp_path_factory.mktemp("data"))
+    return engine(lora_models_dir, tmp_path_factory.mktemp("data"))
 
 
 def key_at_native_size(service: ModelService) -> BatchKey:
@@ -77,6 +105,12 @@ def draw(service: ModelService, key: BatchKey, models: list, seeds: list[int]) -
     items = [BatchItem(model, f"a photo {seed}", None, seed, 1) for model, seed in zip(models, seeds)]
     output = service.run_batch(key, items, lambda step, total, previews=None: None, lambda: False)
     return [np.asarray(images[0].convert("RGB"), dtype=np.int16) for images in output.images]
+
+
+def assert_draws_alike(compiled: ModelService, eager: ModelService, key: BatchKey, models: list, seeds: list[int]) -> None:
+    """The compiled engine's images of one batch equal the eager engine's, but for rounding."""
+    for index, (fast, slow) in enumerate(zip(draw(compiled, key, models, seeds), draw(eager, key, models, seeds), strict=True)):
+        assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE, f"image {index} of {[getattr(m, 'source', m) for m in models]}"
 
 
 def test_batches_are_padded_to_powers_of_two_up_to_the_largest_batch():
@@ -106,15 +140,26 @@ def test_padding_repeats_the_last_sample_and_leaves_other_values_alone():
 def test_the_unet_is_compiled_for_every_batch_size_before_its_model_is_ready(compiled):
     report = compiled.report()["compile"]
     assert report["enabled"] and report["batch_sizes"] == [1, 2]
-    assert report["compiles"] == 2, f"one graph per batch size at the native size: {report}"
+    assert report["compiles"] == 4, f"a base and a LoRA graph per batch size at the native size: {report}"
     assert report["compile_seconds"] > 0 and report["compiles_on_requests"] == 0
     assert compiled.is_ready(DEMO)
 
 
+def test_the_device_tier_counts_the_lora_slots_memory(compiled, eager):
+    slots = compiled.cache.get("demo").pipeline.unet.forward.slots
+    assert slots.nbytes() > 0
+    assert eager.prepare(DEMO)
+
+    def model_bytes(service: ModelService) -> int:
+        cache = service.report()["cache"]
+        return cache["device"]["bytes"] - cache["adapters"]["bytes"]
+
+    assert model_bytes(compiled) - model_bytes(eager) == slots.nbytes()
+
+
 def test_compiled_images_equal_the_uncompiled_ones(compiled, eager, native_key):
     for seeds in ([11], [12, 13]):
-        for fast, slow in zip(draw(compiled, native_key, [DEMO] * len(seeds), seeds), draw(eager, native_key, [DEMO] * len(seeds), seeds)):
-            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
+        assert_draws_alike(compiled, eager, native_key, [DEMO] * len(seeds), seeds)
 
 
 def test_a_batch_that_fits_a_compiled_size_compiles_nothing(compiled, native_key):
@@ -129,19 +174,54 @@ def test_a_batch_that_fits_a_compiled_size_compiles_nothing(compiled, native_key
     assert report["compiles"] == before and report["compiles_on_requests"] == 0, report
 
 
-def test_lora_batches_run_uncompiled_and_loading_a_lora_recompiles_nothing(compiled, eager, native_key):
-    alice, bob = (LoraModel(base="demo", source=f"loras/{name}.safetensors") for name in ("alice", "bob"))
+def test_lora_batches_run_compiled_from_the_slots_and_no_adapter_change_recompiles(compiled, eager, native_key):
+    before = compiled.report()["compile"]
+    batches = ([lora("carol"), DEMO], [lora("carol")], [lora("dave"), lora("carol", 0.5)], [lora("dave", 1.5), lora("dave")])
+    for batch in batches:
+        assert_draws_alike(compiled, eager, native_key, batch, list(range(7, 7 + len(batch))))
+        assert_draws_alike(compiled, eager, native_key, [DEMO], [9])  # the base after: the slots switched off
+    after = compiled.report()["compile"]
+    assert after["compiles"] == before["compiles"] and after["lora_batches_uncompiled"] == before["lora_batches_uncompiled"], after
+
+
+def test_a_lora_draws_what_it_draws_alone_whatever_shares_its_batch(compiled, native_key):
+    alone = draw(compiled, native_key, [lora("carol")], [21])[0]
+    for batch in ([lora("carol"), lora("dave")], [lora("carol"), DEMO], [lora("carol"), lora("carol", 0.0)]):
+        assert np.abs(draw(compiled, native_key, batch, [21, 22])[0] - alone).max() <= COMPILED_TOLERANCE, batch
+    base = draw(compiled, native_key, [DEMO], [21])[0]
+    assert np.abs(alone - base).mean() > 2 * COMPILED_TOLERANCE, "the LoRA changes the picture"
+    unscaled = draw(compiled, native_key, [lora("carol", 0.0)], [21])[0]
+    assert np.abs(unscaled - base).max() <= COMPILED_TOLERANCE, "scale 0 draws the base model's picture"
+
+
+def test_more_adapters_than_slots_take_the_least_recently_used_slots(compiled, eager, native_key):
+    slots = compiled.cache.get("demo").pipeline.unet.forward.slots
+    assert slots.capacity == 2  # one adapter per image of the largest batch
     before = compiled.report()["compile"]["compiles"]
-    for batch in ([alice, DEMO], [alice], [bob, alice]):
-        seeds = list(range(7, 7 + len(batch)))
-        for fast, slow in zip(draw(compiled, native_key, batch, seeds), draw(eager, native_key, batch, seeds)):
-            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
-        for fast, slow in zip(draw(compiled, native_key, [DEMO], [9]), draw(eager, native_key, [DEMO], [9])):  # the base after
-            assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
-    draw(compiled, native_key, [alice], [10])  # one adapter for the whole batch: LoRA layers on
-    assert compiled.unload_adapter(alice) and compiled.unload_adapter(bob)
-    draw(compiled, native_key, [DEMO], [11])  # the base once no adapter is left: LoRA layers off, as compiled
-    assert compiled.report()["compile"]["compiles"] == before, compiled.report()["compile"]
+    for batch in ([lora("carol"), lora("dave")], [lora("erin")], [lora("carol"), lora("erin")], [lora("dave"), lora("carol")]):
+        assert_draws_alike(compiled, eager, native_key, batch, [31, 32][: len(batch)])
+        assert {Path(model.source).stem for model in batch} <= slot_names(compiled)
+    assert compiled.report()["compile"]["compiles"] == before
+
+
+def slot_names(service: ModelService) -> set[str]:
+    """The LoRAs (by file name) that demo's compiled UNet holds in its slots."""
+    adapters = service.cache.get("demo").adapters
+    slots = service.cache.get("demo").pipeline.unet.forward.slots
+    return {Path(adapters[name].source).stem for name in slots.slot_of if name in adapters}
+
+
+def test_a_lora_past_the_slots_rank_runs_uncompiled_and_unloading_recompiles_nothing(compiled, eager, native_key):
+    before = compiled.report()["compile"]
+    assert before["lora_rank"] == 16
+    assert_draws_alike(compiled, eager, native_key, [lora("wide"), lora("carol")], [41, 42])
+    assert_draws_alike(compiled, eager, native_key, [lora("wide")], [43])
+    after = compiled.report()["compile"]
+    assert after["lora_batches_uncompiled"] == before["lora_batches_uncompiled"] + 2, after
+    for name in ("wide", "carol", "dave", "erin"):
+        compiled.unload_adapter(lora(name))
+    assert_draws_alike(compiled, eager, native_key, [DEMO], [44])  # the base once no adapter is left
+    assert compiled.report()["compile"]["compiles"] == before["compiles"], compiled.report()["compile"]
 
 
 def test_an_image_size_not_warmed_compiles_on_its_first_request_and_says_so(compiled, native_key):
@@ -192,8 +272,8 @@ def test_a_restarted_engine_takes_its_kernels_from_the_disk_cache(models_dir, tm
     first = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
     assert any(cache_dir.rglob("*.so")) or any(cache_dir.rglob("*.py")), "no kernels were kept on disk"
     restarted = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
-    assert first["compiles"] == restarted["compiles"] == 2
-    assert restarted["hits"] >= 2, f"each batch size's graph came from the disk cache: {restarted}"
+    assert first["compiles"] == restarted["compiles"] == 4, "a base and a LoRA graph at each batch size"
+    assert restarted["hits"] >= 4, f"each graph came from the disk cache: {restarted}"
 
 
 def test_channels_last_weights_draw_the_same_images(models_dir, eager, native_key, tmp_path):
@@ -201,5 +281,4 @@ def test_channels_last_weights_draw_the_same_images(models_dir, eager, native_ke
     channels_last.prepare(DEMO)
     unet = channels_last.cache.get("demo").pipeline.unet
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    for fast, slow in zip(draw(channels_last, native_key, [DEMO], [9]), draw(eager, native_key, [DEMO], [9])):
-        assert np.abs(fast - slow).max() <= COMPILED_TOLERANCE
+    assert_draws_alike(channels_last, eager, native_key, [DEMO], [9])

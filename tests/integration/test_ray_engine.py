@@ -21,6 +21,7 @@ from config import Settings
 from helpers import PROJECT_DIR, parse_sse, png_bytes, poll, wait_for, wait_until_running
 from sd_server.app import create_app
 from sd_server.domain.trainings import TrainingSettings
+from sd_server.engine.ray_engine import merged_compile  # noqa: E402
 from sd_server.engine.ray_replica import APP_NAME  # noqa: E402  (after the skip: it imports Ray)
 from sd_server.errors import ModelLoadError
 
@@ -81,6 +82,16 @@ def test_health_names_the_ray_engine_and_its_replicas(ray_client):
     assert health["device"] == "ray" and health["status"] == "ok"
     assert "demo" in health["loaded_models"]
     assert placement(ray_client)["replicas"], "the default model's load ran on a replica"
+
+
+def test_the_replicas_compile_figures_are_summed_and_their_settings_kept():
+    replica = {"enabled": True, "mode": "default", "batch_sizes": [1, 2], "lora_rank": 16, "cache_dir": "/models/.compile-cache",
+               "compiles": 4, "compile_seconds": 20.5, "compiles_on_requests": 1, "lora_batches_uncompiled": 2}  # fmt: skip
+
+    merged = merged_compile([replica, {**replica, "compiles": 2, "lora_batches_uncompiled": 3}])
+
+    assert merged == {**replica, "compiles": 6, "compile_seconds": 41.0, "compiles_on_requests": 2, "lora_batches_uncompiled": 5}
+    assert merged_compile([]) == {"enabled": False}
 
 
 def test_jobs_of_three_users_spread_over_the_replicas_and_stick_to_the_one_holding_their_model(ray_client):

@@ -74,12 +74,13 @@ def test_the_training_quality_benchmark_runs_and_prints_its_figures(tmp_path):
 def test_the_lora_batching_benchmark_runs_and_prints_its_tables():
     output = run_benchmark(
         "benchmarks/bench_lora_batching.py", "--users", "1,2", "--requests", "4", "--concurrency", "2", "--steps", "2",
-        "--batch-sizes", "1,2", "--repeats", "1",
+        "--batch-sizes", "1,2", "--repeats", "1", "--slot-ranks", "4,8",
     )  # fmt: skip
 
     assert "| 1 | off |" in output and "| 2 | on |" in output
     assert "| B | no adapter s | one adapter s | B distinct adapters s |" in output and "| 2 |" in output
     assert "Largest difference of a mixed call's output" in output
+    assert "| B | slots rank 4 s | slots rank 8 s |" in output
 
 
 def test_the_modes_benchmark_runs_and_prints_txt2img_img2img_and_inpainting_rows(models_dir):
