@@ -59,6 +59,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-batches", help="SD_COMPILE_BATCH_SIZES of the compiled rows; default 1,16 (1,2 with --smoke)")
     parser.add_argument("--repeats", type=int, help="timed runs of each raw and batch-1 row (median); default 3 (1 with --smoke)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--compile-mode", default="default", help="SD_COMPILE_MODE of the compiled rows (reduce-overhead: CUDA graphs)")
     parser.add_argument("--deadline-s", type=float, help="skip a part that would start after this many seconds; default 480 (none with --smoke)")
     parser.add_argument("--json", type=Path, help="write the figures here (after every part)")
     parser.add_argument("--part", choices=("raw",), help=argparse.SUPPRESS)  # a part's own process
@@ -105,6 +106,7 @@ def compile_settings(arguments: argparse.Namespace, cache_dir: Path) -> dict[str
     """SD_COMPILE's variables: compiled for the batch sizes of the rows at the run's image size."""
     return {
         "SD_COMPILE": "true",
+        "SD_COMPILE_MODE": arguments.compile_mode,
         "SD_COMPILE_BATCH_SIZES": json.dumps(arguments.compile_batch_sizes),
         "SD_COMPILE_SIZES": json.dumps([f"{arguments.size}x{arguments.size}"]),
         "SD_COMPILE_CACHE_DIR": str(cache_dir),
@@ -312,7 +314,7 @@ def main() -> None:
     modes = {"off": ["eager"], "on": ["compiled"], "both": ["eager", "compiled"]}[arguments.compile]
     report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "smoke": arguments.smoke,
                     "size": arguments.size, "batches": arguments.batch_sizes, "lora_users": arguments.lora_users,
-                    "raw": {}, "served": {}, "skipped": [], "errors": {}}  # fmt: skip
+                    "compile_mode": arguments.compile_mode, "raw": {}, "served": {}, "skipped": [], "errors": {}}  # fmt: skip
 
     def write() -> None:
         report["ratios"] = ratios(report, arguments)
