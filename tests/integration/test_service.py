@@ -27,6 +27,10 @@ def test_health_reports_device_dtype_loaded_models_version_queue_and_cache(clien
         "scheduling": "fair", "queued_by_user": {}, "tenant_shares": {},
     }
     assert health["cache"]["device"]["models"] == [] and health["cache"]["device"]["bytes"] == 0
+    assert health["compile"] == {
+        "enabled": False, "mode": "default", "batch_sizes": [1, 2, 4], "lora_rank": 16,
+        "compiles": 0, "compile_seconds": 0.0, "compiles_on_requests": 0, "lora_batches_uncompiled": 0,
+    }  # fmt: skip
 
     client.post("/generate", json=small_request(num_images=2))
 

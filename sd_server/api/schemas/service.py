@@ -96,11 +96,15 @@ class CompileStats(BaseModel):
     enabled: bool
     mode: str | None = Field(None, examples=["default"])
     batch_sizes: list[int] | None = Field(None, description="Images per compiled call; a batch is padded up to the next.")
+    lora_rank: int | None = Field(None, description="Rank of the compiled UNet's LoRA slots (SD_COMPILE_LORA_RANK); 0: none.")
     cache_dir: str | None = Field(None, description="Where compiled kernels are kept between starts.")
     compiles: int = Field(0, description="Graphs compiled since start, warm-ups included.")
     compile_seconds: float = Field(0.0, description="Seconds spent compiling since start, warm-ups included.")
     compiles_on_requests: int = Field(
         0, description="Compiles a request waited for: an image size not in SD_COMPILE_SIZES, a long prompt, or a recompile."
+    )
+    lora_batches_uncompiled: int = Field(
+        0, description="LoRA batches that ran uncompiled: a LoRA past the slots' rank, with a bias or DoRA, or on layers without slots."
     )
 
 
