@@ -106,10 +106,10 @@ class CompiledUnet:
         """The UNet's output for ``sample``: compiled at its padded batch size when it can be."""
         samples = sample.shape[0]
         size = padded_size(samples, self.sample_sizes)
+        if self.slots is not None and self.slots.active:
+            self.slots.select(samples, size or samples)  # the slots' hooks index every sample, compiled or not
         if getattr(self.uncompiled, "on", False) or size is None or args:
             return self.eager(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        if self.slots is not None and self.slots.active:
-            self.slots.select(samples, size)
         # One contiguous float32 row of timesteps for every scheduler (int64 or float, scalar or per sample), as the
         # warm-up compiled: a compiled graph is guarded on its inputs' dtypes, shapes and strides.
         timesteps = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32)

@@ -153,11 +153,11 @@ class LoraSlots:
         if name in self.slot_of:
             self.slot_of.move_to_end(name)
             return
-        if len(self.slot_of) < self.capacity:
-            slot = len(self.slot_of) + 1
+        if free := set(range(1, self.capacity + 1)) - set(self.slot_of.values()):
+            slot = min(free)
         else:
             oldest = next(old for old in self.slot_of if old not in batch)
-            slot = self.slot_of.pop(oldest)
+            slot = self.slot_of.pop(oldest)  # before the copies: a slot half overwritten belongs to no adapter
         with torch.no_grad():  # the adapters' weights may require grad; the slots are plain copies
             for layer in self.layers:
                 self._fill(layer, slot, name)
