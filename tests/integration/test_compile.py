@@ -224,6 +224,17 @@ def test_a_lora_past_the_slots_rank_runs_uncompiled_and_unloading_recompiles_not
     assert compiled.report()["compile"]["compiles"] == before["compiles"], compiled.report()["compile"]
 
 
+def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapters_apply(lora_models_dir, compile_cache, eager, tmp_path):
+    service = engine(lora_models_dir, tmp_path, compile=True, compile_cache_dir=compile_cache)
+    assert service.prepare(DEMO)
+    key = key_at_native_size(service)
+    assert_draws_alike(service, eager, key, [lora("carol")], [51])  # on a CPU device the UNet compiles on this batch
+    assert_draws_alike(service, eager, key, [DEMO, lora("dave")], [52, 53])
+    assert_draws_alike(service, eager, key, [DEMO], [54])
+    report = service.report()["compile"]
+    assert report["compiles"] == 4 and report["compiles_on_requests"] == 0 and report["lora_batches_uncompiled"] == 0, report
+
+
 def test_an_image_size_not_warmed_compiles_on_its_first_request_and_says_so(compiled, native_key):
     before = compiled.report()["compile"]
     smaller = BatchKey("demo", native_key.width // 2, native_key.height // 2, 2, 7.5, None)
