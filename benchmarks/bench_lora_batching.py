@@ -149,7 +149,7 @@ def unet_call_seconds(pipeline: StableDiffusionPipeline, batch: int, mode: str, 
 @torch.no_grad()
 def slot_call_seconds(pipeline: StableDiffusionPipeline, batch: int, rank: int, names: list[str], arguments) -> float:
     """Median seconds of one UNet call with ``batch`` distinct adapters from LoRA slots of ``rank``."""
-    slots = LoraSlots(pipeline.unet, batch, rank, 2 * batch)
+    slots = LoraSlots(pipeline.unet, batch, rank)
     samples = samples_for("distinct adapters", names[:batch])
     with adapters_applied(pipeline, samples, slotted=pipeline.unet), slots.applied(samples):
         slots.select(2 * batch, 2 * batch)

@@ -95,7 +95,7 @@ class CompiledUnet:
         self.unet, self.eager = unet, unet.forward
         self.sample_sizes = sample_sizes  # UNet samples per call: classifier-free guidance runs each image twice
         # Slots for as many adapters as a batch has images; none with SD_COMPILE_LORA_RANK=0.
-        self.slots = LoraSlots(unet, sample_sizes[-1] // 2, lora_rank, sample_sizes[-1]) if lora_rank else None
+        self.slots = LoraSlots(unet, sample_sizes[-1] // 2, lora_rank) if lora_rank else None
         self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
         self.warm_sizes: set[tuple[int, int]] = set()  # latent (height, width) warmed at every batch size
         self.uncompiled = threading.local()  # set on the device thread while a batch the slots cannot hold runs
@@ -147,13 +147,13 @@ class CompiledUnet:
                 yield
         else:
             self.counters.lora_batches_uncompiled += 1
-            with adapters_applied(pipeline, samples), self.eager_on_this_thread(True):
+            with adapters_applied(pipeline, samples), self.eager_on_this_thread():
                 yield
 
     @contextmanager
-    def eager_on_this_thread(self, eager: bool) -> Iterator[None]:
-        """Within the block, this thread's calls run uncompiled when ``eager``."""
-        self.uncompiled.on = eager
+    def eager_on_this_thread(self) -> Iterator[None]:
+        """Within the block, this thread's calls run uncompiled."""
+        self.uncompiled.on = True
         try:
             yield
         finally:

@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft.tuners.lora import LoraLayer
 
-from sd_server.engine.mixed_adapters import SampleAdapter, repeats_per_image
+from sd_server.engine.mixed_adapters import SampleAdapter, is_plain, repeats_per_image
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,11 @@ class SlotUpdate:
 
 class LoraSlots:
     """A compiled UNet's bank of LoRA adapters: ``adapters`` slots of ``rank`` in every pointwise LoRA layer, kept
-    across batches (least recently used replaced first), and each call's samples' slots and scales."""
+    across batches (least recently used replaced first), and each call's samples' slots and scales (for ``adapters``
+    images, two samples each: classifier-free guidance)."""
 
-    def __init__(self, unet: UNet2DConditionModel, adapters: int, rank: int, samples: int) -> None:
+    def __init__(self, unet: UNet2DConditionModel, adapters: int, rank: int) -> None:
+        samples = 2 * adapters
         self.unet, self.rank, self.capacity = unet, rank, adapters
         self.active = False  # read inside the compiled graph: the base's graphs and the LoRA graphs are two variants
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # adapter name -> its slot, least recently used first
@@ -109,7 +111,7 @@ class LoraSlots:
             slots = [0 if image.name is None else self.slot_of[image.name] for image in self.images] * repeats
             scales = [0.0 if image.name is None else image.scale for image in self.images] * repeats
             slots, scales = slots + slots[-1:] * (padded - samples), scales + scales[-1:] * (padded - samples)
-            self.calls[samples, padded] = (self._on_device(torch.tensor(slots)), self._on_device(torch.tensor(scales)))
+            self.calls[samples, padded] = (self._on_device(slots, torch.long), self._on_device(scales, self.unet.dtype))
         slots, scales = self.calls[samples, padded]
         getattr(self.unet, SLOT_INDEX)[:padded].copy_(slots)
         getattr(self.unet, SLOT_SCALE)[:padded].copy_(scales)
@@ -125,12 +127,11 @@ class LoraSlots:
         finally:
             self.active = False
 
-    def _on_device(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` copied to the UNet's device without waiting for it (from pinned memory on CUDA)."""
+    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as a tensor on the UNet's device, copied without waiting for it (from pinned memory on CUDA)."""
         device = getattr(self.unet, SLOT_INDEX).device
-        if device.type == "cuda":
-            values = values.pin_memory()
-        return values.to(device, dtype=torch.long if values.dtype == torch.long else self.unet.dtype, non_blocking=True)
+        host = torch.tensor(values, dtype=dtype)
+        return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
     def _fits(self, name: str) -> bool:
         """Whether adapter ``name`` can run from the slots; said once per adapter (a name is one file's content)."""
@@ -144,8 +145,7 @@ class LoraSlots:
 
     def _fits_layer(self, layer: LoraLayer, name: str) -> bool:
         """A plain LoRA of ``layer`` (no bias, no DoRA) of rank at most the slots'."""
-        plain = is_pointwise(layer.lora_A[name]) and layer.lora_B[name].bias is None and name not in getattr(layer, "lora_variant", {})
-        return plain and layer.r[name] <= self.rank
+        return is_pointwise(layer.lora_A[name]) and is_plain(layer, name) and layer.r[name] <= self.rank
 
     def _load(self, name: str, batch: set[str]) -> None:
         """Put adapter ``name`` in a slot unless it is in one: a free slot, else the least recently used one that no

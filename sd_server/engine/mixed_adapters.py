@@ -105,14 +105,16 @@ def repeats_per_image(batch: int, images: int) -> int:
     return batch // images
 
 
+def is_plain(layer: LoraLayer, name: str) -> bool:
+    """True when adapter ``name`` of this layer is a plain LoRA: no bias, no variant (DoRA)."""
+    return layer.lora_B[name].bias is None and name not in getattr(layer, "lora_variant", {})
+
+
 def is_segmentable(layer: LoraLayer, names: list[str]) -> bool:
     """True when every adapter of ``names`` in this layer is a plain linear LoRA (no bias, no DoRA)."""
     present = [name for name in names if name in layer.lora_A]
     return isinstance(layer.get_base_layer(), torch.nn.Linear) and all(
-        isinstance(layer.lora_A[name], torch.nn.Linear)
-        and layer.lora_B[name].bias is None
-        and name not in getattr(layer, "lora_variant", {})
-        for name in present
+        isinstance(layer.lora_A[name], torch.nn.Linear) and is_plain(layer, name) for name in present
     )
 
 
