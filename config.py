@@ -72,9 +72,10 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet: compiled for each batch size of SD_COMPILE_BATCH_SIZES at each size of "
-        "SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to the next compiled size), the kernels kept "
-        "in SD_COMPILE_CACHE_DIR for the next start. LoRA batches run compiled from LoRA slots (SD_COMPILE_LORA_RANK).",
+        description="torch.compile the UNet and the VAE's decode (SD_COMPILE_VAE): compiled for each batch size of "
+        "SD_COMPILE_BATCH_SIZES at each size of SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to "
+        "the next compiled size), the kernels kept in SD_COMPILE_CACHE_DIR for the next start. LoRA batches run "
+        "compiled from LoRA slots (SD_COMPILE_LORA_RANK).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode: reduce-overhead adds CUDA graphs; the max-autotune modes search kernels (longer compiles)."
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
         "many in a batch, with no recompile (adapters padded to it; the slots hold one adapter per image of the largest "
         "batch). A LoRA of a larger rank, or on layers past the attention and transformer projections, runs its batches "
         "uncompiled. 0: every LoRA batch runs uncompiled.",
+    )
+    compile_vae: bool = Field(
+        True, description="With SD_COMPILE, torch.compile the VAE's decode too, at the UNet's batch and image sizes."
     )
     compile_cache_dir: Path | None = Field(
         None, description="Where compiled kernels are kept between starts (it sets TORCHINDUCTOR_CACHE_DIR); unset: .compile-cache in SD_MODELS_DIR."

@@ -121,7 +121,7 @@ def raw_part(arguments: argparse.Namespace) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from config import Settings
-    from sd_server.engine.compiled import UnetCompiler
+    from sd_server.engine.compiled import PipelineCompiler
     from sd_server.engine.devices import choose_device, choose_dtype, configure_memory_format
 
     settings = Settings(_env_file=None)  # SD_* of the environment: compile_settings' when --compiled
@@ -133,7 +133,7 @@ def raw_part(arguments: argparse.Namespace) -> dict:
     pipeline.set_progress_bar_config(disable=True)
     figures: dict = {"load_s": round(time.perf_counter() - started, 2)}
     if arguments.compiled:
-        compiler = UnetCompiler(settings, max(arguments.compile_batch_sizes))
+        compiler = PipelineCompiler(settings, max(arguments.compile_batch_sizes))
         started = time.perf_counter()
         compiler.warm(pipeline)
         figures["compile_s"] = round(time.perf_counter() - started, 2)

@@ -1,20 +1,21 @@
-"""SD_COMPILE: each UNet's forward compiled by torch.compile for a few batch sizes (calls are padded up to the next
-one) and any prompt length, warmed at each configured image size before its model takes jobs, its kernels cached on
-disk for the next start. LoRA batches run compiled too, from the UNet's LoRA slots (``compiled_lora``): a second
-variant of each graph, warmed with the first."""
+"""SD_COMPILE: each UNet's forward (and VAE's decode) compiled by torch.compile for a few batch sizes (calls are padded
+up to the next one) and any prompt length, warmed at each configured image size before its model takes jobs, its
+kernels cached on disk for the next start. LoRA batches run compiled too, from the UNet's LoRA slots
+(``compiled_lora``): a second variant of each graph, warmed with the first."""
 
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -76,13 +77,29 @@ def pad_batch(value: Any, samples: int, size: int) -> Any:
 
 @dataclass
 class CompileCounters:
-    """The compiles of every compiled UNet of the process: in all, their seconds, and how many a request waited for
-    (a size not warmed, or a recompile); and the LoRA batches that ran uncompiled (adapters that do not fit the slots)."""
+    """The compiles of every compiled UNet and VAE of the process: in all, their seconds, and how many a request waited
+    for (a size not warmed, or a recompile); and the LoRA batches that ran uncompiled (adapters that do not fit the
+    slots)."""
 
     compiles: int = 0
     compile_seconds: float = 0.0
     compiles_on_requests: int = 0
     lora_batches_uncompiled: int = 0
+
+    def timed(self, compiled: Callable[..., Any], part: str, *args: Any, warming: bool, **kwargs: Any) -> Any:
+        """``compiled(*args, **kwargs)`` without autograd (as the pipelines run: grad mode is part of what a graph is
+        guarded on), counting and timing the compiles it made; ``part`` names what compiled in the log."""
+        before, started = graphs_compiled(), time.perf_counter()
+        with torch.no_grad():
+            output = compiled(*args, **kwargs)
+        if (compiled_now := graphs_compiled() - before) > 0:
+            seconds = time.perf_counter() - started
+            self.compiles += compiled_now
+            self.compile_seconds += seconds
+            self.compiles_on_requests += 0 if warming else compiled_now
+            if not warming:
+                logger.warning("a request waited %.1f s for the %s to compile (batch %d, latents %s)", seconds, part, args[0].shape[0], tuple(args[0].shape[2:]))
+        return output
 
 
 class CompiledUnet:
@@ -161,29 +178,53 @@ class CompiledUnet:
 
     def _timed(self, *args: Any, warming: bool, **kwargs: Any) -> Any:
         """The compiled call (a tuple), counting and timing the compiles it made."""
-        before, started = graphs_compiled(), time.perf_counter()
         # Prompts of any length (77 tokens a chunk, long prompts take more) share one graph: the token count is symbolic.
         torch._dynamo.maybe_mark_dynamic(args[2], 1)  # a hint: a model whose graph cannot take it recompiles instead of failing
-        with torch.no_grad():  # as the pipelines run: grad mode is part of what a compiled graph is guarded on
-            output = self.compiled(*args, **kwargs, return_dict=False)
-        if (compiled := graphs_compiled() - before) > 0:
-            seconds = time.perf_counter() - started
-            self.counters.compiles += compiled
-            self.counters.compile_seconds += seconds
-            self.counters.compiles_on_requests += 0 if warming else compiled
-            if not warming:
-                logger.warning("a request waited %.1f s for the UNet to compile (batch %d, latents %s)", seconds, args[0].shape[0], tuple(args[0].shape[2:]))
-        return output
+        return self.counters.timed(self.compiled, "UNet", *args, **kwargs, return_dict=False, warming=warming)
 
 
-class UnetCompiler:
-    """The engine's SD_COMPILE: compiles each checkpoint's UNet once (identical UNets are one module), warms it, and
-    reports compile counts and seconds."""
+class CompiledVaeDecode:
+    """A VAE's decode in place of its own (``vae.decode``): compiled at the padded batch sizes (images per call),
+    uncompiled for batches past the largest."""
+
+    def __init__(self, vae: AutoencoderKL, batch_sizes: list[int], mode: str, counters: CompileCounters) -> None:
+        self.vae, self.eager = vae, vae.decode
+        self.batch_sizes = batch_sizes
+        self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
+        self.warm_sizes: set[tuple[int, int]] = set()  # latent (height, width) warmed at every batch size
+        self.counters = counters
+        vae.decode = self  # as the UNet's forward: the instance attribute hides the class's method
+
+    def __call__(self, latents: torch.Tensor, return_dict: bool = True, generator: Any = None) -> Any:
+        """The pictures of ``latents`` (AutoencoderKL's decode takes a generator and draws nothing with it)."""
+        images = latents.shape[0]
+        size = padded_size(images, self.batch_sizes)
+        if size is None:
+            return self.eager(latents, return_dict=return_dict)
+        padded = pad_batch(latents.contiguous(), images, size)
+        pictures = self.counters.timed(self.compiled, "VAE decoder", padded, return_dict=False, warming=False)[0][:images]
+        return DecoderOutput(sample=pictures) if return_dict else (pictures,)
+
+    def warm(self, latent_height: int, latent_width: int) -> None:
+        """Compile every batch size for latents of this size."""
+        if (latent_height, latent_width) in self.warm_sizes:
+            return
+        vae = self.vae
+        for size in self.batch_sizes:
+            latents = torch.randn(size, vae.config.latent_channels, latent_height, latent_width, device=vae.device, dtype=vae.dtype)
+            self.counters.timed(self.compiled, "VAE decoder", latents, return_dict=False, warming=True)
+        self.warm_sizes.add((latent_height, latent_width))
+
+
+class PipelineCompiler:
+    """The engine's SD_COMPILE: compiles each checkpoint's UNet and VAE decode once (identical components are one
+    module), warms them, and reports compile counts and seconds."""
 
     def __init__(self, settings: Settings, max_batch_size: int) -> None:
         self.enabled = settings.compile
         self.mode = settings.compile_mode
         self.lora_rank = settings.compile_lora_rank
+        self.vae = settings.compile_vae
         self.batch_sizes = sorted(set(settings.compile_batch_sizes or default_batch_sizes(max_batch_size)))
         self.image_sizes = [parse_size(size) for size in settings.compile_sizes]
         self.cache_dir = settings.compile_cache_dir or settings.models_dir / ".compile-cache"
@@ -198,7 +239,8 @@ class UnetCompiler:
             torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * graphs)
 
     def compiled(self, pipeline: StableDiffusionPipeline) -> CompiledUnet | None:
-        """The pipeline's compiled UNet, compiled now if it is not yet; None when SD_COMPILE is off."""
+        """The pipeline's compiled UNet, compiled now (with its VAE's decode) if it is not yet; None when SD_COMPILE is
+        off."""
         if not self.enabled:
             return None
         unet = pipeline.unet
@@ -206,35 +248,46 @@ class UnetCompiler:
             wrap_lora_layers(unet)
             # Classifier-free guidance doubles the samples; a batch without it pads up to the same sizes.
             CompiledUnet(unet, [2 * size for size in self.batch_sizes], self.mode, self.counters, self.lora_rank)
+        if self._compiles_vae(pipeline) and not isinstance(pipeline.vae.decode, CompiledVaeDecode):
+            CompiledVaeDecode(pipeline.vae, self.batch_sizes, self.mode, self.counters)
         return unet.forward
 
     def is_warm(self, pipeline: StableDiffusionPipeline) -> bool:
-        """True when SD_COMPILE is off, or the pipeline's UNet is compiled at every configured size."""
+        """True when SD_COMPILE is off, or the pipeline's UNet (and VAE decode) is compiled at every configured size."""
         if not self.enabled:
             return True
-        unet = pipeline.unet
-        return isinstance(unet.forward, CompiledUnet) and set(self.latent_sizes(pipeline)) <= unet.forward.warm_sizes
+        sizes = set(self.latent_sizes(pipeline))
+        unet, decode = pipeline.unet.forward, pipeline.vae.decode
+        vae_warm = not self._compiles_vae(pipeline) or (isinstance(decode, CompiledVaeDecode) and sizes <= decode.warm_sizes)
+        return isinstance(unet, CompiledUnet) and sizes <= unet.warm_sizes and vae_warm
 
     def warm(self, pipeline: StableDiffusionPipeline) -> bool:
-        """Compile the pipeline's UNet at every batch size and configured image size (minutes the first time; seconds
-        from the disk cache); True when it did. Call with the checkpoint's lock held."""
+        """Compile the pipeline's UNet and VAE decode at every batch size and configured image size (minutes the first
+        time; seconds from the disk cache); True when it did. Call with the checkpoint's lock held."""
         unet = self.compiled(pipeline)
         if unet is None or self.is_warm(pipeline):
             return False
         with torch.no_grad():  # a context that requires grad would make the warm-up graphs ones no request matches
             context = pipeline.encode_prompt("", pipeline.unet.device, 1, False)[0]
+        decode = pipeline.vae.decode if isinstance(pipeline.vae.decode, CompiledVaeDecode) else None
         # As the base model's batches run: LoRA layers off (a LoRA batch may have left them on).
         with adapters_applied(pipeline, []):
             for latent_height, latent_width in self.latent_sizes(pipeline):
-                self._warm_size(unet, latent_height, latent_width, context)
+                self._warm_size(unet, decode, latent_height, latent_width, context)
         return True
 
+    def _compiles_vae(self, pipeline: StableDiffusionPipeline) -> bool:
+        """SD_COMPILE_VAE, for the VAEs whose decode this compiles (AutoencoderKL's: every Stable Diffusion 1.x and 2.x)."""
+        return self.vae and isinstance(pipeline.vae, AutoencoderKL)
+
     @staticmethod
-    def _warm_size(unet: CompiledUnet, latent_height: int, latent_width: int, context: torch.Tensor) -> None:
+    def _warm_size(unet: CompiledUnet, decode: CompiledVaeDecode | None, latent_height: int, latent_width: int, context: torch.Tensor) -> None:
         """Compile every batch size at one latent size, and log how long it took."""
         started = time.perf_counter()
         unet.warm(latent_height, latent_width, context)
-        logger.info("UNet compiled for %dx%d latents in %.1f s", latent_width, latent_height, time.perf_counter() - started)
+        if decode is not None:
+            decode.warm(latent_height, latent_width)
+        logger.info("compiled for %dx%d latents in %.1f s", latent_width, latent_height, time.perf_counter() - started)
 
     def latent_sizes(self, pipeline: StableDiffusionPipeline) -> list[tuple[int, int]]:
         """(height, width) of the latents of the model's native size and of SD_COMPILE_SIZES."""
@@ -253,6 +306,7 @@ class UnetCompiler:
             "mode": self.mode,
             "batch_sizes": self.batch_sizes,
             "lora_rank": self.lora_rank,
+            "vae": self.vae,
             "cache_dir": str(self.cache_dir) if self.enabled else None,
             **counters,
         }

@@ -17,7 +17,7 @@ from sd_server.domain.trainings import TrainingSettings
 from sd_server.engine import devices, image_modes, threads
 from sd_server.engine.adapters import AdapterCache
 from sd_server.engine.cache import CachedCheckpoint, CheckpointCache
-from sd_server.engine.compiled import UnetCompiler
+from sd_server.engine.compiled import PipelineCompiler
 from sd_server.engine.hires import Passes, decode_latents, in_latent_space, upscale_latents, upscale_pictures
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, ImageSource, StepCallback, Stop
 from sd_server.engine.lora_training import LoraTrainer, start_training
@@ -61,7 +61,7 @@ class DiffusersEngine:
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
         self.cache = CheckpointCache(settings, self.device, self.dtype)
         self.adapters = AdapterCache(settings, self.cache)
-        self.compiler = UnetCompiler(settings, settings.max_batch_size or self.default_max_batch_size)
+        self.compiler = PipelineCompiler(settings, settings.max_batch_size or self.default_max_batch_size)
         # Compiled CPU kernels are guarded on the thread count, which on a CPU device only the device thread has at
         # full: there the UNet compiles on the device thread, before its model's first batch; elsewhere on the loader.
         self.compiles_on_device_thread = self.device == "cpu"

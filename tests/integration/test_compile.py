@@ -1,5 +1,5 @@
-"""SD_COMPILE and the memory format: the compiled UNet draws what the eager one draws, is compiled for every batch
-size before its model is ready, never compiles again for a batch that fits a compiled size, runs LoRA batches (one
+"""SD_COMPILE and the memory format: the compiled UNet (and VAE decode) draws what the eager one draws, is compiled for
+every batch size before its model is ready, never compiles again for a batch that fits a compiled size, runs LoRA batches (one
 adapter or several, any scale) from its LoRA slots without recompiling, leaves adapters the slots cannot hold to the
 eager UNet, and takes its kernels from the disk cache on the next start."""
 
@@ -22,7 +22,8 @@ from sd_server.domain.generation import SchedulerName
 from sd_server.domain.models import CheckpointModel, LoraModel
 from sd_server.engine.compiled import (
     LORA_TARGETS,
-    UnetCompiler,
+    CompiledVaeDecode,
+    PipelineCompiler,
     default_batch_sizes,
     pad_batch,
     padded_size,
@@ -123,7 +124,7 @@ def test_batches_are_padded_to_powers_of_two_up_to_the_largest_batch():
 
 def test_torchdynamo_may_keep_a_graph_for_every_batch_size_at_every_image_size(models_dir, tmp_path):
     settings = Settings(_env_file=None, models_dir=models_dir, compile=True, compile_sizes=["512x512", "768x512", "512x768"], compile_cache_dir=tmp_path)
-    compiler = UnetCompiler(settings, max_batch_size=8)
+    compiler = PipelineCompiler(settings, max_batch_size=8)
     assert compiler.batch_sizes == [1, 2, 4, 8]
     assert torch._dynamo.config.recompile_limit >= 4 * 4, "16 graphs of one forward function, past the default of 8"
 
@@ -137,12 +138,37 @@ def test_padding_repeats_the_last_sample_and_leaves_other_values_alone():
     assert pad_batch(None, 3, 4) is None
 
 
-def test_the_unet_is_compiled_for_every_batch_size_before_its_model_is_ready(compiled):
+def test_the_unet_and_vae_decode_are_compiled_for_every_batch_size_before_its_model_is_ready(compiled, native_key):
     report = compiled.report()["compile"]
-    assert report["enabled"] and report["batch_sizes"] == [1, 2]
-    assert report["compiles"] == 4, f"a base and a LoRA graph per batch size at the native size: {report}"
+    assert report["enabled"] and report["batch_sizes"] == [1, 2] and report["vae"]
+    assert report["compiles"] == 6, f"a base and a LoRA UNet graph and a VAE decode graph per batch size: {report}"
     assert report["compile_seconds"] > 0 and report["compiles_on_requests"] == 0
     assert compiled.is_ready(DEMO)
+    pipeline = compiled.cache.get("demo").pipeline
+    assert isinstance(pipeline.vae.decode, CompiledVaeDecode)
+    factor = pipeline.vae_scale_factor
+    assert pipeline.vae.decode.warm_sizes == {(native_key.height // factor, native_key.width // factor)}
+
+
+def test_the_compiled_vae_decodes_what_the_eager_one_does_and_past_the_largest_batch_runs_eager(compiled):
+    decode = compiled.cache.get("demo").pipeline.vae.decode
+    (height, width), before = next(iter(decode.warm_sizes)), compiled.report()["compile"]["compiles"]
+    latents = torch.randn(3, decode.vae.config.latent_channels, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for images in (1, 2, 3):  # 3: past the largest compiled batch
+            pictures = decode(latents[:images]).sample
+            assert pictures.shape[0] == images
+            assert torch.allclose(pictures, decode.eager(latents[:images]).sample, atol=1e-4), f"{images} image(s)"
+    assert compiled.report()["compile"]["compiles"] == before
+
+
+def test_with_sd_compile_vae_off_the_decode_stays_eager(lora_models_dir, compile_cache, eager, native_key, tmp_path):
+    service = engine(lora_models_dir, tmp_path, compile=True, compile_cache_dir=compile_cache, compile_vae=False)
+    assert service.prepare(DEMO)
+    assert_draws_alike(service, eager, native_key, [DEMO], [61])
+    assert service.report()["compile"]["vae"] is False
+    vae = service.cache.get("demo").pipeline.vae
+    assert not isinstance(vae.decode, CompiledVaeDecode) and service.is_ready(DEMO)
 
 
 def test_the_device_tier_counts_the_lora_slots_memory(compiled, eager):
@@ -226,7 +252,8 @@ def test_a_lora_past_the_slots_rank_runs_uncompiled_and_unloading_recompiles_not
 
 def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapters_apply(lora_models_dir, compile_cache, eager, tmp_path):
     # Batches padded to 3 images: graphs of a shape no other engine here compiled (TorchDynamo reuses a graph for any
-    # UNet of the same structure and shapes, so the module's other graphs would hide a recompile).
+    # UNet of the same structure and shapes, so the module's other graphs would hide a recompile). The VAE decodes
+    # padded to 3 images too.
     service = engine(lora_models_dir, tmp_path, compile=True, compile_cache_dir=compile_cache, compile_batch_sizes=[3])
     assert service.prepare(DEMO)
     key = key_at_native_size(service)
@@ -234,7 +261,7 @@ def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapte
     assert_draws_alike(service, eager, key, [DEMO, lora("dave")], [52, 53])
     assert_draws_alike(service, eager, key, [DEMO], [54])
     report = service.report()["compile"]
-    assert report["compiles"] == 2, f"a base and a LoRA graph, both before the first batch's adapters apply: {report}"
+    assert report["compiles"] == 3, f"a base and a LoRA graph, both before the first batch's adapters apply, and the VAE's: {report}"
     assert report["compiles_on_requests"] == 0 and report["lora_batches_uncompiled"] == 0, report
 
 
@@ -244,8 +271,8 @@ def test_an_image_size_not_warmed_compiles_on_its_first_request_and_says_so(comp
     draw(compiled, smaller, [DEMO], [1])
     draw(compiled, smaller, [DEMO], [2])
     after = compiled.report()["compile"]
-    assert after["compiles_on_requests"] == before["compiles_on_requests"] + 1, after
-    assert after["compiles"] == before["compiles"] + 1
+    assert after["compiles_on_requests"] == before["compiles_on_requests"] + 2, f"the UNet's and the VAE decode's: {after}"
+    assert after["compiles"] == before["compiles"] + 2
 
 
 RESTART = """
@@ -286,8 +313,8 @@ def test_a_restarted_engine_takes_its_kernels_from_the_disk_cache(models_dir, tm
     first = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
     assert any(cache_dir.rglob("*.so")) or any(cache_dir.rglob("*.py")), "no kernels were kept on disk"
     restarted = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
-    assert first["compiles"] == restarted["compiles"] == 4, "a base and a LoRA graph at each batch size"
-    assert restarted["hits"] >= 4, f"each graph came from the disk cache: {restarted}"
+    assert first["compiles"] == restarted["compiles"] == 6, "a base and a LoRA UNet graph and a VAE graph at each batch size"
+    assert restarted["hits"] >= 6, f"each graph came from the disk cache: {restarted}"
 
 
 def test_channels_last_weights_draw_the_same_images(models_dir, eager, native_key, tmp_path):

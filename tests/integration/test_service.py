@@ -28,7 +28,7 @@ def test_health_reports_device_dtype_loaded_models_version_queue_and_cache(clien
     }
     assert health["cache"]["device"]["models"] == [] and health["cache"]["device"]["bytes"] == 0
     assert health["compile"] == {
-        "enabled": False, "mode": "default", "batch_sizes": [1, 2, 4], "lora_rank": 16,
+        "enabled": False, "mode": "default", "batch_sizes": [1, 2, 4], "lora_rank": 16, "vae": True,
         "compiles": 0, "compile_seconds": 0.0, "compiles_on_requests": 0, "lora_batches_uncompiled": 0,
     }  # fmt: skip
 

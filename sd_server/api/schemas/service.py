@@ -91,12 +91,13 @@ class PartStatus(BaseModel):
 
 
 class CompileStats(BaseModel):
-    """SD_COMPILE: whether the UNet runs compiled, how, and the compiles since start."""
+    """SD_COMPILE: whether the UNet (and VAE decode) runs compiled, how, and the compiles since start."""
 
     enabled: bool
     mode: str | None = Field(None, examples=["default"])
     batch_sizes: list[int] | None = Field(None, description="Images per compiled call; a batch is padded up to the next.")
     lora_rank: int | None = Field(None, description="Rank of the compiled UNet's LoRA slots (SD_COMPILE_LORA_RANK); 0: none.")
+    vae: bool | None = Field(None, description="Whether the VAE's decode is compiled too (SD_COMPILE_VAE).")
     cache_dir: str | None = Field(None, description="Where compiled kernels are kept between starts.")
     compiles: int = Field(0, description="Graphs compiled since start, warm-ups included.")
     compile_seconds: float = Field(0.0, description="Seconds spent compiling since start, warm-ups included.")
