@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from bench_serving import DEMO_MODEL_DIR, run_json
-from sd_server.engine.previews import fit_projection, preview_jpegs
+from sd_server.engine.previews import PreviewCopy, fit_projection
 
 
 def loop(arguments: argparse.Namespace, batch: int, preview_every: int) -> dict:
@@ -39,7 +39,7 @@ def preview_seconds(arguments: argparse.Namespace, batch: int, repeats: int = 50
     latents = torch.randn(batch, vae.config.latent_channels, arguments.size // 8, arguments.size // 8)
     started = time.perf_counter()
     for _ in range(repeats):
-        preview_jpegs(latents, projection, arguments.size, arguments.size)
+        PreviewCopy(latents, projection, arguments.size, arguments.size).jpegs()
     return (time.perf_counter() - started) / repeats, fit_s
 
 

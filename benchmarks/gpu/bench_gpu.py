@@ -161,8 +161,9 @@ def raw_part(arguments: argparse.Namespace) -> dict:
 
 
 def engine_host_syncs(arguments: argparse.Namespace, steps: int = 10) -> dict | None:
-    """The service's engine (step callback, cancel checks and all) on one image: the device-to-host waits CUDA's sync
-    debug mode reports, in all and per step; None off CUDA, where there is nothing to wait for."""
+    """The service's engine (step callback, cancel checks, previews every 5 steps and all) on one image: the
+    device-to-host waits CUDA's sync debug mode reports, in all and per step; None off CUDA, where there is nothing to
+    wait for."""
     import warnings
 
     import torch
@@ -174,7 +175,7 @@ def engine_host_syncs(arguments: argparse.Namespace, steps: int = 10) -> dict | 
 
     if not torch.cuda.is_available():
         return None
-    engine = ModelService(Settings(_env_file=None, default_model=arguments.model, preview_every=0))
+    engine = ModelService(Settings(_env_file=None, default_model=arguments.model, preview_every=5))
     key = BatchKey(arguments.model, arguments.size, arguments.size, steps, 7.5, None)
     items = [BatchItem(CheckpointModel(source=arguments.model), PROMPT.format(index=0), None, 0, 1)]
     engine.run_batch(key, items, lambda step, total, previews=None: None, lambda: False)  # load and warm up

@@ -23,7 +23,7 @@ from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineR
 from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
 from sd_server.engine.png import encode_png
-from sd_server.engine.previews import fit_projection, preview_jpegs
+from sd_server.engine.previews import LivePreviews, fit_projection
 from sd_server.engine.prompts import PromptCounter, prompt_arguments
 from sd_server.engine.samplers import fresh_scheduler
 from sd_server.errors import DeviceLostError, DeviceOutOfMemoryError, GenerationFailedError, ModelLoadError, first_line
@@ -250,9 +250,11 @@ class DiffusersEngine:
         )
 
     def _projection(self, checkpoint: CachedCheckpoint) -> torch.Tensor:
-        """The checkpoint's latent-to-RGB map for previews, fitted on its VAE the first time (its lock is held)."""
+        """The checkpoint's latent-to-RGB map for previews, fitted on its VAE the first time (its lock is held), kept on
+        the device: a copy from pageable host memory would wait for the device."""
         if "preview_projection" not in checkpoint.derived:
-            checkpoint.derived["preview_projection"] = fit_projection(checkpoint.pipeline.vae)
+            vae = checkpoint.pipeline.vae
+            checkpoint.derived["preview_projection"] = fit_projection(vae).to(vae.device)
         return checkpoint.derived["preview_projection"]
 
     def _generate(
@@ -270,13 +272,13 @@ class DiffusersEngine:
         images, prepared = image_modes.image_arguments(checkpoint, key, [item.source for item in items for _ in range(item.num_images)])
 
         passes = Passes(key.hires.steps_to_run(key.num_inference_steps) if key.hires else 0, key.width, key.height)
+        previews = LivePreviews()
 
         def step_ended(pipe, index: int, timestep, tensors: dict) -> dict:
             step, every = index + 1, self.settings.preview_every
-            previews = None
             if every and step % every == 0 and step < pipe.num_timesteps:
-                previews = preview_jpegs(tensors["latents"], self._projection(checkpoint), passes.width, passes.height)
-            on_step(passes.before + step, passes.before + pipe.num_timesteps + passes.later, previews)
+                previews.start(tensors["latents"], self._projection(checkpoint), passes.width, passes.height)
+            on_step(passes.before + step, passes.before + pipe.num_timesteps + passes.later, previews.take())
             stop = should_stop()
             if stop == Stop.discard:
                 raise BatchStopped()

@@ -1,5 +1,6 @@
 """Live previews: a batch's latents projected to RGB by a linear map that is fitted once per checkpoint on its own
-VAE (latents of known colours: no extra model, no decode per preview), each image a small JPEG."""
+VAE (latents of known colours: no extra model, no decode per preview), each image a small JPEG. The projection runs
+on the device and its bytes come back without stalling the steps that follow."""
 
 import io
 
@@ -39,15 +40,58 @@ def preview_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def preview_jpegs(latents: torch.Tensor, projection: torch.Tensor, width: int, height: int) -> list[bytes]:
-    """Each image's latents as a small JPEG (one copy to the host for the whole batch)."""
-    host = latents.detach().float().cpu()
-    rgb = torch.einsum("bchw,cr->brhw", host, projection[:-1]) + projection[-1].view(1, 3, 1, 1)
-    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    size = preview_size(width, height)
-    jpegs = []
-    for array in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(array).resize(size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=70)
-        jpegs.append(buffer.getvalue())
-    return jpegs
+def latent_pixels(latents: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Each image's latents projected to RGB: (images, height, width, 3) bytes, on the latents' device."""
+    projection = projection.to(latents.device)
+    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float(), projection[:-1]) + projection[-1]
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class PreviewCopy:
+    """One preview step's pixels on their way to the host: projected on the device, then copied into pinned memory
+    without waiting for the device (on CUDA; elsewhere the pixels are there at once)."""
+
+    def __init__(self, latents: torch.Tensor, projection: torch.Tensor, width: int, height: int) -> None:
+        pixels = latent_pixels(latents, projection)
+        self.size = preview_size(width, height)
+        self.copied: torch.cuda.Event | None = None
+        if pixels.is_cuda:
+            self.host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            self.host.copy_(pixels, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = pixels.cpu()
+
+    def ready(self) -> bool:
+        """True once the pixels are on the host (asking does not wait)."""
+        return self.copied is None or self.copied.query()
+
+    def jpegs(self) -> list[bytes]:
+        """Each image as a small JPEG. Call when ``ready()``."""
+        jpegs = []
+        for array in self.host.numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(array).resize(self.size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=70)
+            jpegs.append(buffer.getvalue())
+        return jpegs
+
+
+class LivePreviews:
+    """A batch's previews, made without a device sync: each is started on a preview step and handed out with the
+    first step after it whose progress finds its copy done (on a CPU device, its own step's). One still copying at the
+    next preview step gives way to the newer one."""
+
+    def __init__(self) -> None:
+        self.pending: PreviewCopy | None = None
+
+    def start(self, latents: torch.Tensor, projection: torch.Tensor, width: int, height: int) -> None:
+        """Start the preview of ``latents`` (pictures of ``width`` x ``height``)."""
+        self.pending = PreviewCopy(latents, projection, width, height)
+
+    def take(self) -> list[bytes] | None:
+        """The JPEGs of the started preview once its copy is done; None before that, or when none is started."""
+        if self.pending is None or not self.pending.ready():
+            return None
+        done, self.pending = self.pending, None
+        return done.jpegs()
