@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -96,8 +96,11 @@ class CheckpointCache:
     ``residency`` lets one thread at a time load checkpoints, move weights or load adapters: loading creates
     modules under accelerate's init_empty_weights, which patches torch.nn.Module for every thread while it runs."""
 
-    def __init__(self, settings: Settings, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, settings: Settings, device: str, dtype: torch.dtype, on_load: Callable[[StableDiffusionPipeline], object] = lambda pipeline: None
+    ) -> None:
         self.settings, self.device, self.dtype = settings, device, dtype
+        self.on_load = on_load  # what a loaded pipeline gets before it is counted (SD_COMPILE's wrapping: its LoRA slots)
         self.budgets = dict(zip((Tier.device, Tier.cpu), cache_budgets(settings, device)))
         self.counters = {Tier.device: Counters(), Tier.cpu: Counters()}
         self.checkpoints: OrderedDict[str, CachedCheckpoint] = OrderedDict()
@@ -142,13 +145,6 @@ class CheckpointCache:
             self.counters[Tier.device].hits += 0 if checkpoint.fresh else 1
             checkpoint.fresh = False
             return checkpoint
-
-    def recount(self, checkpoint: CachedCheckpoint) -> None:
-        """Count the bytes of ``checkpoint``'s components again (compiling a UNet adds its LoRA slots' buffers)."""
-        with self.lock:
-            for fingerprint in set(checkpoint.components.values()):
-                component = self._components[fingerprint]
-                component.nbytes = module_bytes(component.module)
 
     def unpin(self, checkpoint: CachedCheckpoint) -> None:
         """The batch that pinned ``checkpoint`` is done with it."""
@@ -203,6 +199,7 @@ class CheckpointCache:
         pipeline.set_progress_bar_config(disable=True)
         configure_attention(pipeline, self.device, self.settings)
         configure_memory_format(pipeline, self.device, self.settings)
+        self.on_load(pipeline)
         checkpoint = self._register(source, pipeline, fingerprints)
         seconds = time.perf_counter() - started
         self.counters[Tier.cpu].misses += 1

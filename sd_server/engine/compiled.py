@@ -261,12 +261,12 @@ class PipelineCompiler:
         vae_warm = not self._compiles_vae(pipeline) or (isinstance(decode, CompiledVaeDecode) and sizes <= decode.warm_sizes)
         return isinstance(unet, CompiledUnet) and sizes <= unet.warm_sizes and vae_warm
 
-    def warm(self, pipeline: StableDiffusionPipeline) -> bool:
-        """Compile the pipeline's UNet and VAE decode at every batch size and configured image size (minutes the first
-        time; seconds from the disk cache); True when it did. Call with the checkpoint's lock held."""
+    def warm(self, pipeline: StableDiffusionPipeline) -> None:
+        """Compile the pipeline's UNet and VAE decode at every batch size and configured image size, unless they are
+        (minutes the first time; seconds from the disk cache). Call with the checkpoint's lock held."""
         unet = self.compiled(pipeline)
         if unet is None or self.is_warm(pipeline):
-            return False
+            return
         with torch.no_grad():  # a context that requires grad would make the warm-up graphs ones no request matches
             context = pipeline.encode_prompt("", pipeline.unet.device, 1, False)[0]
         decode = pipeline.vae.decode if isinstance(pipeline.vae.decode, CompiledVaeDecode) else None
@@ -274,7 +274,6 @@ class PipelineCompiler:
         with adapters_applied(pipeline, []):
             for latent_height, latent_width in self.latent_sizes(pipeline):
                 self._warm_size(unet, decode, latent_height, latent_width, context)
-        return True
 
     def _compiles_vae(self, pipeline: StableDiffusionPipeline) -> bool:
         """SD_COMPILE_VAE, for the VAEs whose decode this compiles (AutoencoderKL's: every Stable Diffusion 1.x and 2.x)."""

@@ -59,9 +59,10 @@ class DiffusersEngine:
         self.dtype = devices.choose_dtype(settings.dtype, self.device)
         threads.confine(self.device == "cpu")
         self.default_max_batch_size = devices.default_max_batch_size(self.device)
-        self.cache = CheckpointCache(settings, self.device, self.dtype)
-        self.adapters = AdapterCache(settings, self.cache)
         self.compiler = PipelineCompiler(settings, settings.max_batch_size or self.default_max_batch_size)
+        # With SD_COMPILE a UNet gets its LoRA slots as it loads, so the device tier's budget counts them from the start.
+        self.cache = CheckpointCache(settings, self.device, self.dtype, on_load=self.compiler.compiled)
+        self.adapters = AdapterCache(settings, self.cache)
         # Compiled CPU kernels are guarded on the thread count, which on a CPU device only the device thread has at
         # full: there the UNet compiles on the device thread, before its model's first batch; elsewhere on the loader.
         self.compiles_on_device_thread = self.device == "cpu"
@@ -165,7 +166,7 @@ class DiffusersEngine:
             adapters = {model: self._sample_adapter(checkpoint, model) for model in dict.fromkeys(item.model for item in items)}
             samples = [adapters[item.model] for item in items for _ in range(item.num_images)]
             with checkpoint.lock:
-                self._compile(checkpoint)  # compiled already, unless it compiles on this thread
+                self.compiler.warm(checkpoint.pipeline)  # compiled already, unless it compiles on this thread
                 with self.adapters.applied(checkpoint, samples, self.compiler.compiled(checkpoint.pipeline)):
                     return self._generate(checkpoint, key, items, on_step, should_stop)
         except BatchStopped:
@@ -203,15 +204,9 @@ class DiffusersEngine:
             return  # moved off the device meanwhile: the next prepare compiles it
         try:
             with checkpoint.lock:
-                self._compile(checkpoint)
+                self.compiler.warm(checkpoint.pipeline)
         finally:
             self.cache.unpin(checkpoint)
-
-    def _compile(self, checkpoint: CachedCheckpoint) -> None:
-        """SD_COMPILE: compile and warm the checkpoint's UNet if it is not yet, and count the memory its LoRA slots
-        added. Call with the checkpoint's lock held."""
-        if self.compiler.warm(checkpoint.pipeline):
-            self.cache.recount(checkpoint)
 
     def _sample_adapter(self, checkpoint: CachedCheckpoint, model: UserModel) -> SampleAdapter:
         """The adapter ``model``'s images run with in ``checkpoint``: its LoRA (loaded first if need be), or none."""

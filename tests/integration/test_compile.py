@@ -3,9 +3,11 @@ every batch size before its model is ready, never compiles again for a batch tha
 adapter or several, any scale) from its LoRA slots without recompiling, leaves adapters the slots cannot hold to the
 eager UNet, and takes its kernels from the disk cache on the next start."""
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -171,16 +173,18 @@ def test_with_sd_compile_vae_off_the_decode_stays_eager(lora_models_dir, compile
     assert not isinstance(vae.decode, CompiledVaeDecode) and service.is_ready(DEMO)
 
 
-def test_the_device_tier_counts_the_lora_slots_memory(compiled, eager):
-    slots = compiled.cache.get("demo").pipeline.unet.forward.slots
+def test_the_device_tier_counts_the_lora_slots_memory_from_the_load_before_any_compile(lora_models_dir, compile_cache, eager, tmp_path):
+    service = engine(lora_models_dir, tmp_path, compile=True, compile_cache_dir=compile_cache)
+    assert service.prepare(DEMO) and eager.prepare(DEMO)
+    assert service.report()["compile"]["compiles"] == 0, "on a CPU device the UNet compiles on its model's first batch"
+    slots = service.cache.get("demo").pipeline.unet.forward.slots
     assert slots.nbytes() > 0
-    assert eager.prepare(DEMO)
 
     def model_bytes(service: ModelService) -> int:
         cache = service.report()["cache"]
         return cache["device"]["bytes"] - cache["adapters"]["bytes"]
 
-    assert model_bytes(compiled) - model_bytes(eager) == slots.nbytes()
+    assert model_bytes(service) - model_bytes(eager) == slots.nbytes()
 
 
 def test_compiled_images_equal_the_uncompiled_ones(compiled, eager, native_key):
@@ -250,7 +254,9 @@ def test_a_lora_past_the_slots_rank_runs_uncompiled_and_unloading_recompiles_not
     assert compiled.report()["compile"]["compiles"] == before["compiles"], compiled.report()["compile"]
 
 
-def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapters_apply(lora_models_dir, compile_cache, eager, tmp_path):
+def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapters_apply_and_unloading_frees_it(
+    lora_models_dir, compile_cache, eager, tmp_path
+):
     # Batches padded to 3 images: graphs of a shape no other engine here compiled (TorchDynamo reuses a graph for any
     # UNet of the same structure and shapes, so the module's other graphs would hide a recompile). The VAE decodes
     # padded to 3 images too.
@@ -263,6 +269,12 @@ def test_a_models_first_batch_with_a_lora_compiles_both_graphs_before_its_adapte
     report = service.report()["compile"]
     assert report["compiles"] == 3, f"a base and a LoRA graph, both before the first batch's adapters apply, and the VAE's: {report}"
     assert report["compiles_on_requests"] == 0 and report["lora_batches_uncompiled"] == 0, report
+    pipeline = service.cache.get("demo").pipeline
+    modules = [weakref.ref(pipeline.unet), weakref.ref(pipeline.vae)]
+    del pipeline
+    assert service.unload() == ["demo"]
+    gc.collect()
+    assert [module() for module in modules] == [None, None], "the compiled graphs keep no unloaded model in memory"
 
 
 def test_an_image_size_not_warmed_compiles_on_its_first_request_and_says_so(compiled, native_key):
