@@ -22,6 +22,7 @@ from sd_server.engine.hires import Passes, decode_latents, in_latent_space, upsc
 from sd_server.engine.interface import BatchItem, BatchKey, BatchOutput, EngineReport, ImageSource, StepCallback, Stop
 from sd_server.engine.lora_training import LoraTrainer, start_training
 from sd_server.engine.mixed_adapters import SampleAdapter
+from sd_server.engine.pictures import to_pictures
 from sd_server.engine.png import encode_png
 from sd_server.engine.previews import LivePreviews, fit_projection
 from sd_server.engine.prompts import PromptCounter, prompt_arguments
@@ -233,7 +234,7 @@ class DiffusersEngine:
         else:
             upscaled = upscale_latents(latents, hires) if in_latent_space(hires) else upscale_pictures(decode_latents(checkpoint.pipeline, latents), hires)
             images = {"image": upscaled, "strength": hires.strength}
-        return list(
+        return to_pictures(
             pipeline(
                 **texts,
                 **images,
@@ -241,6 +242,7 @@ class DiffusersEngine:
                 guidance_scale=key.guidance_scale,
                 generator=generators,
                 callback_on_step_end=step_ended,
+                output_type="pt",
             ).images
         )
 
@@ -297,11 +299,13 @@ class DiffusersEngine:
                 guidance_scale=key.guidance_scale,
                 generator=generators,
                 callback_on_step_end=step_ended,
-                output_type="latent" if key.hires else "pil",
+                output_type="latent" if key.hires else "pt",
             )
             if key.hires:
                 passes.next_pass(pipeline.num_timesteps, key.hires)
                 output.images = self._hires_pass(checkpoint, key, texts, generators, output.images, passes, step_ended)
+            else:
+                output.images = to_pictures(output.images)
         except torch.OutOfMemoryError:
             output = None  # memory is freed below, once the error (and the tensors its traceback holds) is gone
         except RuntimeError as error:

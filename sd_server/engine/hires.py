@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from sd_server.domain.generation import LATENT_UPSCALERS, Hires
+from sd_server.engine.pictures import to_pictures
 from sd_server.storage.source_images import UPSCALERS
 
 # A1111's latent upscalers as torch's interpolation modes, with antialiasing or not.
@@ -53,9 +54,9 @@ def upscale_latents(latents: torch.Tensor, hires: Hires) -> torch.Tensor:
 def decode_latents(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
     """The latents decoded by the pipeline's VAE into pictures."""
     vae = pipeline.vae
-    with torch.inference_mode():
+    with torch.no_grad():  # as the pipelines decode: a compiled decode is guarded on grad and inference mode
         pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return list(pipeline.image_processor.postprocess(pixels, output_type="pil"))
+    return to_pictures(pipeline.image_processor.postprocess(pixels, output_type="pt"))
 
 
 def upscale_pictures(pictures: list[Image.Image], hires: Hires) -> list[Image.Image]:

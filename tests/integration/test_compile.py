@@ -31,6 +31,7 @@ from sd_server.engine.compiled import (
     padded_size,
     parse_size,
 )
+from sd_server.engine.hires import decode_latents
 from sd_server.engine.interface import BatchItem, BatchKey
 
 DEMO = CheckpointModel(source="demo")
@@ -162,6 +163,16 @@ def test_the_compiled_vae_decodes_what_the_eager_one_does_and_past_the_largest_b
             assert pictures.shape[0] == images
             assert torch.allclose(pictures, decode.eager(latents[:images]).sample, atol=1e-4), f"{images} image(s)"
     assert compiled.report()["compile"]["compiles"] == before
+
+
+def test_hires_fix_decoding_its_first_pass_at_a_compiled_size_compiles_nothing(compiled):
+    pipeline = compiled.cache.get("demo").pipeline
+    height, width = next(iter(pipeline.vae.decode.warm_sizes))
+    before = compiled.report()["compile"]["compiles"]
+    pictures = decode_latents(pipeline, torch.randn(1, pipeline.vae.config.latent_channels, height, width))
+    factor = pipeline.vae_scale_factor
+    assert [picture.size for picture in pictures] == [(width * factor, height * factor)]
+    assert compiled.report()["compile"]["compiles"] == before, "decoded in the grad mode the graphs were compiled in"
 
 
 def test_with_sd_compile_vae_off_the_decode_stays_eager(lora_models_dir, compile_cache, eager, native_key, tmp_path):
