@@ -72,10 +72,10 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet and the VAE's decode (SD_COMPILE_VAE): compiled for each batch size of "
-        "SD_COMPILE_BATCH_SIZES at each size of SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to "
-        "the next compiled size), the kernels kept in SD_COMPILE_CACHE_DIR for the next start. LoRA batches run "
-        "compiled from LoRA slots (SD_COMPILE_LORA_RANK).",
+        description="torch.compile the UNet (its attention's query, key and value projections fused) and the VAE's "
+        "decode (SD_COMPILE_VAE): compiled for each batch size of SD_COMPILE_BATCH_SIZES at each size of "
+        "SD_COMPILE_SIZES before the model takes jobs (a batch is padded up to the next compiled size), the kernels "
+        "kept in SD_COMPILE_CACHE_DIR for the next start. LoRA batches run compiled from LoRA slots (SD_COMPILE_LORA_RANK).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode: reduce-overhead adds CUDA graphs; the max-autotune modes search kernels (longer compiles)."

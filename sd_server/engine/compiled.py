@@ -1,7 +1,7 @@
-"""SD_COMPILE: each UNet's forward (and VAE's decode) compiled by torch.compile for a few batch sizes (calls are padded
-up to the next one) and any prompt length, warmed at each configured image size before its model takes jobs, its
-kernels cached on disk for the next start. LoRA batches run compiled too, from the UNet's LoRA slots
-(``compiled_lora``): a second variant of each graph, warmed with the first."""
+"""SD_COMPILE: each UNet's forward (its attention projections fused) and VAE's decode compiled by torch.compile for a
+few batch sizes (calls are padded up to the next one) and any prompt length, warmed at each configured image size
+before its model takes jobs, its kernels cached on disk for the next start. LoRA batches run compiled too, from the
+UNet's LoRA slots (``compiled_lora``): a second variant of each graph, warmed with the first."""
 
 import logging
 import os
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttentionProcessor, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from peft import LoraConfig
@@ -61,6 +62,17 @@ def wrap_lora_layers(unet: UNet2DConditionModel) -> None:
     for module in unet.modules():
         if isinstance(module, BaseTunerLayer):
             module.enable_adapters(False)
+
+
+def fuse_qkv_projections(unet: UNet2DConditionModel) -> dict[str, AttentionProcessor] | None:
+    """Fuse each attention's query, key and value projections into one matmul (key and value in cross-attention), as
+    diffusers' ``fuse_qkv_projections`` does, when every processor is PyTorch's SDPA one (not xformers', not added KV
+    projections); the unfused processors, to run peft's LoRA layers uncompiled, or None when it did not fuse."""
+    unfused = unet.attn_processors
+    if not all(type(processor) is AttnProcessor2_0 for processor in unfused.values()):
+        return None
+    unet.fuse_qkv_projections()
+    return unfused
 
 
 def graphs_compiled() -> int:
@@ -111,6 +123,8 @@ class CompiledUnet:
     ) -> None:
         self.unet, self.eager = unet, unet.forward
         self.sample_sizes = sample_sizes  # UNet samples per call: classifier-free guidance runs each image twice
+        self.unfused = fuse_qkv_projections(unet)  # before the slots, which add the LoRA updates to the fused layers
+        self.fused = unet.attn_processors
         # Slots for as many adapters as a batch has images; none with SD_COMPILE_LORA_RANK=0.
         self.slots = LoraSlots(unet, sample_sizes[-1] // 2, lora_rank) if lora_rank else None
         self.compiled = torch.compile(self.eager, dynamic=False, mode=mode)
@@ -169,11 +183,17 @@ class CompiledUnet:
 
     @contextmanager
     def eager_on_this_thread(self) -> Iterator[None]:
-        """Within the block, this thread's calls run uncompiled."""
+        """Within the block, this thread's calls run uncompiled, the attention projections unfused (peft's LoRA layers
+        apply only when they are called). The fused processors come back as the same objects, which the compiled
+        graphs are guarded on."""
         self.uncompiled.on = True
+        if self.unfused is not None:
+            self.unet.set_attn_processor(dict(self.unfused))  # it takes each processor out of the dict it is given
         try:
             yield
         finally:
+            if self.unfused is not None:
+                self.unet.set_attn_processor(dict(self.fused))
             self.uncompiled.on = False
 
     def _timed(self, *args: Any, warming: bool, **kwargs: Any) -> Any:

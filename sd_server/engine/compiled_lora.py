@@ -1,6 +1,7 @@
 """SD_COMPILE's LoRA slots: each LoRA layer of a compiled UNet keeps a bank of adapters padded to one rank
 (SD_COMPILE_LORA_RANK), and every call picks each sample's adapter and scale by index. A batch's adapters change the
-bank's contents, never the compiled graph: LoRA batches, one adapter or many, run compiled without a recompile."""
+bank's contents, never the compiled graph: LoRA batches, one adapter or many, run compiled without a recompile. An
+attention's fused projection adds the updates of the layers it stands in for."""
 
 import logging
 from collections import OrderedDict
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from peft.tuners.lora import LoraLayer
 
 from sd_server.engine.mixed_adapters import SampleAdapter, is_plain, repeats_per_image
@@ -35,7 +37,7 @@ def channels(module: torch.nn.Module) -> tuple[int, int]:
 
 class SlotUpdate:
     """Forward hook of a LoRA layer: while the slots are active, the base output plus each sample's low-rank update
-    from its slot (two batched matmuls; slot 0 is zeros, for the base model's samples)."""
+    from its slot (slot 0 is zeros, for the base model's samples)."""
 
     def __init__(self, slots: "LoraSlots") -> None:
         self.slots = slots
@@ -44,17 +46,38 @@ class SlotUpdate:
         """The layer's output, with each sample's update added when the slots are active."""
         if not self.slots.active:
             return output
-        samples = output.shape[0]
-        index = getattr(self.slots.unet, SLOT_INDEX)[:samples]
-        scale = getattr(self.slots.unet, SLOT_SCALE)[:samples].view(-1, 1, 1)
-        down, up = getattr(module, SLOT_DOWN)[index], getattr(module, SLOT_UP)[index] * scale
-        inputs = args[0]
-        if inputs.dim() == 4:  # a 1x1 convolution: channels first
-            positions = inputs.flatten(2).transpose(1, 2).to(down.dtype)
-            update = torch.bmm(torch.bmm(positions, down), up).transpose(1, 2)
-        else:
-            update = torch.bmm(torch.bmm(inputs.reshape(samples, -1, down.shape[1]).to(down.dtype), down), up)
-        return output + update.reshape(output.shape).to(output.dtype)
+        return output + self.slots.update(module, args[0]).reshape(output.shape).to(output.dtype)
+
+
+class FusedSlotUpdate:
+    """Forward hook of a fused projection (an attention's ``to_qkv``, or ``to_kv``): while the slots are active, the
+    updates of the LoRA layers it stands in for (``parts``: ``to_q``, ``to_k``, ``to_v``), side by side as their
+    outputs are."""
+
+    def __init__(self, slots: "LoraSlots", parts: list[LoraLayer]) -> None:
+        self.slots, self.parts = slots, parts
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The fused output, with each sample's updates of every part added when the slots are active."""
+        if not self.slots.active:
+            return output
+        updates = [self.slots.update(part, args[0]).reshape(*output.shape[:-1], -1) for part in self.parts]
+        return output + torch.cat(updates, dim=-1).to(output.dtype)
+
+
+def fused_projections(unet: UNet2DConditionModel) -> list[tuple[torch.nn.Linear, list[LoraLayer]]]:
+    """Each fused projection of the UNet's attentions (``fuse_qkv_projections``) with the LoRA layers it stands in
+    for: ``to_qkv`` for ``to_q``, ``to_k`` and ``to_v`` in self-attention, ``to_kv`` for ``to_k`` and ``to_v`` in
+    cross-attention."""
+    fused = []
+    for attention in unet.modules():
+        if isinstance(attention, Attention) and attention.fused_projections:
+            names = ["to_k", "to_v"] if attention.is_cross_attention else ["to_q", "to_k", "to_v"]
+            projection = attention.to_kv if attention.is_cross_attention else attention.to_qkv
+            parts = [getattr(attention, name) for name in names]
+            if all(isinstance(part, LoraLayer) for part in parts):
+                fused.append((projection, parts))
+    return fused
 
 
 class LoraSlots:
@@ -79,6 +102,20 @@ class LoraSlots:
             layer.register_buffer(SLOT_DOWN, weight.new_zeros(adapters + 1, inputs, rank), persistent=False)
             layer.register_buffer(SLOT_UP, weight.new_zeros(adapters + 1, rank, outputs), persistent=False)
             layer.register_forward_hook(SlotUpdate(self))
+        for fused, parts in fused_projections(unet):
+            fused.register_forward_hook(FusedSlotUpdate(self, parts))
+
+    def update(self, layer: LoraLayer, inputs: torch.Tensor) -> torch.Tensor:
+        """Each sample's low-rank update of ``layer`` for its ``inputs`` (two batched matmuls), in the slots' dtype:
+        (samples, positions, outputs) for a linear layer, (samples, outputs, positions) for a 1x1 convolution."""
+        samples = inputs.shape[0]
+        index = getattr(self.unet, SLOT_INDEX)[:samples]
+        scale = getattr(self.unet, SLOT_SCALE)[:samples].view(-1, 1, 1)
+        down, up = getattr(layer, SLOT_DOWN)[index], getattr(layer, SLOT_UP)[index] * scale
+        if inputs.dim() == 4:  # a 1x1 convolution: channels first
+            positions = inputs.flatten(2).transpose(1, 2).to(down.dtype)
+            return torch.bmm(torch.bmm(positions, down), up).transpose(1, 2)
+        return torch.bmm(torch.bmm(inputs.reshape(samples, -1, down.shape[1]).to(down.dtype), down), up)
 
     def nbytes(self) -> int:
         """Bytes of the slots' buffers on the UNet's device: each layer's adapters, and each sample's slot and scale."""

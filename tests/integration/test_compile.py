@@ -31,6 +31,7 @@ from sd_server.engine.compiled import (
     padded_size,
     parse_size,
 )
+from sd_server.engine.compiled_lora import fused_projections
 from sd_server.engine.hires import decode_latents
 from sd_server.engine.interface import BatchItem, BatchKey
 
@@ -184,18 +185,22 @@ def test_with_sd_compile_vae_off_the_decode_stays_eager(lora_models_dir, compile
     assert not isinstance(vae.decode, CompiledVaeDecode) and service.is_ready(DEMO)
 
 
-def test_the_device_tier_counts_the_lora_slots_memory_from_the_load_before_any_compile(lora_models_dir, compile_cache, eager, tmp_path):
+def test_the_device_tier_counts_the_slots_and_fused_projections_from_the_load_before_any_compile(
+    lora_models_dir, compile_cache, eager, tmp_path
+):
     service = engine(lora_models_dir, tmp_path, compile=True, compile_cache_dir=compile_cache)
     assert service.prepare(DEMO) and eager.prepare(DEMO)
     assert service.report()["compile"]["compiles"] == 0, "on a CPU device the UNet compiles on its model's first batch"
-    slots = service.cache.get("demo").pipeline.unet.forward.slots
-    assert slots.nbytes() > 0
+    unet = service.cache.get("demo").pipeline.unet
+    slots, fused = unet.forward.slots, [projection for projection, _ in fused_projections(unet)]
+    assert slots.nbytes() > 0 and len(fused) == len(unet.attn_processors) > 0, "every attention's projections fused"
+    fused_bytes = sum(weight.nbytes for projection in fused for weight in projection.parameters())
 
     def model_bytes(service: ModelService) -> int:
         cache = service.report()["cache"]
         return cache["device"]["bytes"] - cache["adapters"]["bytes"]
 
-    assert model_bytes(service) - model_bytes(eager) == slots.nbytes()
+    assert model_bytes(service) - model_bytes(eager) == slots.nbytes() + fused_bytes
 
 
 def test_compiled_images_equal_the_uncompiled_ones(compiled, eager, native_key):
