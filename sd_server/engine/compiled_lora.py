@@ -68,15 +68,13 @@ class FusedSlotUpdate:
 def fused_projections(unet: UNet2DConditionModel) -> list[tuple[torch.nn.Linear, list[LoraLayer]]]:
     """Each fused projection of the UNet's attentions (``fuse_qkv_projections``) with the LoRA layers it stands in
     for: ``to_qkv`` for ``to_q``, ``to_k`` and ``to_v`` in self-attention, ``to_kv`` for ``to_k`` and ``to_v`` in
-    cross-attention."""
+    cross-attention. (Every part is one: ``wrap_lora_layers`` wraps them all before the projections are fused.)"""
     fused = []
     for attention in unet.modules():
         if isinstance(attention, Attention) and attention.fused_projections:
             names = ["to_k", "to_v"] if attention.is_cross_attention else ["to_q", "to_k", "to_v"]
             projection = attention.to_kv if attention.is_cross_attention else attention.to_qkv
-            parts = [getattr(attention, name) for name in names]
-            if all(isinstance(part, LoraLayer) for part in parts):
-                fused.append((projection, parts))
+            fused.append((projection, [getattr(attention, name) for name in names]))
     return fused
 
 

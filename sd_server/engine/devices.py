@@ -101,6 +101,18 @@ def peak_allocated_bytes(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
 
+def copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``tensor`` copied to host memory without waiting for the device: from CUDA into pinned memory, with the event
+    that marks the copy done; elsewhere at once (no event)."""
+    if not tensor.is_cuda:
+        return tensor.cpu(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 def configure_memory_format(pipeline: StableDiffusionPipeline, device: str, settings: Settings) -> None:
     """UNet and VAE weights in channels_last (SD_CHANNELS_LAST; auto: on CUDA, where its convolutions run faster)."""
     if settings.channels_last == "on" or (settings.channels_last == "auto" and device == "cuda"):

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from sd_server.engine.devices import copy_to_host
+
 PREVIEW_SIDE = 128  # the long side of a preview, at most
 FIT_SIDE = 128  # pixels of the images the projection is fitted on
 BLOCK = 16  # pixels of each flat colour in them: a VAE's latent pixel covers 8
@@ -52,16 +54,8 @@ class PreviewCopy:
     without waiting for the device (on CUDA; elsewhere the pixels are there at once)."""
 
     def __init__(self, latents: torch.Tensor, projection: torch.Tensor, width: int, height: int) -> None:
-        pixels = latent_pixels(latents, projection)
+        self.host, self.copied = copy_to_host(latent_pixels(latents, projection))
         self.size = preview_size(width, height)
-        self.copied: torch.cuda.Event | None = None
-        if pixels.is_cuda:
-            self.host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-            self.host.copy_(pixels, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        else:
-            self.host = pixels.cpu()
 
     def ready(self) -> bool:
         """True once the pixels are on the host (asking does not wait)."""
