@@ -3,6 +3,7 @@ few batch sizes (calls are padded up to the next one) and any prompt length, war
 before its model takes jobs, its kernels cached on disk for the next start. LoRA batches run compiled too, from the
 UNet's LoRA slots (``compiled_lora``): a second variant of each graph, warmed with the first."""
 
+import copyreg
 import logging
 import os
 import threading
@@ -236,6 +237,17 @@ class CompiledVaeDecode:
         self.warm_sizes.add((latent_height, latent_width))
 
 
+def memory_format_named(name: str) -> torch.memory_format:
+    """The memory format whose str() is ``name`` ("torch.channels_last"): SD_COMPILE pickles memory formats by name, as
+    torch pickles layouts. Inductor's disk-cache keys pickle them, and pickle would name whichever module came first in
+    sys.modules holding ``torch``: keys that changed with the import order, so a process started another way (a
+    benchmark, a test, another entry point) missed every kernel another had cached."""
+    memory_format = getattr(torch, name.removeprefix("torch."))
+    if not isinstance(memory_format, torch.memory_format):
+        raise ValueError(f"{name} is not a memory format")
+    return memory_format
+
+
 class PipelineCompiler:
     """The engine's SD_COMPILE: compiles each checkpoint's UNet and VAE decode once (identical components are one
     module), warms them, and reports compile counts and seconds."""
@@ -251,6 +263,7 @@ class PipelineCompiler:
         self.counters = CompileCounters()
         if self.enabled:
             self._use_cache_dir(self.cache_dir)
+            copyreg.pickle(torch.memory_format, lambda memory_format: (memory_format_named, (str(memory_format),)))
             # Every UNet's graphs are the one forward function's: past TorchDynamo's default of 8 for it (4 batch sizes
             # at 2 image sizes, or 2 image sizes with the LoRA slots' variant), later shapes would run uncompiled without
             # a word.

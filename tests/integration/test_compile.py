@@ -5,6 +5,7 @@ eager UNet, and takes its kernels from the disk cache on the next start."""
 
 import gc
 import json
+import pickle
 import subprocess
 import sys
 import weakref
@@ -27,6 +28,7 @@ from sd_server.engine.compiled import (
     CompiledVaeDecode,
     PipelineCompiler,
     default_batch_sizes,
+    memory_format_named,
     pad_batch,
     padded_size,
     parse_size,
@@ -131,6 +133,35 @@ def test_torchdynamo_may_keep_a_graph_for_every_batch_size_at_every_image_size(m
     compiler = PipelineCompiler(settings, max_batch_size=8)
     assert compiler.batch_sizes == [1, 2, 4, 8]
     assert torch._dynamo.config.recompile_limit >= 4 * 4, "16 graphs of one forward function, past the default of 8"
+
+
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]
+PICKLE_AFTER_ANOTHER_MODULE_IMPORTED_TORCH = """
+import sys, types
+first = sys.modules["imported_torch_first"] = types.ModuleType("imported_torch_first")
+import torch
+first.torch = torch
+from config import Settings
+from sd_server.engine.compiled import PipelineCompiler
+PipelineCompiler(Settings(_env_file=None, compile=True, compile_cache_dir=sys.argv[1]), max_batch_size=1)
+formats = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]
+print(" ".join(__import__("pickle").dumps(memory_format).hex() for memory_format in formats))
+"""
+
+
+def test_memory_formats_pickle_alike_whatever_module_imported_torch_first(models_dir, tmp_path):
+    # Inductor's disk-cache keys pickle them: pickle would name the first module in sys.modules that holds `torch`.
+    PipelineCompiler(Settings(_env_file=None, models_dir=models_dir, compile=True, compile_cache_dir=tmp_path), max_batch_size=1)
+    process = subprocess.run(
+        [sys.executable, "-c", PICKLE_AFTER_ANOTHER_MODULE_IMPORTED_TORCH, str(tmp_path)],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    elsewhere = [bytes.fromhex(data) for data in process.stdout.split()]
+    assert elsewhere == [pickle.dumps(memory_format) for memory_format in MEMORY_FORMATS]
+    assert [pickle.loads(data) for data in elsewhere] == MEMORY_FORMATS
+    with pytest.raises(ValueError, match="not a memory format"):
+        memory_format_named("torch.float16")
 
 
 def test_padding_repeats_the_last_sample_and_leaves_other_values_alone():
@@ -336,12 +367,11 @@ def start_compiled_server(models_dir: Path, data_dir: Path, cache_dir: Path) -> 
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
-def test_a_restarted_engine_takes_its_kernels_from_the_disk_cache(models_dir, tmp_path):
-    cache_dir = tmp_path / "compile-cache"
-    first = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
-    assert any(cache_dir.rglob("*.so")) or any(cache_dir.rglob("*.py")), "no kernels were kept on disk"
-    restarted = start_compiled_server(models_dir, tmp_path / "data", cache_dir)
-    assert first["compiles"] == restarted["compiles"] == 6, "a base and a LoRA UNet graph and a VAE graph at each batch size"
+def test_a_restarted_engine_takes_its_kernels_from_the_disk_cache(compiled, lora_models_dir, compile_cache, tmp_path):
+    # The module's engine compiled its graphs cold into compile_cache; a new process on the same folder is its restart.
+    assert any(compile_cache.rglob("*.so")) or any(compile_cache.rglob("*.py")), "no kernels were kept on disk"
+    restarted = start_compiled_server(lora_models_dir, tmp_path / "data", compile_cache)
+    assert restarted["compiles"] == 6, f"a base and a LoRA UNet graph and a VAE graph at each batch size: {restarted}"
     assert restarted["hits"] >= 6, f"each graph came from the disk cache: {restarted}"
 
 
