@@ -28,8 +28,10 @@ ADMIN_KEY = "admin-key-for-the-browser-tests-012345"
 
 
 @pytest.fixture
-def browser():
-    """A headless Chromium at a phone-and-a-half width; skipped when Chromium or its driver is missing."""
+def browser(live_server_factory):
+    """A headless Chromium at a phone-and-a-half width; skipped when Chromium or its driver is missing. Set up after the
+    servers' fixture, it closes before the test's servers stop: what a page still loads at the end (a history's images)
+    loads, and the console read at the end shows the app's errors, not a stopped server's."""
     if not (CHROMIUM and DRIVER):
         pytest.skip("no Chromium and chromedriver here: start.sh --test installs Debian's chromium and chromium-driver where apt-get works")
     options = webdriver.ChromeOptions()
