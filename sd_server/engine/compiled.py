@@ -248,6 +248,11 @@ def memory_format_named(name: str) -> torch.memory_format:
     return memory_format
 
 
+def memory_format_by_name(memory_format: torch.memory_format) -> tuple[Callable[[str], torch.memory_format], tuple[str]]:
+    """Pickle's reduction of a memory format: ``memory_format_named`` of its name."""
+    return memory_format_named, (str(memory_format),)
+
+
 class PipelineCompiler:
     """The engine's SD_COMPILE: compiles each checkpoint's UNet and VAE decode once (identical components are one
     module), warms them, and reports compile counts and seconds."""
@@ -263,7 +268,7 @@ class PipelineCompiler:
         self.counters = CompileCounters()
         if self.enabled:
             self._use_cache_dir(self.cache_dir)
-            copyreg.pickle(torch.memory_format, lambda memory_format: (memory_format_named, (str(memory_format),)))
+            copyreg.pickle(torch.memory_format, memory_format_by_name)
             # Every UNet's graphs are the one forward function's: past TorchDynamo's default of 8 for it (4 batch sizes
             # at 2 image sizes, or 2 image sizes with the LoRA slots' variant), later shapes would run uncompiled without
             # a word.

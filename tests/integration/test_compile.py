@@ -137,15 +137,14 @@ def test_torchdynamo_may_keep_a_graph_for_every_batch_size_at_every_image_size(m
 
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]
 PICKLE_AFTER_ANOTHER_MODULE_IMPORTED_TORCH = """
-import sys, types
+import pickle, sys, types
 first = sys.modules["imported_torch_first"] = types.ModuleType("imported_torch_first")
 import torch
 first.torch = torch
 from config import Settings
-from sd_server.engine.compiled import PipelineCompiler
+from sd_server.engine.compiled import PipelineCompiler, memory_format_named
 PipelineCompiler(Settings(_env_file=None, compile=True, compile_cache_dir=sys.argv[1]), max_batch_size=1)
-formats = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]
-print(" ".join(__import__("pickle").dumps(memory_format).hex() for memory_format in formats))
+print(" ".join(pickle.dumps(memory_format_named(name)).hex() for name in sys.argv[2:]))
 """
 
 
@@ -153,7 +152,7 @@ def test_memory_formats_pickle_alike_whatever_module_imported_torch_first(models
     # Inductor's disk-cache keys pickle them: pickle would name the first module in sys.modules that holds `torch`.
     PipelineCompiler(Settings(_env_file=None, models_dir=models_dir, compile=True, compile_cache_dir=tmp_path), max_batch_size=1)
     process = subprocess.run(
-        [sys.executable, "-c", PICKLE_AFTER_ANOTHER_MODULE_IMPORTED_TORCH, str(tmp_path)],
+        [sys.executable, "-c", PICKLE_AFTER_ANOTHER_MODULE_IMPORTED_TORCH, str(tmp_path), *map(str, MEMORY_FORMATS)],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert process.returncode == 0, process.stderr[-3000:]
